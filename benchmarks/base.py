@@ -1,0 +1,74 @@
+"""The benchmark registry: one ``Benchmark`` entry per dataset, looked up by short name."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+# load(data_dir, train_transform, test_transform, splits_dir) -> (train, test).
+# Both datasets yield (image tensor, original label) and expose ``.targets`` (original labels).
+# ``splits_dir`` is where a loader may write a split it had to make (raw ImageNet-R's 80/20).
+Loader = Callable[[Path, Callable, Callable, Path], "tuple[Dataset, Dataset]"]
+
+
+class DataError(RuntimeError):
+    """Data missing or malformed; the message names the expected layout and the fix."""
+
+
+@dataclass
+class Benchmark:
+    name: str  # short name used on the command line: imr, ima, dn, c100, cub, synth
+    title: str  # as the paper's tables write it
+    num_classes: int
+    default_tasks: list[int]
+    load: Loader
+    folder: str  # default sub-folder of the data root
+    source: str = ""  # where the data is published; shown when it is missing
+    image_size: int = 224
+    # A configuration layer applied before the recipe's benchmark section (e.g. synth's backbone).
+    defaults: dict[str, Any] = field(default_factory=dict)
+    train_transform: Callable[[int], Callable] | None = None  # None: the spec's ImageNet-R pipeline
+    test_transform: Callable[[int], Callable] | None = None
+
+    def data_dir(self, root: str | os.PathLike | None) -> Path:
+        """The benchmark's folder: ``root/folder`` when that exists, else ``root`` itself."""
+        root = Path(root or os.environ.get("CLBENCH_DATA", "data")).expanduser()
+        return root / self.folder if (root / self.folder).exists() else root
+
+    def transforms(self, image_size: int | None = None) -> tuple[Callable, Callable]:
+        size = image_size or self.image_size
+        train = (self.train_transform or default_train_transform)(size)
+        test = (self.test_transform or default_test_transform)(size)
+        return train, test
+
+
+def default_train_transform(size: int) -> Callable:
+    """All official repositories: RandomResizedCrop(scale 0.05–1) + flip, inputs in [0, 1]."""
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3)),
+                      T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+def default_test_transform(size: int) -> Callable:
+    """Resize 256 (bicubic) then centre crop 224, scaled for other sizes."""
+    return T.Compose([T.Resize(int(round(size * 256 / 224)), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor()])
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def register_benchmark(benchmark: Benchmark) -> Benchmark:
+    if benchmark.name in BENCHMARKS:
+        raise ValueError(f"benchmark '{benchmark.name}' is registered twice")
+    BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
+
+
+def get_benchmark(name: str) -> Benchmark:
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark '{name}'; registered: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[name]

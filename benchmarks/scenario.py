@@ -1,0 +1,110 @@
+"""Class-incremental scenarios as data: a seeded class order cut into tasks.
+
+Labels are remapped once, so that inside the harness class ``j`` is the ``j``-th class of the
+order: task ``t`` owns the contiguous range ``[known, known + size)``. Methods never see the
+dataset's own label ids; the result file records the order to map back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def class_order(num_classes: int, seed: int | None) -> list[int]:
+    """PILOT's (and SD-LoRA's) order: ``np.random.seed(seed); np.random.permutation(C)``.
+
+    ``seed=None`` keeps the dataset's own order (what the JH-LEE-KR/HiDe/InfLoRA repos run).
+    Uses a private ``RandomState`` seeded the same way, so the global numpy RNG is untouched.
+    """
+    if seed is None:
+        return list(range(num_classes))
+    return np.random.RandomState(seed).permutation(num_classes).tolist()
+
+
+def task_sizes(num_classes: int, num_tasks: int, initial: int | None = None,
+               increment: int | None = None) -> list[int]:
+    """Class counts per task: N equal tasks, or ``initial`` then ``increment`` per task."""
+    if initial is None and increment is None:
+        if num_classes % num_tasks:
+            raise ValueError(f"{num_classes} classes do not split into {num_tasks} equal tasks; "
+                             f"set data.initial_classes and data.increment")
+        return [num_classes // num_tasks] * num_tasks
+    initial = initial if initial is not None else increment
+    increment = increment if increment is not None else initial
+    sizes = [initial] + [increment] * (num_tasks - 1)
+    if sum(sizes) > num_classes:
+        raise ValueError(f"initial={initial} + {num_tasks - 1}×{increment} classes exceeds the "
+                         f"benchmark's {num_classes} classes")
+    return sizes
+
+
+class RemappedSubset(Dataset):
+    """The samples of ``base`` whose label is in ``keep``, with labels mapped through ``remap``."""
+
+    def __init__(self, base: Dataset, targets: np.ndarray, keep: Sequence[int], remap: np.ndarray):
+        self.base = base
+        mask = np.isin(targets, np.asarray(keep))
+        self.indices = np.flatnonzero(mask)
+        self.targets = remap[targets[self.indices]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        x, _ = self.base[int(self.indices[i])]
+        return x, int(self.targets[i])
+
+
+@dataclass
+class Scenario:
+    """A class-incremental split of a train and a test set."""
+
+    train: Dataset
+    test: Dataset
+    train_targets: np.ndarray  # original label of every training sample
+    test_targets: np.ndarray
+    order: list[int]  # order[j] = original label of harness class j
+    sizes: list[int]  # classes per task
+
+    @classmethod
+    def build(cls, train: Dataset, test: Dataset, num_classes: int, num_tasks: int,
+              order_seed: int | None, initial: int | None = None,
+              increment: int | None = None) -> "Scenario":
+        return cls(train=train, test=test,
+                   train_targets=np.asarray(train.targets), test_targets=np.asarray(test.targets),
+                   order=class_order(num_classes, order_seed),
+                   sizes=task_sizes(num_classes, num_tasks, initial, increment))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def remap(self) -> np.ndarray:
+        remap = np.full(max(self.order) + 1, -1, dtype=np.int64)
+        remap[np.asarray(self.order)] = np.arange(len(self.order))
+        return remap
+
+    def task_range(self, t: int) -> range:
+        start = sum(self.sizes[:t])
+        return range(start, start + self.sizes[t])
+
+    def original_classes(self, t: int) -> list[int]:
+        return [self.order[j] for j in self.task_range(t)]
+
+    def train_subset(self, t: int) -> RemappedSubset:
+        return RemappedSubset(self.train, self.train_targets, self.original_classes(t), self.remap)
+
+    def test_subset(self, t: int) -> RemappedSubset:
+        return RemappedSubset(self.test, self.test_targets, self.original_classes(t), self.remap)
+
+
+def seen_mask(num_seen: int, task_range: range, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean mask over ``num_seen`` logits that is True on the given task's classes."""
+    mask = torch.zeros(num_seen, dtype=torch.bool, device=device)
+    mask[task_range.start:task_range.stop] = True
+    return mask

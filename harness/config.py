@@ -1,0 +1,269 @@
+"""Typed run configuration, resolved from YAML recipes plus command-line overrides.
+
+A run's configuration is layered, later layers winning:
+
+1. dataclass defaults below (and the method's own ``Config`` dataclass);
+2. ``default:`` section of the method's recipe ``benchmarks/recipes/<method>.yaml``;
+3. the benchmark's own defaults (for example ``synth`` brings its small backbone);
+4. the recipe's ``<bench>:`` section, then ``<bench>@<N>:`` for an N-specific recipe;
+5. ``--backbone``/``--pretrained-path``/``--set key=value`` from the command line.
+
+Every key is validated against the dataclasses: an unknown key is an error that lists the
+valid ones, never a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+@dataclass
+class BackboneConfig:
+    """Which pretrained ViT to start from (created by name through timm)."""
+
+    name: str = "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # SD-LoRA's (timm 1.0 default tag)
+    pretrained: bool = True
+    pretrained_path: str | None = None  # local weights file; wins over the timm/HF cache
+    normalize: bool = False  # the official repositories all feed [0, 1] inputs
+
+
+@dataclass
+class TrainConfig:
+    """The per-task optimisation recipe. ``first_task_*`` override the values for task 0."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | multistep | cosine | coda_cosine
+    milestones: list[int] = field(default_factory=list)  # multistep, in epochs
+    lr_decay: float = 0.1  # multistep factor
+    min_lr: float = 0.0  # cosine floor
+    first_task_epochs: int | None = None
+    first_task_lr: float | None = None
+    first_task_milestones: list[int] | None = None
+    first_task_lr_decay: float | None = None
+    grad_clip: float | None = None  # max gradient norm, none = no clipping
+    drop_last: bool = False
+    num_workers: int = 4  # DataLoader workers for image-file datasets
+
+    def for_task(self, task_index: int) -> "TrainConfig":
+        """This recipe with the task-0 overrides applied when ``task_index == 0``."""
+        if task_index != 0:
+            return self
+        out = dataclasses.replace(self)
+        for name in ("epochs", "lr", "milestones", "lr_decay"):
+            value = getattr(self, f"first_task_{name}")
+            if value is not None:
+                setattr(out, name, value)
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how classes are split into tasks."""
+
+    root: str | None = None  # default: $CLBENCH_DATA, then ./data
+    initial_classes: int | None = None  # None: N equal tasks
+    increment: int | None = None
+    image_size: int | None = None  # None: the benchmark's default
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides one run's numbers; written whole into its result file."""
+
+    benchmark: str
+    num_tasks: int
+    method: str
+    seed: int = 0  # training seed: initialisation, data order, augmentation
+    class_order_seed: int = 0  # its own knob: which classes go into which task
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method's Config
+    device: str = "auto"
+    tag: str = ""  # distinguishes runs with command-line overrides from the recipe's
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        d["backbone"] = BackboneConfig(**d.get("backbone", {}))
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["data"] = DataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value against a type annotation; YAML and CLI both come through here."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if value is None:
+        if annotation is type(None) or type(None) in args:
+            return None
+        raise ConfigError(f"{key}: None is not allowed (expected {annotation})")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if args and type(None) in args:  # Optional[X] / X | None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0] if len(inner) == 1 else Any, key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
+    """Apply ``updates`` to dataclass ``obj`` in place; unknown keys raise with the valid ones."""
+    hints = get_type_hints(type(obj))
+    valid = {f.name for f in fields(obj)}
+    for key, value in updates.items():
+        if key not in valid:
+            raise ConfigError(
+                f"unknown key '{where}.{key}'. Valid keys in '{where}': {', '.join(sorted(valid))}"
+            )
+        current = getattr(obj, key)
+        if is_dataclass(current) and isinstance(value, dict):
+            update_dataclass(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    obj = cls()
+    update_dataclass(obj, values, where)
+    return obj
+
+
+def valid_keys(run: RunConfig, method_config_cls: type | None) -> list[str]:
+    keys = [f"backbone.{f.name}" for f in fields(BackboneConfig)]
+    keys += [f"train.{f.name}" for f in fields(TrainConfig)]
+    keys += [f"data.{f.name}" for f in fields(DataConfig)]
+    if method_config_cls is not None:
+        keys += [f"method.{f.name}" for f in fields(method_config_cls)]
+    return keys
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def load_recipe(method: str) -> dict[str, Any]:
+    path = RECIPE_DIR / f"{method}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no recipe for method '{method}': expected {path}")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (default, <bench>, <bench>@<N>)")
+    return recipe
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``['train.lr=0.01', 'method.rank=8']`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.lr=0.01), got '{item}'")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"--set key '{key}' needs a section: backbone., train., data. or method.")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
+
+
+SECTIONS = ("backbone", "train", "data", "method")
+
+
+def resolve_config(
+    benchmark: str,
+    num_tasks: int,
+    method: str,
+    seed: int,
+    class_order_seed: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    benchmark_defaults: dict[str, Any] | None = None,
+    method_config_cls: type | None = None,
+) -> RunConfig:
+    """Resolve one run's full configuration (see the module docstring for the layering)."""
+    recipe = load_recipe(method)
+    layers = [recipe.get("default", {}), benchmark_defaults or {}, recipe.get(benchmark, {}),
+              recipe.get(f"{benchmark}@{num_tasks}", {}), overrides or {}]
+    merged: dict[str, Any] = {}
+    for i, layer in enumerate(layers):
+        for section in layer:
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"unknown section '{section}' in the configuration of {method} on {benchmark} "
+                    f"(layer {i}); valid sections: {', '.join(SECTIONS)}")
+        _merge(merged, json.loads(json.dumps(layer)))  # deep copy
+    run = RunConfig(benchmark=benchmark, num_tasks=num_tasks, method=method, seed=seed,
+                    class_order_seed=seed if class_order_seed is None else class_order_seed,
+                    device=device)
+    update_dataclass(run.backbone, merged.get("backbone", {}), "backbone")
+    update_dataclass(run.train, merged.get("train", {}), "train")
+    update_dataclass(run.data, merged.get("data", {}), "data")
+    method_args = merged.get("method", {})
+    if method_config_cls is not None:
+        # Validate now so a typo fails at planning time, before any job is launched.
+        method_args = dataclasses.asdict(build_dataclass(method_config_cls, method_args, "method"))
+    run.method_args = method_args
+    if overrides:
+        run.tag = "cfg" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return run

@@ -1,0 +1,312 @@
+"""The contract between the protocol (``harness/protocol.py``) and a continual-learning method.
+
+The protocol owns the loop; a method owns its math. For every task ``t`` the protocol calls::
+
+    method.grow(task)                    # add this task's components (head rows, LoRA, prompts)
+    method.begin_task(task)              # data-dependent set-up (InfLoRA subspace, prompt copy)
+    for stage in method.stages(task):    # usually one stage; HiDe-Prompt has several
+        optimizer, scheduler = method.configure_optimizers(task, stage)
+        for epoch in range(stage.epochs):
+            for x, y in task's training batches:
+                loss = method.training_step(x, y, task, stage); backward; clip; step
+            scheduler.step()
+    method.end_task(task)                # merge, statistics, distillation
+    evaluate method.predict(x) on the test data of every class seen so far
+    checkpoint method.state_dict()
+
+Labels are harness labels: task ``t`` owns classes ``task.classes`` = ``[task.known, task.num_seen)``
+and ``predict`` returns logits over the ``task.num_seen`` classes seen so far.
+
+Resuming: a fresh method is ``grow``-n through every finished task (structure only, no data)
+and then ``load_state_dict``-ed. ``grow`` must therefore build exactly the parameters that
+training will fill, and any non-tensor state belongs in ``get_extra_state``/``set_extra_state``
+(the standard ``nn.Module`` hooks, saved inside ``state_dict``).
+
+Adding a method = one file in ``methods/`` with a ``@register_method("name")`` class and a
+``Config`` dataclass, plus its recipe ``benchmarks/recipes/<name>.yaml``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from harness.config import TrainConfig
+
+
+@dataclass
+class Stage:
+    """One training phase of a task. ``epochs=None`` takes the recipe's epochs for this task."""
+
+    name: str = "train"
+    epochs: int | None = None
+
+
+@dataclass
+class CostReport:
+    """What a method costs, in the paper's Table 5 terms (see ``CLMethod.cost_report``)."""
+
+    trainable_params: int  # parameters updated while learning this task
+    stored_params: int  # parameters kept beyond the frozen pretrained backbone, in total
+    stored_features: int = 0  # floats of data statistics kept (HiDe-Prompt's class centroids)
+    backbone_passes: int = 1  # full ViT forwards per test image
+    flops_per_image: int | None = None  # measured by the protocol with torch's FLOP counter
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Task:
+    """What a method may know about the current task. Only this task's training data is reachable."""
+
+    index: int
+    num_tasks: int
+    classes: range  # harness labels of this task
+    train: TrainConfig  # the recipe with task-0 overrides applied
+    device: torch.device
+    make_loader: Callable[..., DataLoader] = field(repr=False)
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(
+        default=contextlib.nullcontext, repr=False)
+
+    @property
+    def known(self) -> int:
+        """Classes learned before this task."""
+        return self.classes.start
+
+    @property
+    def num_seen(self) -> int:
+        """Classes seen so far, this task's included."""
+        return self.classes.stop
+
+    @property
+    def num_new(self) -> int:
+        return len(self.classes)
+
+    def loader(self, augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
+               drop_last: bool | None = None) -> DataLoader:
+        """A DataLoader over this task's training data (CPU tensors, harness labels)."""
+        return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
+                                drop_last=drop_last)
+
+    def batches(self, augment: bool = False, shuffle: bool = False,
+                batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This task's training data on the device, by default un-augmented and in order:
+        what a pass for statistics (InfLoRA's input moments, HiDe's class centroids) wants."""
+        for x, y in self.loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
+                                drop_last=False):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class CLMethod(nn.Module):
+    """Base class of every method. Subclasses set ``Config`` and implement ``training_step``
+    and ``predict``; the other hooks have sensible defaults.
+
+    Constructor arguments: ``backbone`` is a timm ViT created with ``num_classes=0`` (its
+    forward returns the pooled, normed [CLS] feature of size ``backbone.num_features``);
+    ``config`` is an instance of ``Config``; ``num_classes`` and ``num_tasks`` describe the
+    whole scenario.
+    """
+
+    Config: ClassVar[type] = None  # a dataclass of the method's hyper-parameters
+    name: ClassVar[str] = ""
+
+    def __init__(self, backbone: nn.Module, config: Any, num_classes: int, num_tasks: int):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.num_classes = num_classes
+        self.num_tasks = num_tasks
+        self.feature_dim: int = backbone.num_features
+        self.tasks_seen = 0  # tasks grown so far
+        # Names of the pretrained weights: what the cost report does not count as "stored".
+        self._pretrained_names = {n for n, _ in backbone.named_parameters()}
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def grow(self, task: Task) -> None:
+        """Add this task's components. Structure only: no data, called again on resume."""
+        self.tasks_seen = task.index + 1
+
+    def begin_task(self, task: Task) -> None:
+        """Data-dependent preparation before training (may iterate ``task.batches()``)."""
+
+    def stages(self, task: Task) -> list[Stage]:
+        """Training phases of this task; each gets its own optimizer and epochs."""
+        return [Stage()]
+
+    def param_groups(self, task: Task, stage: Stage) -> list[dict[str, Any]]:
+        """Parameters to optimise in this stage; default: everything with ``requires_grad``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self, task: Task, stage: Stage):
+        """A fresh optimizer and per-epoch LR scheduler for this stage, from the recipe."""
+        groups = [g for g in self.param_groups(task, stage) if g["params"]]
+        epochs = stage.epochs if stage.epochs is not None else task.train.epochs
+        return build_optimizer(groups, task.train, epochs)
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
+        """The loss of one batch (harness labels). The protocol does backward/clip/step."""
+        raise NotImplementedError
+
+    def end_task(self, task: Task) -> None:
+        """After training: merge, store statistics, distil. Runs before evaluation."""
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the classes seen so far, ``[B, num_seen]``. One image's prediction must
+        not depend on the other images of the batch."""
+        raise NotImplementedError
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def backbone_passes(self) -> int:
+        """Full backbone forwards per test image (2 for query-then-prompt methods)."""
+        return 1
+
+    def stored_features(self) -> int:
+        """Floats of data statistics kept between tasks (0 for rehearsal-free methods)."""
+        return 0
+
+    def stored_params(self) -> int:
+        """Parameters the method keeps beyond the frozen pretrained backbone."""
+        total = 0
+        for name, p in self.named_parameters():
+            pretrained = name.startswith("backbone.") and name[len("backbone."):] in self._pretrained_names
+            if not pretrained or p.requires_grad:
+                total += p.numel()
+        return total
+
+    def cost_report(self, task: Task, trainable_params: int) -> CostReport:
+        """``trainable_params`` is what the protocol counted in this task's optimizers."""
+        return CostReport(trainable_params=trainable_params, stored_params=self.stored_params(),
+                          stored_features=self.stored_features(),
+                          backbone_passes=self.backbone_passes())
+
+    def task_log(self, task: Task) -> dict[str, Any]:
+        """Method-specific facts about this task for the result file (e.g. learned magnitudes)."""
+        return {}
+
+    # -- helpers for subclasses -----------------------------------------------------------------
+
+    def freeze_backbone(self) -> None:
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled feature (final-norm [CLS] for a timm ViT)."""
+        return self.backbone(x)
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+class ExpandingLinear(nn.Module):
+    """A linear classifier that gains rows as tasks arrive (PILOT's ``SimpleLinear``/``update_fc``).
+
+    Rows of earlier tasks are kept; new rows get timm/PILOT's init (kaiming-uniform weights with
+    ``nonlinearity='linear'``, zero bias). Stored as one parameter per task so that old rows can
+    be frozen or left out of the optimizer without masking gradients.
+    """
+
+    def __init__(self, in_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.use_bias = bias
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+
+    @property
+    def out_features(self) -> int:
+        return sum(w.shape[0] for w in self.weights)
+
+    def grow(self, num_new: int) -> None:
+        ref = self.weights[0] if len(self.weights) else None
+        w = torch.empty(num_new, self.in_features,
+                        device=ref.device if ref is not None else None,
+                        dtype=ref.dtype if ref is not None else None)
+        nn.init.kaiming_uniform_(w, nonlinearity="linear")
+        self.weights.append(nn.Parameter(w))
+        if self.use_bias:
+            self.biases.append(nn.Parameter(torch.zeros(num_new, device=w.device, dtype=w.dtype)))
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        return [self.weights[t]] + ([self.biases[t]] if self.use_bias else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.cat(list(self.weights), 0)
+        b = torch.cat(list(self.biases), 0) if self.use_bias else None
+        return F.linear(x, w, b)
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, task: Task,
+                         mode: str = "current") -> torch.Tensor:
+    """Cross-entropy restricted to a label range: ``current`` = this task's classes only
+    (SD-LoRA, InfLoRA, CODA's mask of previous tasks), ``seen`` = every class so far."""
+    if mode == "seen":
+        return F.cross_entropy(logits[:, : task.num_seen], y)
+    if mode == "current":
+        return F.cross_entropy(logits[:, task.known: task.num_seen], y - task.known)
+    raise ValueError(f"unknown loss mask '{mode}' (expected 'current' or 'seen')")
+
+
+def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: int):
+    """The optimizer and per-epoch scheduler a recipe names. Groups may carry their own ``lr``."""
+    name = train.optimizer.lower()
+    if name == "sgd":
+        opt = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    elif name == "adam":
+        opt = torch.optim.Adam(groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    elif name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer '{train.optimizer}' (sgd, adam, adamw)")
+    sched = train.schedule.lower()
+    if sched == "constant":
+        scheduler = None
+    elif sched == "multistep":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=train.milestones, gamma=train.lr_decay)
+    elif sched == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=train.min_lr)
+    elif sched == "coda_cosine":
+        # CODA-Prompt's utils/schedulers.py: lr_e = lr * cos(99π e / (200 (K-1))), ends near 0.0157 lr.
+        k = max(epochs, 2)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: math.cos(99 * math.pi * e / (200 * (k - 1))))
+    else:
+        raise ValueError(f"unknown schedule '{train.schedule}' (constant, multistep, cosine, coda_cosine)")
+    return opt, scheduler
+
+
+# ------------------------------------------------------------------------------ registry
+
+METHODS: dict[str, type[CLMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[CLMethod]], type[CLMethod]]:
+    """Class decorator: ``@register_method("sdlora")`` makes the method available by name."""
+
+    def wrap(cls: type[CLMethod]) -> type[CLMethod]:
+        if name in METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        if cls.Config is None:
+            raise TypeError(f"{cls.__name__} must define a Config dataclass")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[CLMethod]:
+    import methods  # noqa: F401  (imports every module of the package, which registers it)
+
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}'; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
