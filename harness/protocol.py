@@ -1,0 +1,358 @@
+"""The class-incremental protocol: one run = (benchmark scenario, method) -> one result file.
+
+The protocol owns everything that is not a method's math: data loading and device placement,
+mixed precision on GPU, the epoch loop, progress bars, evaluation on every class seen so far,
+checkpoints at task boundaries, timing, memory, the cost report and the result file.
+
+Resumption is exact on CPU: a checkpoint holds the method's state, the RNG states and the
+partial accuracy matrix after a finished task; data order is drawn from generators seeded by
+(seed, task, stage, epoch), so a resumed run sees the same batches as an uninterrupted one.
+Optimizers are created afresh for every task and stage, so no optimizer state crosses a
+checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import os
+import platform
+import random
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from benchmarks import get_benchmark
+from benchmarks.scenario import Scenario
+from harness.backbones import create_backbone, normalization
+from harness.config import RunConfig, build_dataclass
+from methods.base import CLMethod, Stage, Task, get_method
+from results import store
+from results.metrics import summarize
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay in fp32 and bit-reproducible)."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import timm
+    import torchvision
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "timm": timm.__version__,
+                     "numpy": np.__version__},
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def _with_transform(dataset: Dataset, transform: Callable, reload: Callable[[], Dataset]) -> Dataset:
+    """The same samples under another transform (the training images without augmentation)."""
+    if hasattr(dataset, "transform"):
+        other = copy.copy(dataset)
+        other.transform = transform
+        return other
+    return reload()
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+class Run:
+    """One run of one method on one scenario. ``execute()`` returns the result dictionary."""
+
+    def __init__(self, config: RunConfig, out_root: Path, progress: bool = True):
+        self.config = config
+        self.out_root = Path(out_root)
+        self.progress = progress
+        self.key = store.run_key(config.benchmark, config.num_tasks, config.method, config.seed,
+                                 config.class_order_seed, config.tag)
+        self.result_path = store.result_path(self.out_root, self.key)
+        self.checkpoint_path = store.checkpoint_path(self.out_root, self.key)
+        self.device = resolve_device(config.device)
+        self.autocast = autocast_for(self.device)
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        bench = get_benchmark(cfg.benchmark)
+        train_tf, test_tf = bench.transforms(cfg.data.image_size)
+        data_dir = bench.data_dir(cfg.data.root)
+        splits_dir = self.out_root / "splits"
+        train, test = bench.load(data_dir, train_tf, test_tf, splits_dir)
+        self.train_plain = _with_transform(
+            train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
+        self.scenario = Scenario.build(train, test, bench.num_classes, cfg.num_tasks, cfg.class_order_seed,
+                                       cfg.data.initial_classes, cfg.data.increment)
+        self.plain_scenario = dataclasses.replace(self.scenario, train=self.train_plain)
+
+        seed_everything(cfg.seed)
+        backbone, self.weights_id = create_backbone(cfg.backbone)
+        self.mean_std = None
+        if cfg.backbone.normalize:
+            mean, std = normalization(backbone)
+            self.mean_std = (torch.tensor(mean, device=self.device).view(1, 3, 1, 1),
+                             torch.tensor(std, device=self.device).view(1, 3, 1, 1))
+        method_cls = get_method(cfg.method)
+        method_config = build_dataclass(method_cls.Config, cfg.method_args, "method")
+        self.method: CLMethod = method_cls(backbone, method_config, num_classes=sum(self.scenario.sizes),
+                                           num_tasks=self.scenario.num_tasks).to(self.device)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.mean_std is not None:
+            x = (x - self.mean_std[0]) / self.mean_std[1]
+        return x
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
+                seed: int | None) -> DataLoader:
+        workers = self.config.train.num_workers
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, generator=generator, persistent_workers=False,
+                          pin_memory=self.device.type == "cuda")
+
+    def _task(self, t: int) -> Task:
+        train_cfg = self.config.train.for_task(t)
+        calls = [0]  # each loader made for this task gets its own, reproducible seed
+
+        def make_loader(augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
+                        drop_last: bool | None = None) -> DataLoader:
+            calls[0] += 1
+            scenario = self.scenario if augment else self.plain_scenario
+            seed = (self.config.seed * 1_000_003 + t * 10_007 + calls[0]) % 2**63
+            return self._loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
+                                train_cfg.drop_last if drop_last is None else drop_last, seed)
+
+        task = Task(index=t, num_tasks=self.scenario.num_tasks, classes=self.scenario.task_range(t),
+                    train=train_cfg, device=self.device, make_loader=make_loader, autocast=self.autocast)
+        if self.mean_std is not None:  # keep method-side passes over the data normalised too
+            batches = task.batches
+
+            def normalised_batches(*args, **kwargs):
+                for x, y in batches(*args, **kwargs):
+                    yield (x - self.mean_std[0]) / self.mean_std[1], y
+
+            task.batches = normalised_batches  # type: ignore[method-assign]
+        return task
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _train_task(self, task: Task) -> int:
+        """Train all stages of a task; returns the number of parameters its optimizers updated."""
+        method = self.method
+        trainable: dict[int, int] = {}
+        for stage in method.stages(task):
+            epochs = stage.epochs if stage.epochs is not None else task.train.epochs
+            optimizer, scheduler = method.configure_optimizers(task, stage)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            trainable.update({id(p): p.numel() for p in params})
+            if epochs <= 0:
+                continue
+            loader = task.loader(augment=True, shuffle=True)
+            bar = tqdm(total=epochs * len(loader), disable=not self.progress, leave=False, dynamic_ncols=True,
+                       desc=f"{self.config.method} task {task.index + 1}/{task.num_tasks} {stage.name}")
+            method.train()
+            for epoch in range(epochs):
+                running = torch.zeros((), device=self.device)
+                for step, (x, y) in enumerate(loader):
+                    x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+                    with self.autocast():
+                        out = method.training_step(x, y, task, stage)
+                    loss = out["loss"] if isinstance(out, dict) else out
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if task.train.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, task.train.grad_clip)
+                    optimizer.step()
+                    running += loss.detach()
+                    bar.update()
+                    if step == len(loader) - 1 and self.progress:  # one host sync per epoch
+                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{running.item() / (step + 1):.3f}")
+                if scheduler is not None:
+                    scheduler.step()
+            bar.close()
+        return sum(trainable.values())
+
+    @torch.no_grad()
+    def _evaluate(self, t: int) -> tuple[list[int], list[int]]:
+        """Counts (correct, total) per task ``i <= t`` on the test data of every seen class."""
+        self.method.eval()
+        sizes = self.scenario.sizes
+        bounds = np.cumsum(sizes[: t + 1])
+        test = ConcatDataset([self.scenario.test_subset(i) for i in range(t + 1)])
+        loader = self._loader(test, self.config.train.eval_batch_size, False, False, None)
+        correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
+        total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
+        bounds_t = torch.as_tensor(bounds, device=self.device)
+        for x, y in tqdm(loader, disable=not self.progress, leave=False, desc=f"eval after task {t + 1}"):
+            x, y = self._to_device(x), y.to(self.device)
+            with self.autocast():
+                logits = self.method.predict(x)
+            task_of = torch.bucketize(y, bounds_t, right=True)
+            hit = (logits.argmax(dim=1) == y).long()
+            correct.index_add_(0, task_of, hit)
+            total.index_add_(0, task_of, torch.ones_like(hit))
+        return correct.tolist(), total.tolist()
+
+    def _flops_per_image(self) -> int:
+        x, _ = self.scenario.test_subset(0)[0]
+        x = self._to_device(x.unsqueeze(0))
+        self.method.eval()
+        with torch.no_grad():
+            return count_flops(lambda: self.method.predict(x))
+
+    def execute(self) -> dict[str, Any]:
+        cfg = self.config
+        started = time.time()
+        self._build()  # data errors surface here, before anything is written
+        T = self.scenario.num_tasks
+        correct = [[0] * T for _ in range(T)]
+        total = [[0] * T for _ in range(T)]
+        records: list[dict[str, Any]] = []
+        first = 0
+        if self.checkpoint_path.exists():
+            ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            if ckpt["config"] != cfg.to_dict():
+                raise RuntimeError(f"{self.checkpoint_path} was written by a different configuration; "
+                                   f"delete it or rerun with --force")
+            first = ckpt["completed_tasks"]
+            for t in range(first):
+                self.method.grow(self._task(t))
+            self.method.load_state_dict(ckpt["method"])
+            self.method.to(self.device)
+            correct, total, records = ckpt["correct"], ckpt["total"], ckpt["tasks"]
+            started -= ckpt["elapsed_s"]
+            set_rng_state(ckpt["rng"])
+            tqdm.write(f"[{self.key}] resuming after task {first}/{T} from {self.checkpoint_path}")
+
+        for t in range(first, T):
+            task = self._task(t)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.time()
+            self.method.grow(task)
+            self.method.to(self.device)
+            self.method.begin_task(task)
+            trainable = self._train_task(task)
+            self.method.end_task(task)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t1 = time.time()
+            row_c, row_n = self._evaluate(t)
+            correct[t][: t + 1], total[t][: t + 1] = row_c, row_n
+            t2 = time.time()
+            cost = self.method.cost_report(task, trainable)
+            cost.flops_per_image = self._flops_per_image()
+            acc_t = 100.0 * sum(row_c) / max(sum(row_n), 1)
+            records.append({"task": t, "classes": list(task.classes), "train_time_s": t1 - t0,
+                            "eval_time_s": t2 - t1, "accuracy": acc_t, **peak_memory_mb(self.device),
+                            "cost": cost.to_dict(), "method_log": self.method.task_log(task)})
+            tqdm.write(f"[{self.key}] task {t + 1}/{T}: acc over {task.num_seen} seen classes "
+                       f"{acc_t:.2f}%  ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
+            if t < T - 1:
+                store.atomic_torch_save(self.checkpoint_path, {
+                    "config": cfg.to_dict(), "completed_tasks": t + 1, "method": self.method.state_dict(),
+                    "rng": rng_state(), "correct": correct, "total": total, "tasks": records,
+                    "elapsed_s": time.time() - started})
+
+        result = {
+            "schema": store.SCHEMA_VERSION,
+            "run_key": self.key,
+            "benchmark": cfg.benchmark,
+            "num_tasks": T,
+            "method": cfg.method,
+            "tag": cfg.tag,
+            "seed": cfg.seed,
+            "class_order_seed": cfg.class_order_seed,
+            "class_order": self.scenario.order,
+            "task_sizes": self.scenario.sizes,
+            "config": cfg.to_dict(),
+            "pretrained": self.weights_id,
+            "environment": environment(self.device),
+            "tasks": records,
+            "accuracy_matrix": {"correct": correct, "total": total},
+            "metrics": summarize(correct, total),
+            "cost": records[-1]["cost"],
+            "wall_time_s": time.time() - started,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv,
+        }
+        store.atomic_write_json(self.result_path, result)
+        self.checkpoint_path.unlink(missing_ok=True)
+        return result
+
+
+def run(config: RunConfig, out_root: Path, progress: bool = True) -> dict[str, Any]:
+    """Run one configuration to completion (resuming from its checkpoint if there is one)."""
+    return Run(config, out_root, progress).execute()

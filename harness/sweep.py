@@ -1,0 +1,84 @@
+"""A sweep plan: benchmark × number of tasks × method × seed, each resolved to a ``RunConfig``.
+
+The plan is plain data; launchers (in-process here, SLURM in ``slurm/``) turn each planned run
+into a call of ``run_job``, the one job entry point, which needs nothing but the run's
+configuration dictionary and the results root.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.config import RunConfig, resolve_config
+from results import store
+
+# The paper's row order; methods registered later are appended in name order.
+PAPER_ORDER = ["full_ft", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "inflora",
+               "sdlora", "sdlora_rr", "sdlora_kd"]
+
+
+def ordered_methods(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (PAPER_ORDER.index(n) if n in PAPER_ORDER else len(PAPER_ORDER), n))
+
+
+@dataclass
+class PlannedRun:
+    config: RunConfig
+    key: str
+    result_path: Path
+    done: bool
+
+
+def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
+         out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
+         device: str = "auto", data_root: str | None = None) -> list[PlannedRun]:
+    """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
+    ``methods=None`` every registered method."""
+    from benchmarks import get_benchmark
+    from methods import METHODS, get_method
+
+    method_names = ordered_methods(list(METHODS)) if not methods else methods
+    runs: list[PlannedRun] = []
+    for bench_name in benches:
+        bench = get_benchmark(bench_name)
+        for n in tasks or bench.default_tasks:
+            for m in method_names:
+                method_cls = get_method(m)
+                for seed in seeds:
+                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device,
+                                         benchmark_defaults=bench.defaults, method_config_cls=method_cls.Config)
+                    if data_root is not None:
+                        cfg.data.root = data_root
+                    key = store.run_key(cfg.benchmark, n, m, seed, cfg.class_order_seed, cfg.tag)
+                    path = store.result_path(out_root, key)
+                    runs.append(PlannedRun(cfg, key, path, path.exists()))
+    return runs
+
+
+def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any]:
+    """The job entry point of every launcher: run one configuration and return its metrics.
+    A finished run (its result file exists) is not run again."""
+    from harness.protocol import run
+
+    cfg = RunConfig.from_dict(config)
+    key = store.run_key(cfg.benchmark, cfg.num_tasks, cfg.method, cfg.seed, cfg.class_order_seed, cfg.tag)
+    path = store.result_path(Path(out_root), key)
+    if path.exists():
+        return store.read_result(path)["metrics"]
+    return run(cfg, Path(out_root), progress)["metrics"]
+
+
+def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
+    """Run the plan in this process, one run after the other. Returns the failures
+    (run, traceback); a failing run does not stop the others."""
+    failures = []
+    for i, r in enumerate(runs):
+        print(f"[{i + 1}/{len(runs)}] {r.key}", flush=True)
+        try:
+            run_job(r.config.to_dict(), str(out_root), progress)
+        except Exception:  # keep going: one broken run must not cost the rest of the sweep
+            failures.append((r, traceback.format_exc()))
+            print(f"[{i + 1}/{len(runs)}] {r.key} FAILED:\n{failures[-1][1]}", flush=True)
+    return failures

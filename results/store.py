@@ -1,0 +1,91 @@
+"""Where runs write, and how: one JSON file per finished run, written atomically.
+
+Layout under the results root (``--out``, default ``./results``)::
+
+    runs/<bench>/N<tasks>/<method>[+<tag>]/seed<seed>[-order<order_seed>].json   finished runs
+    checkpoints/<same path>.pt         the last finished task of an unfinished run
+    splits/                            splits a loader had to make (raw ImageNet-R's 80/20)
+    tables/, figures/                  written by ``run_suite.py report``
+
+A result file is complete or absent: it is written to a temporary file in the same folder,
+fsync-ed and renamed over the target, so a killed process never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("CLBENCH_RESULTS", "results"))
+
+
+def run_key(benchmark: str, num_tasks: int, method: str, seed: int, class_order_seed: int,
+            tag: str = "") -> str:
+    """A run's identity, also its path relative to ``runs/`` (without suffix)."""
+    variant = f"{method}+{tag}" if tag else method
+    seed_part = f"seed{seed}" if class_order_seed == seed else f"seed{seed}-order{class_order_seed}"
+    return f"{benchmark}/N{num_tasks}/{variant}/{seed_part}"
+
+
+def result_path(root: Path, key: str) -> Path:
+    return Path(root) / "runs" / f"{key}.json"
+
+
+def checkpoint_path(root: Path, key: str) -> Path:
+    return Path(root) / "checkpoints" / f"{key}.pt"
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=False).encode()
+    _atomic_replace(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_replace(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
+    _atomic_replace(path, lambda f: torch.save(obj, f))
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: result schema {result.get('schema')} is not {SCHEMA_VERSION}")
+    return result
+
+
+def iter_results(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every finished run under ``root/runs`` (any depth), in path order."""
+    for path in sorted((Path(root) / "runs").rglob("*.json")):
+        yield path, read_result(path)
