@@ -73,11 +73,17 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
 def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
     """Run the plan in this process, one run after the other. Returns the failures
     (run, traceback); a failing run does not stop the others."""
+    from benchmarks.base import DataError
+    from harness.backbones import PretrainedWeightsError
+    from harness.config import ConfigError
+
     failures = []
     for i, r in enumerate(runs):
         print(f"[{i + 1}/{len(runs)}] {r.key}", flush=True)
         try:
             run_job(r.config.to_dict(), str(out_root), progress)
+        except (DataError, PretrainedWeightsError, ConfigError):
+            raise  # the user must fix these; every later run would fail the same way
         except Exception:  # keep going: one broken run must not cost the rest of the sweep
             failures.append((r, traceback.format_exc()))
             print(f"[{i + 1}/{len(runs)}] {r.key} FAILED:\n{failures[-1][1]}", flush=True)

@@ -1,0 +1,63 @@
+"""Recipe layering and validation: unknown keys are errors that list the valid ones."""
+import pytest
+
+from harness.config import ConfigError, TrainConfig, parse_set, resolve_config
+from methods import get_method
+
+FT = get_method("full_ft").Config
+
+
+def resolve(overrides=None, bench="toy", n=3, defaults=None):
+    return resolve_config(bench, n, "full_ft", seed=1, overrides=overrides, benchmark_defaults=defaults,
+                          method_config_cls=FT)
+
+
+def test_layers_recipe_then_benchmark_then_cli():
+    cfg = resolve(defaults={"train": {"epochs": 7, "batch_size": 16}})
+    assert cfg.train.optimizer == "adam"  # recipe default
+    assert cfg.train.epochs == 7  # benchmark default beats recipe default
+    cfg = resolve(defaults={"train": {"epochs": 7}}, overrides=parse_set(["train.epochs=2"]))
+    assert cfg.train.epochs == 2 and cfg.tag.startswith("cfg")  # the command line wins, and is tagged
+    assert resolve().tag == ""
+
+
+def test_synth_section_of_recipe_applies():
+    cfg = resolve(bench="synth", n=5)
+    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_class_order_seed_is_its_own_knob():
+    assert resolve().class_order_seed == 1  # default: follows the training seed, as PILOT
+    cfg = resolve_config("toy", 3, "full_ft", seed=1, class_order_seed=1993, method_config_cls=FT)
+    assert (cfg.seed, cfg.class_order_seed) == (1, 1993)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("train.lr_typo=1", "unknown key 'train.lr_typo'"),
+    ("method.rank=8", "unknown key 'method.rank'"),
+    ("optim.lr=1", "unknown section 'optim'"),
+    ("train.epochs=abc", "expected an integer"),
+    ("train.lr", "expects key=value"),
+])
+def test_bad_overrides_name_the_problem(item, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        resolve(parse_set([item]))
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        resolve(parse_set(["train.lr_typo=1"]))
+    assert "batch_size" in str(err.value) and "first_task_lr" in str(err.value)
+
+
+def test_first_task_overrides():
+    t = TrainConfig(epochs=20, lr=0.01, first_task_epochs=5, first_task_lr=0.1, milestones=[10],
+                    first_task_milestones=[3])
+    assert (t.for_task(0).epochs, t.for_task(0).lr, t.for_task(0).milestones) == (5, 0.1, [3])
+    assert (t.for_task(1).epochs, t.for_task(1).lr, t.for_task(1).milestones) == (20, 0.01, [10])
+
+
+def test_yaml_values_are_typed():
+    cfg = resolve(parse_set(["train.lr=1e-3", "train.grad_clip=1", "method.mask_old_logits=true"]))
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 1.0
+    assert cfg.method_args == {"mask_old_logits": True}
