@@ -150,6 +150,7 @@ class Run:
         data_dir = bench.data_dir(cfg.data.root)
         splits_dir = self.out_root / "splits"
         train, test = bench.load(data_dir, train_tf, test_tf, splits_dir)
+        self.data_provenance = getattr(train, "provenance", str(data_dir))
         self.train_plain = _with_transform(
             train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
         self.scenario = Scenario.build(train, test, bench.num_classes, cfg.num_tasks, cfg.class_order_seed,
@@ -339,6 +340,7 @@ class Run:
             "task_sizes": self.scenario.sizes,
             "config": cfg.to_dict(),
             "pretrained": self.weights_id,
+            "data": self.data_provenance,
             "environment": environment(self.device),
             "tasks": records,
             "accuracy_matrix": {"correct": correct, "total": total},
