@@ -9,6 +9,10 @@ partial accuracy matrix after a finished task; data order is drawn from generato
 (seed, task, stage, epoch), so a resumed run sees the same batches as an uninterrupted one.
 Optimizers are created afresh for every task and stage, so no optimizer state crosses a
 checkpoint.
+
+Progress is reported through ``on_progress(tasks_done, num_tasks, elapsed_s)``: once the run
+has started (after a resume, with the restored tasks counted) and after every finished task,
+once its checkpoint is on disk. ``harness.sweep.run_job`` turns it into the run's status record.
 """
 from __future__ import annotations
 
@@ -130,10 +134,12 @@ def count_flops(fn: Callable[[], Any]) -> int:
 class Run:
     """One run of one method on one scenario. ``execute()`` returns the result dictionary."""
 
-    def __init__(self, config: RunConfig, out_root: Path, progress: bool = True):
+    def __init__(self, config: RunConfig, out_root: Path, progress: bool = True,
+                 on_progress: Callable[[int, int, float], None] | None = None):
         self.config = config
         self.out_root = Path(out_root)
         self.progress = progress
+        self.on_progress = on_progress or (lambda tasks_done, num_tasks, elapsed_s: None)
         self.key = store.run_key(config.benchmark, config.num_tasks, config.method, config.seed,
                                  config.class_order_seed, config.tag)
         self.result_path = store.result_path(self.out_root, self.key)
@@ -296,6 +302,7 @@ class Run:
             started -= ckpt["elapsed_s"]
             set_rng_state(ckpt["rng"])
             tqdm.write(f"[{self.key}] resuming after task {first}/{T} from {self.checkpoint_path}")
+        self.on_progress(first, T, time.time() - started)
 
         for t in range(first, T):
             task = self._task(t)
@@ -326,6 +333,7 @@ class Run:
                     "config": cfg.to_dict(), "completed_tasks": t + 1, "method": self.method.state_dict(),
                     "rng": rng_state(), "correct": correct, "total": total, "tasks": records,
                     "elapsed_s": time.time() - started})
+            self.on_progress(t + 1, T, time.time() - started)
 
         result = {
             "schema": store.SCHEMA_VERSION,
@@ -355,6 +363,7 @@ class Run:
         return result
 
 
-def run(config: RunConfig, out_root: Path, progress: bool = True) -> dict[str, Any]:
+def run(config: RunConfig, out_root: Path, progress: bool = True,
+        on_progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Run one configuration to completion (resuming from its checkpoint if there is one)."""
-    return Run(config, out_root, progress).execute()
+    return Run(config, out_root, progress, on_progress).execute()

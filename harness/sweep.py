@@ -3,9 +3,18 @@
 The plan is plain data; launchers (in-process here, SLURM in ``slurm/``) turn each planned run
 into a call of ``run_job``, the one job entry point, which needs nothing but the run's
 configuration dictionary and the results root.
+
+Each run also has a status record, ``<out>/status/<key>.json``, for ``run_suite.py status``:
+``run_job`` writes its progress (state, task reached, time so far, who runs it) and the
+launcher's job wrapper writes a failure with its traceback (``record_failure``). Records are
+written atomically and never read by reports: results come from result files only.
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +66,48 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
     return runs
 
 
+def status_path(out_root: Path, key: str) -> Path:
+    """Where a run's status record lives: ``<out>/status/<key>.json``."""
+    return Path(out_root) / "status" / f"{key}.json"
+
+
+def read_status(out_root: Path, key: str) -> dict[str, Any] | None:
+    """The run's status record, or None when there is none (or it cannot be read)."""
+    try:
+        with open(status_path(out_root, key)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def update_status(out_root: Path, key: str, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the run's status record (atomically) and return the record."""
+    record = read_status(out_root, key) or {}
+    record.update(fields, updated_at=time.time())
+    store.atomic_write_json(status_path(out_root, key), record)
+    return record
+
+
+def job_identity() -> dict[str, Any]:
+    """Who runs this process: the SLURM job id (``<array>_<index>`` for an array element, as
+    ``squeue``/``sacct`` print it), the host and the process id."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job_id = env.get("SLURM_JOB_ID")
+    return {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def record_failure(out_root: Path, key: str, error: str) -> None:
+    """Mark the run failed with its traceback; called by the launcher that ran the job."""
+    update_status(out_root, key, state="failed", error=error, **job_identity())
+
+
 def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any]:
     """The job entry point of every launcher: run one configuration and return its metrics.
-    A finished run (its result file exists) is not run again."""
+    A finished run (its result file exists) is not run again. While it runs, its status record
+    says how far it got; ``attempts`` lists every start (``from_task`` > 0: resumed)."""
     from harness.protocol import run
 
     cfg = RunConfig.from_dict(config)
@@ -67,7 +115,20 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     path = store.result_path(Path(out_root), key)
     if path.exists():
         return store.read_result(path)["metrics"]
-    return run(cfg, Path(out_root), progress)["metrics"]
+    identity = job_identity()
+    attempt: dict[str, Any] = {}
+
+    def on_progress(tasks_done: int, num_tasks: int, elapsed_s: float) -> None:
+        fields = {"state": "running", "tasks_done": tasks_done, "num_tasks": num_tasks,
+                  "elapsed_s": elapsed_s, "error": None, **identity}
+        if not attempt:  # this process's first report: the run (re)started here
+            attempt.update(started_at=time.time(), from_task=tasks_done, **identity)
+            fields["attempts"] = (read_status(out_root, key) or {}).get("attempts", []) + [attempt]
+        update_status(out_root, key, **fields)
+
+    result = run(cfg, Path(out_root), progress, on_progress)
+    update_status(out_root, key, state="done", elapsed_s=result["wall_time_s"])
+    return result["metrics"]
 
 
 def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
@@ -86,5 +147,6 @@ def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> 
             raise  # the user must fix these; every later run would fail the same way
         except Exception:  # keep going: one broken run must not cost the rest of the sweep
             failures.append((r, traceback.format_exc()))
+            record_failure(out_root, r.key, failures[-1][1])
             print(f"[{i + 1}/{len(runs)}] {r.key} FAILED:\n{failures[-1][1]}", flush=True)
     return failures
