@@ -1,0 +1,379 @@
+"""Per-task low-rank updates on timm's fused ``qkv`` projection (shared by SD-LoRA and InfLoRA).
+
+``LoRAQKV`` subclasses the ``nn.Linear`` it replaces and keeps that Linear's ``weight`` and
+``bias`` under their original names, so the backbone's state-dict keys, its pretrained-weight
+bookkeeping and timm's ``Attention.forward`` (which just calls ``self.qkv(x)``) are untouched.
+It adds, to each chosen slice of the fused output (``q``, ``k``, ``v``), one low-rank pair per
+task: ``A_k`` (rank x d_in, the default ``nn.Linear`` init, or given) and ``B_k`` (d_out x rank,
+zeros), with no alpha/r scaling. The weight a forward uses is
+
+    W_p = W0_p + sum_k  c_k * B_k A_k          for every adapted projection p,
+
+where the coefficients ``c_k`` are the method's (SD-LoRA: magnitude over norm; InfLoRA: 1).
+
+Why the update is formed in weight space. The official SD-LoRA code runs every old branch
+separately on every token, so a step at task t costs O(t * tokens * rank * d) more than at task
+1 and keeps t branches of activations for backward (its users run out of 24 GB after about six
+tasks). Here the frozen pairs of all earlier tasks are kept stacked as one factor pair per
+projection and the whole update is materialised once per step, ``(B * c) @ A``, which costs
+O(d^2 * total rank) whatever the batch size, and the forward is one plain ``F.linear``: the
+per-token cost and the activation memory are those of the plain backbone at every task.
+
+After a task, ``merged_copy(model)`` gives a plain timm model (every ``LoRAQKV`` replaced by an
+``nn.Linear`` holding ``W0 + sum_k c_k B_k A_k``) for inference at the backbone's cost.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.config import ConfigError
+from methods.base import CLMethod, ExpandingLinear, Stage, Task
+
+PROJECTIONS = ("q", "k", "v")  # the three slices of timm's fused qkv output, in order
+
+# (A [R, d_in], B [d_out, R], task of every row [R], number of tasks) -> one coefficient per row.
+Coefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class LoRAQKV(nn.Linear):
+    """A fused ``qkv`` Linear with per-task low-rank updates on some of its projections.
+
+    Storage per adapted projection ``p``: the frozen pairs of finished tasks stacked as the
+    buffers ``frozen_A_<p>`` [R, d_in] and ``frozen_B_<p>`` [d_out, R] (``frozen_task`` [R]
+    names the task of every rank row), and the current task's trainable pair
+    ``current_A[p]`` [r, d_in], ``current_B[p]`` [d_out, r]. ``coefficients`` (set by the
+    method; ``None`` = all ones) scales every rank row.
+
+    The frozen stacks are data, not structure: ``load_state_dict`` resizes them to the
+    checkpoint's shapes, so a method that drops directions (SD-LoRA-KD) restores exactly.
+    """
+
+    def __init__(self, qkv: nn.Linear, projections: Sequence[str]):
+        if qkv.out_features % 3:
+            raise ValueError(f"expected a fused qkv Linear (out_features divisible by 3), got {qkv}")
+        unknown = [p for p in projections if p not in PROJECTIONS]
+        if unknown or not projections or len(set(projections)) != len(projections):
+            raise ValueError(f"projections must be distinct names among {PROJECTIONS}, got {list(projections)}")
+        super().__init__(qkv.in_features, qkv.out_features, bias=qkv.bias is not None, device="meta")
+        self.weight = qkv.weight  # adopt the pretrained tensors: same names, no copy
+        self.bias = qkv.bias
+        self.projections = tuple(p for p in PROJECTIONS if p in projections)
+        self.proj_dim = qkv.out_features // 3
+        self.num_tasks = 0  # pairs added so far; the last one is the current task's
+        self.coefficients: Coefficients | None = None
+        self.current_A = nn.ParameterDict()
+        self.current_B = nn.ParameterDict()
+        ref = qkv.weight
+        for p in self.projections:
+            self.register_buffer(f"frozen_A_{p}", ref.new_zeros(0, self.in_features))
+            self.register_buffer(f"frozen_B_{p}", ref.new_zeros(self.proj_dim, 0))
+        self.register_buffer("frozen_task", torch.zeros(0, dtype=torch.long, device=ref.device))
+
+    # -- structure -------------------------------------------------------------------------
+
+    def add_task(self, rank: int, keep_previous: bool = True, train_down: bool = True) -> None:
+        """Freeze the current pair into the stacks (or drop it: ``keep_previous=False``) and
+        start a new one: A with ``nn.Linear``'s default init, B zeros (the update starts at 0).
+        ``train_down=False`` freezes A (InfLoRA designs it from data in ``begin_task``)."""
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if self.num_tasks and keep_previous:
+            previous = self.num_tasks - 1
+            r = self.current_A[self.projections[0]].shape[0]
+            for p in self.projections:
+                self._set_frozen(p, torch.cat([self.frozen_A(p), self.current_A[p].detach()], 0),
+                                 torch.cat([self.frozen_B(p), self.current_B[p].detach()], 1))
+            self.frozen_task = torch.cat([self.frozen_task, self.frozen_task.new_full((r,), previous)])
+        ref = self.weight
+        for p in self.projections:
+            a = torch.empty(rank, self.in_features, device=ref.device, dtype=ref.dtype)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's default: U(+-1/sqrt(d_in))
+            self.current_A[p] = nn.Parameter(a, requires_grad=train_down)
+            self.current_B[p] = nn.Parameter(ref.new_zeros(self.proj_dim, rank))
+        self.num_tasks += 1
+
+    def frozen_A(self, p: str) -> torch.Tensor:
+        return getattr(self, f"frozen_A_{p}")
+
+    def frozen_B(self, p: str) -> torch.Tensor:
+        return getattr(self, f"frozen_B_{p}")
+
+    def _set_frozen(self, p: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        setattr(self, f"frozen_A_{p}", a)  # assigning a tensor to a buffer name keeps it a buffer
+        setattr(self, f"frozen_B_{p}", b)
+
+    @property
+    def current_rank(self) -> int:
+        return self.current_A[self.projections[0]].shape[0] if self.num_tasks else 0
+
+    def factors(self, p: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All rank rows of projection ``p``, frozen then current: A [R, d_in], B [d_out, R] and
+        the task of every row [R]."""
+        if not self.num_tasks:
+            raise RuntimeError("no LoRA pair yet: call add_task first")
+        a = torch.cat([self.frozen_A(p), self.current_A[p]], 0)
+        b = torch.cat([self.frozen_B(p), self.current_B[p]], 1)
+        tasks = torch.cat([self.frozen_task, self.frozen_task.new_full((self.current_rank,), self.num_tasks - 1)])
+        return a, b, tasks
+
+    # -- the adapted weight -------------------------------------------------------------------
+
+    def delta_weight(self, p: str) -> torch.Tensor:
+        """``sum_k c_k B_k A_k`` for projection ``p`` as one matmul over the stacked rows."""
+        a, b, tasks = self.factors(p)
+        if self.coefficients is not None:
+            b = b * self.coefficients(a, b, tasks, self.num_tasks).to(b.dtype)
+        return b @ a
+
+    def adapted_weight(self) -> torch.Tensor:
+        """The fused weight this layer applies: W0 plus the update of every adapted slice."""
+        if not self.num_tasks:
+            return self.weight
+        slices = self.weight.split(self.proj_dim, 0)
+        return torch.cat([w + self.delta_weight(p) if p in self.projections else w
+                          for p, w in zip(PROJECTIONS, slices)], 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.adapted_weight(), self.bias)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing what this layer computes now (shares the bias)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        out.weight = nn.Parameter(self.adapted_weight().detach().clone(), requires_grad=False)
+        out.bias = self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, projections={''.join(self.projections)}, tasks={self.num_tasks}, "
+                f"frozen_rank={self.frozen_task.numel()}")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Size the frozen stacks from the checkpoint: how many rows were kept is data.
+        for name in [f"frozen_{f}_{p}" for p in self.projections for f in "AB"] + ["frozen_task"]:
+            incoming = state_dict.get(prefix + name)
+            mine = getattr(self, name)
+            if incoming is not None and incoming.shape != mine.shape:
+                setattr(self, name, mine.new_empty(incoming.shape))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+# ------------------------------------------------------------------------------ model surgery
+
+
+def attach_lora(model: nn.Module, projections: Sequence[str]) -> list[LoRAQKV]:
+    """Replace the fused ``qkv`` Linear of every attention module of a timm model by a
+    ``LoRAQKV``; returns them in block order. Works on any timm ViT with a fused qkv."""
+    wrapped: list[LoRAQKV] = []
+    for module in list(model.modules()):
+        qkv = getattr(module, "qkv", None)
+        if isinstance(qkv, nn.Linear) and not isinstance(qkv, LoRAQKV):
+            module.qkv = LoRAQKV(qkv, projections)
+            wrapped.append(module.qkv)
+    if not wrapped:
+        raise ValueError(f"{type(model).__name__} has no attention module with a fused `qkv` Linear; "
+                         f"LoRA here needs a timm ViT such as vit_base_patch16_224")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> list[LoRAQKV]:
+    return [m for m in model.modules() if isinstance(m, LoRAQKV)]
+
+
+@torch.no_grad()
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model`` for inference: every ``LoRAQKV`` becomes an ``nn.Linear`` with
+    its current adapted weight. Every other tensor is shared with ``model`` (all frozen), so
+    the copy costs only the qkv weights, and a forward costs exactly the plain backbone's."""
+    memo: dict[int, object] = {id(m): m.merged_linear() for m in lora_layers(model)}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        memo.setdefault(id(tensor), tensor)
+    plain = copy.deepcopy(model, memo)
+    return plain.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------ math helpers
+
+
+def per_task_sum(values: torch.Tensor, row_task: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Sum per task of per-row values (differentiable, a fixed number of kernels whatever t)."""
+    return values.new_zeros(num_tasks).index_add(0, row_task, values)
+
+
+def factor_sq_norms(a: torch.Tensor, b: torch.Tensor, row_task: torch.Tensor,
+                    num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||A_k||_F^2`` and ``||B_k||_F^2`` of every task from the stacked rows."""
+    return (per_task_sum(a.pow(2).sum(1), row_task, num_tasks),
+            per_task_sum(b.pow(2).sum(0), row_task, num_tasks))
+
+
+def product_sq_norms(a: torch.Tensor, b: torch.Tensor, row_task: torch.Tensor,
+                     num_tasks: int) -> torch.Tensor:
+    """``||B_k A_k||_F^2`` of every task without forming the d_out x d_in products:
+    ``||B A||^2 = sum((B^T B) * (A A^T))`` over each task's diagonal block of rank rows."""
+    gram = (b.t() @ b) * (a @ a.t())
+    same_task = row_task[:, None] == row_task[None, :]
+    return per_task_sum((gram * same_task).sum(1), row_task, num_tasks)
+
+
+def safe_norm(sq_norm: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` of squared norms, with 1 where a norm is 0: a zero update (B still at its zero
+    init, or a dropped direction) has no direction, contributes 0 either way, and its gradient
+    is then that of the unnormalised term instead of NaN."""
+    return torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm)).sqrt()
+
+
+def direction_gram(layers: Sequence[LoRAQKV], row_scales: Coefficients, num_tasks: int,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``G[j, k] = <D_j, D_k>`` where ``D_k`` is task k's update over all adapted projections of
+    all layers, flattened into one vector, with ``D_k`` per projection = ``sum over k's rows of
+    row_scale * B_row A_row``. Computed from r x r blocks, never forming the vectors: for
+    ViT-B with 20 tasks the explicit matrix would be 20 x 14M floats. In float64, so that
+    residuals down to ~1e-7 of the norm survive the cancellation in ``|T|^2 - 2 x.b + x.Gx``."""
+    gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=layers[0].weight.device)
+    for layer in layers:
+        for p in layer.projections:
+            a, b, tasks = (t.detach() for t in layer.factors(p))
+            b = b.to(dtype) * row_scales(a, b, tasks, num_tasks).detach().to(dtype)
+            a = a.to(dtype)
+            rows = (b.t() @ b) * (a @ a.t())  # [R, R]: <b_i a_i^T, b_j a_j^T>
+            onehot = F.one_hot(tasks, num_tasks).to(dtype)  # [R, T]
+            gram += onehot.t() @ rows @ onehot
+    return gram
+
+
+# ------------------------------------------------------------------------------ input statistics
+
+
+@contextmanager
+def recording_input_moments(layers: Sequence[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """While active, every forward through ``layers`` adds its input's uncentred second moment
+    (sum over all tokens of x x^T, in float64) to the yielded accumulators; after the ``with``
+    block they hold the means E[x x^T] (InfLoRA's per-block input statistics)."""
+    sums = [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device)
+            for m in layers]
+    counts = [0] * len(layers)
+
+    def hook(i: int):
+        def record(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sums[i].add_((x.t() @ x).double())
+            counts[i] += x.shape[0]
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+        for i, n in enumerate(counts):
+            if n:
+                sums[i].div_(n)
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, layers: Sequence[nn.Module],
+                         batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                         autocast: Callable = None) -> list[torch.Tensor]:
+    """E[x x^T] over every token of the input of each of ``layers``, one pass of ``model``
+    over ``batches`` (in eval mode; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with recording_input_moments(layers) as moments:
+            for x, _ in batches:
+                if autocast is not None:
+                    with autocast():
+                        model(x)
+                else:
+                    model(x)
+    finally:
+        model.train(was_training)
+    return moments
+
+
+# ------------------------------------------------------------------------------ methods on top
+
+
+class LoRAMethod(CLMethod):
+    """What SD-LoRA and InfLoRA share: a frozen backbone whose qkv layers carry per-task LoRA
+    pairs (``self.layers``), an expanding head (``self.head``), and inference through a merged
+    copy of the backbone: one plain ViT forward per test image, built after each task.
+
+    The merged copy is a cache, never state: it is dropped whenever the weights may change
+    (``grow``, ``begin_task``, ``train()``, ``load_state_dict``) and rebuilt on demand.
+    """
+
+    def __init__(self, backbone: nn.Module, config: Any, num_classes: int, num_tasks: int,
+                 projections: Sequence[str]):
+        super().__init__(backbone, config, num_classes, num_tasks)
+        self.freeze_backbone()
+        try:
+            self.layers: list[LoRAQKV] = attach_lora(backbone, projections)
+        except ValueError as err:
+            raise ConfigError(f"method.projections / backbone: {err}") from err
+        self.head = ExpandingLinear(self.feature_dim)
+        self._cache: dict[str, Any] = {}
+
+    def grow(self, task: Task) -> None:
+        super().grow(task)
+        for p in self.head.parameters():  # earlier tasks' rows get no gradient from the current-task loss
+            p.requires_grad_(False)
+        self.head.grow(task.num_new)
+        self._cache.clear()
+
+    def begin_task(self, task: Task) -> None:
+        self._cache.clear()
+
+    def trainable_lora(self) -> list[nn.Parameter]:
+        """The current task's trainable factors in every layer."""
+        return [param for layer in self.layers for d in (layer.current_A, layer.current_B)
+                for param in d.values() if param.requires_grad]
+
+    def end_task(self, task: Task) -> None:
+        self._cache.clear()
+        self.inference_backbone()  # merge now, outside the protocol's FLOP count of predict
+
+    def inference_backbone(self) -> nn.Module:
+        """The backbone with every task's update folded into W0: a plain timm ViT."""
+        device = self.layers[0].weight.device
+        if self._cache.get("inference") is None or self._cache.get("device") != device:
+            self._cache.update(inference=merged_copy(self.backbone), device=device)
+        return self._cache["inference"]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:  # mid-training a merged copy would go stale; compute unmerged
+            return self.predict_unmerged(x)
+        return self.head(self.inference_backbone()(x))
+
+    @torch.no_grad()
+    def predict_unmerged(self, x: torch.Tensor) -> torch.Tensor:
+        """The training-time computation (W0 plus the stacked update formed per forward)."""
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._cache.clear()
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._cache.clear()
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def stored_params(self) -> int:
+        frozen = sum(layer.frozen_A(p).numel() + layer.frozen_B(p).numel()
+                     for layer in self.layers for p in layer.projections)
+        return super().stored_params() + frozen
