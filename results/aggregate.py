@@ -1,61 +1,177 @@
 """Result files -> one pandas row per run -> mean and spread over seeds.
 
-Everything here reads result files only; every number is recomputed from the accuracy counts.
+Everything here reads result files only; every accuracy number is recomputed from the counts
+of the accuracy matrix, never taken from a log or from the ``metrics`` the run wrote.
+
+A *group* is everything that identifies a run but its seeds: (benchmark, N, method, tag).
+``class_order_seed`` is a seed too, so runs that differ only in it fall into the same group.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
 from results import store
-from results.metrics import summarize
+from results.metrics import summarize, task_averaged_curve
 
 GROUP_KEYS = ["benchmark", "num_tasks", "method", "tag"]
 METRICS = ["acc", "aaa", "acc_task_avg", "aaa_task_avg", "forgetting_max", "forgetting_consecutive"]
+HIGHER_IS_BETTER = {"acc": True, "aaa": True, "acc_task_avg": True, "aaa_task_avg": True,
+                    "forgetting_max": False, "forgetting_consecutive": False}
+# Per-run cost columns; the deterministic ones (FLOPs, parameters) are the same for every seed.
+COSTS = ["flops_per_image", "backbone_passes", "trainable_params_per_task", "trainable_params_last",
+         "stored_params", "stored_features", "train_time_s", "wall_time_s", "peak_cuda_mb", "peak_rss_mb"]
+SPREADS = {"std": "standard deviation", "sem": "standard error"}
+# Where a method's task log may keep its learned magnitudes (SD-LoRA's alpha), first match wins.
+MAGNITUDE_KEYS = ("alpha", "alphas", "magnitudes")
+
+
+# The paper's names for the methods; anything else shows under its registry name.
+METHOD_TITLES = {"full_ft": "Full Fine-Tuning", "l2p": "L2P", "dualprompt": "DualPrompt",
+                 "coda_prompt": "CODA-Prompt", "hide_prompt": "HiDe-Prompt", "inflora": "InfLoRA",
+                 "sdlora": "SD-LoRA", "sdlora_rr": "SD-LoRA-RR", "sdlora_kd": "SD-LoRA-KD"}
+
+
+def method_label(method: str, tag: str = "") -> str:
+    """A group's row label: the paper's method name, and the tag of non-recipe runs."""
+    title = METHOD_TITLES.get(method, method)
+    return f"{title} [{tag}]" if tag else title
+
+
+def method_sort_key(method: str, tag: str = "") -> tuple[int, str, str]:
+    """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
+    from harness.sweep import PAPER_ORDER
+
+    return (PAPER_ORDER.index(method) if method in PAPER_ORDER else len(PAPER_ORDER), method, tag)
+
+
+def benchmark_title(name: str) -> str:
+    """The benchmark's title as the paper writes it (its registry entry), else its name."""
+    try:
+        from benchmarks import get_benchmark
+
+        return get_benchmark(name).title
+    except (KeyError, ImportError):  # a result file can outlive the benchmark that wrote it
+        return name
+
+
+def magnitude_history(tasks: list[dict[str, Any]]) -> list[list[float]] | None:
+    """The learned magnitudes after each task, ``[[a_0], [a_0, a_1], ...]``, from the tasks'
+    ``method_log``; None when the method logs none (or logs something that is not a flat list
+    of numbers, which the report then leaves out rather than guess at)."""
+    history = []
+    for record in tasks:
+        log = record.get("method_log") or {}
+        values = next((log[k] for k in MAGNITUDE_KEYS if k in log), None)
+        if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return None
+        history.append([float(v) for v in values])
+    return history or None
+
+
+def _overrides_from_argv(argv: list[str] | None) -> str:
+    """The ``--set``/``--backbone`` arguments of the command that made a tagged run."""
+    argv = list(argv or [])
+    picked = []
+    for i, arg in enumerate(argv):
+        if arg in ("--set", "--backbone", "--pretrained-path") and i + 1 < len(argv):
+            picked.append(f"{arg} {argv[i + 1]}")
+        elif arg.startswith(("--set=", "--backbone=", "--pretrained-path=")):
+            picked.append(arg.replace("=", " ", 1))
+    return " ".join(picked)
+
+
+def run_row(path: Path, r: dict[str, Any]) -> dict[str, Any]:
+    """One result dictionary as one flat row (identity, seeds, metrics, curves, cost, time)."""
+    correct, total = r["accuracy_matrix"]["correct"], r["accuracy_matrix"]["total"]
+    m = summarize(correct, total)
+    tasks = r["tasks"]
+    cost = r.get("cost") or (tasks[-1].get("cost", {}) if tasks else {})
+    per_task_trainable = [t["cost"]["trainable_params"] for t in tasks
+                          if t.get("cost", {}).get("trainable_params") is not None]
+    cuda_peaks = [t["cuda_peak_allocated_mb"] for t in tasks if t.get("cuda_peak_allocated_mb") is not None]
+    return {
+        "benchmark": r["benchmark"], "num_tasks": int(r["num_tasks"]), "method": r["method"],
+        "tag": r.get("tag") or "", "seed": int(r["seed"]), "class_order_seed": int(r["class_order_seed"]),
+        **{k: m[k] for k in METRICS},
+        "acc_curve": m["acc_curve"],
+        "acc_task_avg_curve": [float(v) for v in task_averaged_curve(correct, total)],
+        "magnitudes": magnitude_history(tasks),
+        "flops_per_image": cost.get("flops_per_image"),
+        "backbone_passes": cost.get("backbone_passes"),
+        "trainable_params_per_task": float(np.mean(per_task_trainable)) if per_task_trainable else None,
+        "trainable_params_last": per_task_trainable[-1] if per_task_trainable else None,
+        "stored_params": cost.get("stored_params"),
+        "stored_features": cost.get("stored_features"),
+        "train_time_s": sum(t.get("train_time_s", 0.0) for t in tasks),
+        "wall_time_s": r.get("wall_time_s"),
+        "peak_cuda_mb": max(cuda_peaks) if cuda_peaks else None,
+        "peak_rss_mb": max((t.get("cpu_max_rss_mb") or 0.0) for t in tasks) if tasks else None,
+        "device": (r.get("environment") or {}).get("device", ""),
+        "pretrained": r.get("pretrained", ""),
+        "overrides": _overrides_from_argv(r.get("argv")) if r.get("tag") else "",
+        "method_args": (r.get("config") or {}).get("method_args") or {},
+        "path": str(path),
+    }
 
 
 def load_runs(root: Path) -> pd.DataFrame:
-    """One row per finished run under ``root``: identity, seeds, metrics, cost and time."""
-    rows = []
-    for path, r in store.iter_results(Path(root)):
-        m = summarize(r["accuracy_matrix"]["correct"], r["accuracy_matrix"]["total"])
-        cost = r.get("cost", {})
-        rows.append({
-            "benchmark": r["benchmark"], "num_tasks": r["num_tasks"], "method": r["method"],
-            "tag": r.get("tag", ""), "seed": r["seed"], "class_order_seed": r["class_order_seed"],
-            **{k: m[k] for k in METRICS},
-            "acc_curve": m["acc_curve"],
-            "flops_per_image": cost.get("flops_per_image"),
-            "backbone_passes": cost.get("backbone_passes"),
-            "trainable_params": cost.get("trainable_params"),
-            "stored_params": cost.get("stored_params"),
-            "stored_features": cost.get("stored_features"),
-            "train_time_s": sum(t["train_time_s"] for t in r["tasks"]),
-            "wall_time_s": r.get("wall_time_s"),
-            "peak_cuda_mb": max((t.get("cuda_peak_allocated_mb") or 0) for t in r["tasks"]) or None,
-            "peak_rss_mb": max(t.get("cpu_max_rss_mb", 0) for t in r["tasks"]),
-            "path": str(path),
-        })
+    """One row per finished run under ``root`` (see ``run_row``); empty, with the columns,
+    when there is none."""
+    rows = [run_row(path, r) for path, r in store.iter_results(Path(root))]
+    if not rows:
+        return pd.DataFrame(columns=[*GROUP_KEYS, "seed", "class_order_seed", *METRICS, *COSTS, "path"])
     return pd.DataFrame(rows)
 
 
-def aggregate(runs: pd.DataFrame, spread: str = "std") -> pd.DataFrame:
-    """Mean, spread ('std' = sample standard deviation, 'sem' = standard error) and seed count
-    of every metric, per (benchmark, N, method, tag)."""
-    if spread not in ("std", "sem"):
-        raise ValueError("spread must be 'std' or 'sem'")
+def spread_of(values: Iterable[float], spread: str) -> float:
+    """Sample standard deviation (``std``, ddof=1) or standard error of the mean (``sem`` =
+    std/sqrt(n)); NaN for fewer than two values, where neither is defined."""
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {', '.join(SPREADS)}, got '{spread}'")
+    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], dtype=float)
+    if len(v) < 2:
+        return float("nan")
+    sd = float(np.std(v, ddof=1))
+    return sd / float(np.sqrt(len(v))) if spread == "sem" else sd
+
+
+def expected_seeds(runs: pd.DataFrame) -> dict[str, list[int]]:
+    """Per benchmark, every seed that any run of it used: what each group is checked against."""
+    return {b: sorted(set(g["seed"].tolist())) for b, g in runs.groupby("benchmark")}
+
+
+def aggregate(runs: pd.DataFrame, spread: str = "std",
+              seeds: list[int] | dict[str, list[int]] | None = None) -> pd.DataFrame:
+    """Mean and spread of every metric and cost, per (benchmark, N, method, tag).
+
+    ``spread``: 'std' (sample standard deviation) or 'sem' (standard error). ``seeds``: the
+    seeds each group should have (a list for all benchmarks, or one per benchmark); by default
+    every seed seen on the benchmark. Adds ``n_seeds``, ``seeds`` and ``missing_seeds``.
+    """
+    spread_of([], spread)  # validates the name even when there is nothing to aggregate
+    if runs.empty:
+        return pd.DataFrame(columns=[*GROUP_KEYS, "n_seeds", "seeds", "missing_seeds", *METRICS])
+    expected = expected_seeds(runs) if seeds is None else seeds
     out = []
     for key, g in runs.groupby(GROUP_KEYS, sort=False):
-        row = dict(zip(GROUP_KEYS, key))
-        row["n_seeds"] = len(g)
-        row["seeds"] = sorted(g["seed"].tolist())
-        for m in METRICS:
-            v = g[m].to_numpy(dtype=float)
-            sd = float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")
-            row[m] = float(v.mean())
-            row[f"{m}_spread"] = sd / np.sqrt(len(v)) if spread == "sem" else sd
+        row: dict[str, Any] = dict(zip(GROUP_KEYS, key))
+        have = sorted(g["seed"].tolist())
+        want = expected if isinstance(expected, list) else expected.get(row["benchmark"], have)
+        row.update(n_seeds=len(have), seeds=have, missing_seeds=sorted(set(want) - set(have)))
+        for col in [*METRICS, *COSTS]:
+            if col not in g:
+                continue
+            v = pd.to_numeric(g[col], errors="coerce").to_numpy(dtype=float)
+            present = v[~np.isnan(v)]
+            row[col] = float(present.mean()) if len(present) else float("nan")
+            row[f"{col}_spread"] = spread_of(present, spread)
+        row["overrides"] = next((o for o in g.get("overrides", []) if o), "")
+        row["method_args"] = g["method_args"].iloc[0] if "method_args" in g else {}
         out.append(row)
     return pd.DataFrame(out)
 
