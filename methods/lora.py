@@ -38,8 +38,8 @@ from methods.base import CLMethod, ExpandingLinear, Stage, Task
 
 PROJECTIONS = ("q", "k", "v")  # the three slices of timm's fused qkv output, in order
 
-# (A [R, d_in], B [d_out, R], task of every row [R], number of tasks) -> one coefficient per row.
-Coefficients = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (layer, projection) -> coefficients of (every frozen rank row [R], the current pair [] or [r]).
+Coefficients = Callable[["LoRAQKV", str], tuple[torch.Tensor, torch.Tensor]]
 
 
 class LoRAQKV(nn.Linear):
@@ -49,7 +49,7 @@ class LoRAQKV(nn.Linear):
     buffers ``frozen_A_<p>`` [R, d_in] and ``frozen_B_<p>`` [d_out, R] (``frozen_task`` [R]
     names the task of every rank row), and the current task's trainable pair
     ``current_A[p]`` [r, d_in], ``current_B[p]`` [d_out, r]. ``coefficients`` (set by the
-    method; ``None`` = all ones) scales every rank row.
+    method; ``None`` = all ones) scales the frozen rank rows and the current pair.
 
     The frozen stacks are data, not structure: ``load_state_dict`` resizes them to the
     checkpoint's shapes, so a method that drops directions (SD-LoRA-KD) restores exactly.
@@ -126,11 +126,16 @@ class LoRAQKV(nn.Linear):
     # -- the adapted weight -------------------------------------------------------------------
 
     def delta_weight(self, p: str) -> torch.Tensor:
-        """``sum_k c_k B_k A_k`` for projection ``p`` as one matmul over the stacked rows."""
-        a, b, tasks = self.factors(p)
+        """``sum_k c_k B_k A_k`` for projection ``p``: one matmul for the current pair and one
+        for all frozen rows together, whatever the number of tasks. The frozen buffers enter
+        their matmul as they are, so backward keeps no per-step copy of them (a concatenation
+        of frozen and current rows would be saved for backward at every step)."""
+        a_cur, b_cur = self.current_A[p], self.current_B[p]
+        a_old, b_old = self.frozen_A(p), self.frozen_B(p)
         if self.coefficients is not None:
-            b = b * self.coefficients(a, b, tasks, self.num_tasks).to(b.dtype)
-        return b @ a
+            c_old, c_cur = self.coefficients(self, p)
+            b_cur, b_old = b_cur * c_cur.to(b_cur.dtype), b_old * c_old.to(b_old.dtype)
+        return torch.addmm(b_cur @ a_cur, b_old, a_old)  # empty old rows add zeros
 
     def adapted_weight(self) -> torch.Tensor:
         """The fused weight this layer applies: W0 plus the update of every adapted slice."""
@@ -234,7 +239,7 @@ def safe_norm(sq_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm)).sqrt()
 
 
-def direction_gram(layers: Sequence[LoRAQKV], row_scales: Coefficients, num_tasks: int,
+def direction_gram(layers: Sequence[LoRAQKV], scales: Coefficients, num_tasks: int,
                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``G[j, k] = <D_j, D_k>`` where ``D_k`` is task k's update over all adapted projections of
     all layers, flattened into one vector, with ``D_k`` per projection = ``sum over k's rows of
@@ -245,7 +250,8 @@ def direction_gram(layers: Sequence[LoRAQKV], row_scales: Coefficients, num_task
     for layer in layers:
         for p in layer.projections:
             a, b, tasks = (t.detach() for t in layer.factors(p))
-            b = b.to(dtype) * row_scales(a, b, tasks, num_tasks).detach().to(dtype)
+            s_old, s_cur = (s.detach().to(dtype) for s in scales(layer, p))
+            b = b.to(dtype) * torch.cat([s_old, s_cur.expand(layer.current_rank)])
             a = a.to(dtype)
             rows = (b.t() @ b) * (a @ a.t())  # [R, R]: <b_i a_i^T, b_j a_j^T>
             onehot = F.one_hot(tasks, num_tasks).to(dtype)  # [R, T]

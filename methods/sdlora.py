@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from harness.config import ConfigError
 from methods.base import Stage, Task, build_optimizer, masked_cross_entropy, register_method
-from methods.lora import LoRAMethod, factor_sq_norms, product_sq_norms, safe_norm
+from methods.lora import LoRAMethod, LoRAQKV, factor_sq_norms, product_sq_norms, safe_norm
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,9 @@ class SDLoRA(LoRAMethod):
                                else self.rules.init_magnitude)
         for layer in self.layers:
             layer.coefficients = self.direction_coefficients
-        self.magnitudes = nn.ParameterList()  # alpha_k, one 0-dim parameter per task
+        # alpha_0..alpha_t as one vector, re-made one longer at each task: one leaf for autograd
+        # and the optimizer whatever t (a list of scalars costs a gradient accumulation per task)
+        self.magnitudes = nn.Parameter(torch.zeros(0))
 
     # -- the formula -----------------------------------------------------------------------------
 
@@ -102,25 +104,32 @@ class SDLoRA(LoRAMethod):
 
     def magnitude_vector(self) -> torch.Tensor:
         """The magnitude every task's direction is multiplied by, ``[tasks]``."""
-        return torch.stack(list(self.magnitudes))
+        return self.magnitudes
 
-    def direction_scales(self, a: torch.Tensor, b: torch.Tensor, row_task: torch.Tensor,
-                         num_tasks: int) -> torch.Tensor:
-        """Per rank row, ``1 / n_k`` of its task (1 for the current task when it is not
-        normalised): what turns ``B_k A_k`` into the direction its magnitude multiplies."""
+    def direction_scales(self, layer: LoRAQKV, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``1 / n_k`` for every frozen rank row (of its task) and for the current pair (1 when
+        the current term is not normalised): what turns ``B_k A_k`` into the direction that
+        its magnitude multiplies. Frozen and current parts are computed apart, so the frozen
+        rows cost no gradient bookkeeping."""
+        a_old, b_old, old_task = layer.frozen_A(p), layer.frozen_B(p), layer.frozen_task
+        a_cur, b_cur = layer.current_A[p], layer.current_B[p]
+        num_tasks = layer.num_tasks
         if self.rules.normaliser == "factors":
-            a_sq, b_sq = factor_sq_norms(a, b, row_task, num_tasks)
-            norms = safe_norm(a_sq * b_sq)
+            a_sq, b_sq = factor_sq_norms(a_old, b_old, old_task, num_tasks)
+            old_sq, cur_sq = a_sq * b_sq, a_cur.pow(2).sum() * b_cur.pow(2).sum()
         else:
-            norms = safe_norm(product_sq_norms(a, b, row_task, num_tasks))
-        if not self.rules.normalise_current:
-            norms = torch.cat([norms[:-1], norms.new_ones(1)])
-        return norms.reciprocal()[row_task]
+            old_sq = product_sq_norms(a_old, b_old, old_task, num_tasks)
+            cur_sq = ((b_cur.t() @ b_cur) * (a_cur @ a_cur.t())).sum()
+        old_scale = safe_norm(old_sq).reciprocal()[old_task]
+        cur_scale = safe_norm(cur_sq).reciprocal() if self.rules.normalise_current else cur_sq.new_ones(())
+        return old_scale, cur_scale
 
-    def direction_coefficients(self, a: torch.Tensor, b: torch.Tensor, row_task: torch.Tensor,
-                               num_tasks: int) -> torch.Tensor:
-        """Per rank row, ``alpha_k / n_k``: what ``LoRAQKV`` multiplies ``B``'s columns by."""
-        return self.magnitude_vector()[row_task] * self.direction_scales(a, b, row_task, num_tasks)
+    def direction_coefficients(self, layer: LoRAQKV, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``alpha_k / n_k`` for every frozen rank row and for the current pair: what
+        ``LoRAQKV`` multiplies the columns of ``B`` by."""
+        magnitudes = self.magnitude_vector()
+        old_scale, cur_scale = self.direction_scales(layer, p)
+        return magnitudes[layer.frozen_task] * old_scale, magnitudes[layer.num_tasks - 1] * cur_scale
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -133,19 +142,19 @@ class SDLoRA(LoRAMethod):
         keep = self.keep_previous_direction()
         for layer in self.layers:
             layer.add_task(self.rank_for_task(task.index), keep_previous=keep)
-        ref = self.layers[0].weight
-        self.magnitudes.append(nn.Parameter(torch.tensor(self.init_magnitude, dtype=ref.dtype, device=ref.device)))
+        new = torch.full((1,), self.init_magnitude, dtype=self.layers[0].weight.dtype,
+                         device=self.layers[0].weight.device)
+        self.magnitudes = nn.Parameter(torch.cat([self.magnitudes.detach().to(new), new]))
 
     def begin_task(self, task: Task) -> None:
         super().begin_task(task)
         if not self.rules.carry_magnitudes:  # the official code rebuilds every alpha at 0.8 each task
             with torch.no_grad():
-                for alpha in self.magnitudes:
-                    alpha.fill_(self.init_magnitude)
+                self.magnitudes.fill_(self.init_magnitude)
 
     def param_groups(self, task: Task, stage: Stage) -> list[dict[str, Any]]:
         # One group, one learning rate for LoRA, magnitudes and head (models/sdlora.py:95-118).
-        return [{"params": self.trainable_lora() + list(self.magnitudes) + self.head.task_parameters(task.index)}]
+        return [{"params": self.trainable_lora() + [self.magnitudes] + self.head.task_parameters(task.index)}]
 
     def configure_optimizers(self, task: Task, stage: Stage):
         if self.config.variant != "paper":

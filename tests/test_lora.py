@@ -161,7 +161,7 @@ def test_product_norms_and_direction_gram_match_explicit_matrices():
     torch.testing.assert_close(product_sq_norms(a, b, tasks, 3), explicit)
 
     scale = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
-    gram = direction_gram(layers, lambda a, b, tasks, n: scale[tasks], 3)
+    gram = direction_gram(layers, lambda layer, p: (scale[layer.frozen_task], scale[layer.num_tasks - 1]), 3)
     vectors = torch.stack([
         torch.cat([(scale[k] * bk @ ak).flatten() for lay in layers for p in lay.projections
                    for k2, (ak, bk) in enumerate(per_task_pairs(lay, p)) if k2 == k])
@@ -194,7 +194,8 @@ def test_training_graph_does_not_grow_with_the_number_of_tasks():
             magnitudes.append(nn.Parameter(torch.tensor(0.8)))
             for layer in layers:
                 layer.add_task(3)
-                layer.coefficients = lambda a, b, tasks, n: torch.stack(magnitudes)[tasks]
+                layer.coefficients = lambda lay, p: (torch.stack(magnitudes)[lay.frozen_task],
+                                                     torch.stack(magnitudes)[lay.num_tasks - 1])
             randomise_current(layers)
         loss = model(torch.rand(2, 3, 16, 16)).sum()
         seen, stack = set(), [loss.grad_fn]

@@ -122,7 +122,8 @@ def test_one_step_updates_only_the_new_pair_all_magnitudes_and_the_new_head_rows
     optimizer.step()
     after = method.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert {"magnitudes.0", "magnitudes.1", "head.weights.1", "head.biases.1"} <= changed
+    assert {"magnitudes", "head.weights.1", "head.biases.1"} <= changed
+    assert bool((before["magnitudes"] != after["magnitudes"]).all())  # alpha_0 and alpha_1 both train
     assert any(k.endswith("current_A.q") for k in changed) and any(k.endswith("current_B.v") for k in changed)
     assert not any(k.startswith("backbone.") and (k.endswith("qkv.weight") or "frozen_" in k) for k in changed)
     assert "head.weights.0" not in changed and task0.index == 0
