@@ -354,9 +354,9 @@ class LoRAMethod(CLMethod):
 
     def inference_backbone(self) -> nn.Module:
         """The backbone with every task's update folded into W0: a plain timm ViT."""
-        device = self.layers[0].weight.device
-        if self._cache.get("inference") is None or self._cache.get("device") != device:
-            self._cache.update(inference=merged_copy(self.backbone), device=device)
+        where = (self.layers[0].weight.device, self.layers[0].weight.dtype)  # .to() does not clear the cache
+        if self._cache.get("inference") is None or self._cache.get("where") != where:
+            self._cache.update(inference=merged_copy(self.backbone), where=where)
         return self._cache["inference"]
 
     @torch.no_grad()
