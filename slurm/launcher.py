@@ -1,0 +1,713 @@
+"""Seeded sweeps on SLURM: submitit job arrays, preemption-safe resume, idempotent reruns.
+
+    python run_suite.py --bench synth --tasks 5,10 --launcher slurm [--profile gpu] [--slurm time_min=120]
+    python run_suite.py ... --launcher slurm --no-wait     # submit and return
+    python run_suite.py ... --launcher sbatch --emit DIR   # write DIR/array.sbatch to submit by hand
+    python run_suite.py status  [the sweep's options]       # one line per run
+    python run_suite.py collect [the sweep's options] [--from DIR ...]
+
+How a sweep runs on the cluster:
+
+* **One array per sweep.** Every run of the plan that has no result file becomes one element
+  of a submitit job array (``slurm_array_parallelism`` from the profile). Each element calls
+  ``harness.sweep.run_job``, the entry point the local launcher calls too, and writes its own
+  result file; nothing is shared in memory. SLURM gives all elements of an array one time
+  limit, so runs whose methods have different limits go into one array per limit.
+* **Preemption and time limits.** The protocol checkpoints atomically at every task boundary.
+  An element is a ``submitit.helpers.Checkpointable``: on preemption or time-out submitit
+  requeues it and ``run_job`` resumes from the last finished task, with the same numbers as
+  an uninterrupted run. A time limit therefore only has to exceed the longest single task. A
+  run that is requeued ``max_stalled_requeues`` times in a row without finishing a task is
+  failed instead of requeued forever (its task does not fit in the time limit).
+* **Idempotent.** Running the same command again submits only runs that are neither finished
+  nor queued/running; a run that failed is reported, with its error, and resubmitted only
+  with ``--retry-failed`` (or ``--force``, which reruns everything).
+* **Waiting.** ``--launcher slurm`` waits by default, printing progress, and ends with the
+  sweep's table like the local launcher; ``--no-wait`` only submits. Interrupting the wait
+  (Ctrl-C) leaves the jobs running; the same command later waits for them again.
+* **Status.** Each run keeps a status record (``<out>/status/<key>.json``, written by the job)
+  and, once submitted, a submission record (``<key>.submitted.json``: job id and log files,
+  written by the launcher). ``status`` joins them with ``sacct``'s view of the jobs, so a job
+  that was cancelled, killed or timed out for good shows as failed with its log's last lines.
+
+Plain sbatch (``--launcher sbatch --emit DIR``) writes ``DIR/array.sbatch`` and ``DIR/tasks.jsonl``;
+each element runs ``python -m slurm.launcher DIR/tasks.jsonl``, which calls the same
+``run_job`` and requeues itself (``scontrol requeue``) on the pre-time-out signal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+import yaml
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+from harness.config import ConfigError, build_dataclass, update_dataclass
+from harness.sweep import (PlannedRun, job_identity, read_status, record_failure, run_job, status_path,
+                           update_status)
+from results import store
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+ARRAY_TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILE_ENV = "CLBENCH_SLURM_PROFILE"
+
+# sacct states of a job that may still run (submitit's list plus the rarer transient ones).
+QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED",
+                 "RESV_DEL_HOLD", "READY"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+STATES = ("done", "running", "pending", "failed", "interrupted", "todo")
+
+
+# ================================================================================ profiles
+
+
+@dataclass
+class SlurmProfile:
+    """What every array element asks SLURM for (``slurm/profiles/<name>.yaml``). Times in minutes."""
+
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_task: int = 0  # each element is one task on one node: sbatch --gpus-per-node
+    cpus_per_task: int = 4  # also torch's thread count inside the job
+    mem_gb: float | None = None  # None: the partition's default
+    time_min: int = 240  # time limit of a run whose method has no entry below
+    time_min_per_method: dict[str, int] = field(default_factory=dict)
+    constraint: str | None = None
+    array_parallelism: int = 64  # elements of one array running at once
+    sbatch_extra: list[str] = field(default_factory=list)  # e.g. "--exclude=node7", "--mail-type=FAIL"
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, conda activate)
+    signal_delay_s: int = 120  # the pre-time-out signal comes this long before the limit
+    max_stalled_requeues: int = 3  # requeues in a row without a finished task before a run fails
+
+    def time_limit(self, method: str) -> int:
+        return int(self.time_min_per_method.get(method, self.time_min))
+
+    def extra_parameters(self) -> dict[str, Any]:
+        """``sbatch_extra`` as submitit's ``additional_parameters`` ({"exclude": "node7"})."""
+        extra: dict[str, Any] = {}
+        for option in self.sbatch_extra:
+            if not option.startswith("--"):
+                raise ConfigError(f"sbatch_extra: '{option}' is not a long sbatch option; write it as "
+                                  f"--name=value (e.g. --exclude=node7)")
+            name, _, value = option[2:].partition("=")
+            extra[name] = value if value else True
+        return extra
+
+    def submitit_parameters(self, time_min: int) -> dict[str, Any]:
+        """Keyword arguments of ``submitit.SlurmExecutor.update_parameters``."""
+        params: dict[str, Any] = {
+            "job_name": "clbench", "time": time_min, "cpus_per_task": self.cpus_per_task,
+            "array_parallelism": self.array_parallelism, "signal_delay_s": self.signal_delay_s,
+            "partition": self.partition, "account": self.account, "qos": self.qos,
+            "constraint": self.constraint, "mem": self.mem_gb,
+            "gpus_per_node": self.gpus_per_task or None, "setup": self.setup or None,
+            "additional_parameters": self.extra_parameters() or None,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+    def sbatch_directives(self) -> list[str]:
+        """The ``#SBATCH`` lines of these resources (for the plain-sbatch array script)."""
+        options = {"partition": self.partition, "account": self.account, "qos": self.qos,
+                   "constraint": self.constraint, "cpus-per-task": self.cpus_per_task,
+                   "mem": f"{int(self.mem_gb * 1024)}M" if self.mem_gb else None,
+                   "gpus-per-node": self.gpus_per_task or None}
+        lines = [f"#SBATCH --{k}={v}" for k, v in options.items() if v is not None]
+        return lines + [f"#SBATCH {option}" for option in self.sbatch_extra]
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus_per_task} GPU" if self.gpus_per_task else "no GPU"
+        return (f"partition {self.partition or '(default)'}, {self.cpus_per_task} CPU, {gpus}, "
+                f"time {self.time_min} min (per method: {self.time_min_per_method or 'none'}), "
+                f"array parallelism {self.array_parallelism}")
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str, overrides: list[str] | None = None) -> SlurmProfile:
+    """The profile ``slurm/profiles/<name>.yaml`` (or a YAML file's path) with ``KEY=VALUE``
+    overrides; unknown keys and unknown method names are errors."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no SLURM profile '{name}' ({path} does not exist); available: "
+                          f"{', '.join(available_profiles())}, or pass the path of a YAML file")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a profile is a mapping of keys (partition, time_min, ...)")
+    profile = build_dataclass(SlurmProfile, values, f"profile {path.stem}")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--slurm expects KEY=VALUE (e.g. time_min=120 or "
+                              f"time_min_per_method.hide_prompt=2880), got '{item}'")
+        value = yaml.safe_load(raw)
+        top, _, sub = key.strip().partition(".")
+        if sub:  # one entry of a mapping, e.g. time_min_per_method.hide_prompt
+            current = getattr(profile, top, None)
+            if not isinstance(current, dict):
+                raise ConfigError(f"--slurm {key}: '{top}' is not a mapping of the profile")
+            value = {**current, sub: value}
+        update_dataclass(profile, {top: value}, "--slurm")
+    from harness.sweep import PAPER_ORDER
+    from methods import METHODS
+
+    # the paper's methods may be named before they are all registered
+    unknown = sorted(set(profile.time_min_per_method) - set(METHODS) - set(PAPER_ORDER))
+    if unknown:
+        raise ConfigError(f"profile {path.stem}: time_min_per_method names unknown method(s) "
+                          f"{', '.join(unknown)}; registered: {', '.join(sorted(METHODS))}")
+    return profile
+
+
+# ================================================================================ run states
+
+
+@dataclass
+class RunState:
+    """Where one run of the sweep stands, joined from its result file, status record,
+    submission record and SLURM's accounting."""
+
+    key: str
+    state: str  # one of STATES
+    job_id: str | None = None
+    tasks_done: int = 0
+    num_tasks: int = 0
+    elapsed_s: float | None = None
+    error: str | None = None  # traceback, or what SLURM says plus the log's last lines
+    note: str = ""
+    log: str | None = None  # the job's stderr file
+    confirmed: bool = True  # False: failure inferred from SLURM only (the result may still appear)
+
+
+def submission_path(out_root: Path, key: str) -> Path:
+    return status_path(out_root, key).with_suffix(".submitted.json")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+_sacct_warned = False
+
+
+def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
+    """``{job_id: sacct state}`` for these jobs (array elements as ``<array>_<index>``), in one
+    ``sacct`` call; ``{}`` where there is no ``sacct`` or it fails."""
+    global _sacct_warned
+    arrays = sorted({j.split("_")[0] for j in job_ids if j})
+    if not arrays or shutil.which("sacct") is None:
+        return {}
+    command = ["sacct", "-o", "JobID,State", "--parsable2"] + [a for j in arrays for a in ("-j", j)]
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        if not _sacct_warned:
+            print(f"[slurm] warning: sacct failed ({err}); job states may be stale", file=sys.stderr)
+            _sacct_warned = True
+        return {}
+    info = SlurmInfoWatcher().read_info(output)  # its parser expands pending ranges ("12_[3-7%2]")
+    return {job: fields["State"].split()[0] for job, fields in info.items() if fields.get("State")}
+
+
+def _tail(text: str | None, lines: int) -> str:
+    return "\n".join((text or "").rstrip().splitlines()[-lines:]) if lines > 0 else ""
+
+
+def _file_tail(path: str | None, lines: int = 20) -> str:
+    if not path:
+        return ""
+    try:
+        with open(path, errors="replace") as f:
+            return _tail(f.read()[-20000:], lines)
+    except OSError:
+        return ""
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def run_state(run: PlannedRun, out_root: Path, slurm: dict[str, str], now: float | None = None) -> RunState:
+    """One run's state from what is on disk and ``slurm`` (``slurm_job_states``)."""
+    now = time.time() if now is None else now
+    record = read_status(out_root, run.key)
+    submitted = _read_json(submission_path(out_root, run.key))
+    source = record or submitted or {}
+    state = RunState(run.key, "todo", job_id=source.get("job_id"), num_tasks=run.config.num_tasks,
+                     tasks_done=(record or {}).get("tasks_done", 0),
+                     elapsed_s=(record or {}).get("elapsed_s"),
+                     log=(record or {}).get("stderr") or (submitted or {}).get("stderr"))
+    if state.job_id is None and record and record.get("host") == socket.gethostname():
+        state.job_id = "local"
+    if run.result_path.exists():
+        result = store.read_result(run.result_path)
+        state.state, state.tasks_done, state.elapsed_s = "done", run.config.num_tasks, result.get("wall_time_s")
+        return state
+    job_state = slurm.get(source.get("job_id") or "", "")
+    if record and record.get("state") == "failed":
+        state.state, state.error = "failed", record.get("error") or "(no error recorded)"
+    elif job_state in QUEUED_STATES or (not job_state and submitted and not record):
+        state.state = "pending"
+        if record and record.get("state") == "requeued":
+            state.note = f"requeued, resumes after task {state.tasks_done}"
+        elif submitted:
+            state.note = f"submitted {_duration(now - submitted.get('submitted_at', now))} ago"
+    elif job_state in RUNNING_STATES:
+        state.state = "running"
+    elif job_state:  # the job ended (COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...)
+        tail = _file_tail(state.log)
+        state.state, state.confirmed = "failed", False
+        state.error = f"job {state.job_id} ended {job_state} without a result" + (f"\n{tail}" if tail else "")
+    elif record:  # no word from SLURM: a local run, or sacct cannot see the job
+        local = record.get("job_id") is None and record.get("host") == socket.gethostname()
+        state.state = "interrupted" if local and not _alive(record.get("pid")) else "running"
+        if state.state == "interrupted":
+            state.note = f"process {record.get('pid')} is gone; rerun to resume after task {state.tasks_done}"
+    if state.state == "running" and record and record.get("state") == "running":
+        state.elapsed_s = (record.get("elapsed_s") or 0.0) + now - record.get("updated_at", now)
+    return state
+
+
+def run_states(runs: list[PlannedRun], out_root: Path) -> list[RunState]:
+    job_ids = []
+    for r in runs:
+        source = read_status(out_root, r.key) or _read_json(submission_path(out_root, r.key)) or {}
+        if source.get("job_id"):
+            job_ids.append(source["job_id"])
+    slurm = slurm_job_states(job_ids)
+    now = time.time()
+    return [run_state(r, out_root, slurm, now) for r in runs]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(max(seconds, 0))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def format_states(states: list[RunState], error_lines: int = 5) -> str:
+    """The ``status`` table: one line per run; a failed run's last error lines below it."""
+    width = max([len(s.key) for s in states] + [3])
+    job_width = max([len(s.job_id or "-") for s in states] + [3])
+    out = [f"{'state':11s} {'run':{width}s} {'job':>{job_width}s} {'task':>7s} {'time':>8s}  note"]
+    for s in states:
+        task = f"{s.tasks_done}/{s.num_tasks}"
+        note = _last_line(s.error) if s.state == "failed" else s.note
+        out.append(f"{s.state:11s} {s.key:{width}s} {s.job_id or '-':>{job_width}s} {task:>7s} "
+                   f"{_duration(s.elapsed_s):>8s}  {note}".rstrip())
+        if s.state == "failed" and error_lines > 0:
+            out += [f"    | {line}" for line in _tail(s.error, error_lines).splitlines()]
+            if s.log:
+                out.append(f"    | log: {s.log}")
+    counts = Counter(s.state for s in states)
+    out.append(f"{len(states)} runs: " + ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k]))
+    return "\n".join(out)
+
+
+# ================================================================================ the job
+
+
+def _limit_threads() -> None:
+    """Use the CPUs SLURM gave the job, not every core of the node (elements share nodes)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        import torch
+
+        torch.set_num_threads(int(cpus))
+
+
+class NotRequeued(RuntimeError):
+    """A preempted or timed-out run that will not be requeued (it stopped making progress)."""
+
+
+def note_requeue(out_root: str, key: str, max_stalled: int) -> None:
+    """Record that this run is about to be requeued, or raise ``NotRequeued``: a run is requeued
+    while it makes progress, and fails after ``max_stalled`` requeues in a row without a
+    finished task (a task longer than the time limit would otherwise loop forever)."""
+    record = read_status(out_root, key) or {}
+    attempts = record.get("attempts") or [{}]
+    mine = attempts[-1].get("pid") == os.getpid() and attempts[-1].get("host") == socket.gethostname()
+    progressed = mine and record.get("tasks_done", 0) > attempts[-1].get("from_task", 0)
+    stalled = 0 if progressed else int(record.get("stalled_requeues", 0)) + 1
+    if stalled > max_stalled:
+        raise NotRequeued(f"{key}: interrupted {stalled} times in a row without finishing a task "
+                          f"(after task {record.get('tasks_done', 0)}); raise the time limit "
+                          f"(--slurm time_min=..., or time_min_per_method in the profile)")
+    update_status(out_root, key, state="requeued", stalled_requeues=stalled)
+
+
+class SlurmRun(submitit.helpers.Checkpointable):
+    """What each array element runs: ``harness.sweep.run_job``, with a failure recorded with its
+    traceback. Checkpointable: on preemption or time-out submitit calls ``checkpoint`` and
+    requeues the same call, which resumes from the run's last task checkpoint (the protocol's;
+    nothing of this object needs saving)."""
+
+    def __init__(self, max_stalled_requeues: int = 3):
+        self.max_stalled_requeues = max_stalled_requeues
+
+    def __call__(self, config: dict[str, Any], out_root: str) -> dict[str, Any]:
+        _limit_threads()
+        try:
+            return run_job(config, out_root, progress=False)
+        except Exception:
+            record_failure(Path(out_root), _key_of(config), traceback.format_exc())
+            raise
+
+    def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
+        note_requeue(out_root, _key_of(config), self.max_stalled_requeues)
+        return super().checkpoint(config, out_root)
+
+
+def _key_of(config: dict[str, Any]) -> str:
+    return store.run_key(config["benchmark"], config["num_tasks"], config["method"], config["seed"],
+                         config["class_order_seed"], config.get("tag", ""))
+
+
+# ================================================================================ submitit
+
+
+def submit_runs(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path) -> list[str]:
+    """Submit ``runs`` as job arrays (one per distinct time limit); returns the array ids.
+    Each run's old status record is cleared and a submission record written."""
+    groups: dict[int, list[PlannedRun]] = {}
+    for r in runs:
+        groups.setdefault(profile.time_limit(r.config.method), []).append(r)
+    arrays = []
+    for time_min, group in sorted(groups.items()):
+        # submitit's own time-out counter is not used: note_requeue decides (progress, not count)
+        executor = submitit.SlurmExecutor(folder=out_root / "slurm" / "%j", max_num_timeout=10**6)
+        executor.update_parameters(**profile.submitit_parameters(time_min))
+        for r in group:  # a resubmitted run starts a fresh record (its checkpoint is kept)
+            status_path(out_root, r.key).unlink(missing_ok=True)
+        with executor.batch():
+            jobs = [executor.submit(SlurmRun(profile.max_stalled_requeues), r.config.to_dict(), str(out_root))
+                    for r in group]
+        now = time.time()
+        for r, job in zip(group, jobs):
+            store.atomic_write_json(submission_path(out_root, r.key), {
+                "job_id": job.job_id, "submitted_at": now, "time_min": time_min, "launcher": "slurm",
+                "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+        array_id = jobs[0].job_id.split("_")[0]
+        arrays.append(array_id)
+        print(f"[slurm] submitted {len(group)} run(s) as job {'array ' if len(group) > 1 else ''}{array_id} "
+              f"(time limit {time_min} min); logs under {out_root / 'slurm'}", flush=True)
+    return arrays
+
+
+def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
+                  timeout_s: float | None = None, settle_s: float = 30.0,
+                  echo: Callable[[str], None] = print) -> list[tuple[PlannedRun, str]] | None:
+    """Poll until every run is done or failed, printing progress; returns the failures
+    (run, error). ``None`` when the wait was interrupted (Ctrl-C): the jobs keep running.
+    A failure seen only in SLURM's accounting (no record from the job) is believed after
+    ``settle_s``, since a result file may reach a shared file system late."""
+    start, last_line, last_print = time.time(), "", 0.0
+    suspected: dict[str, float] = {}
+    reported: set[str] = set()
+    try:
+        while True:
+            states = run_states(runs, out_root)
+            now = time.time()
+            finished = []
+            for s in states:
+                if s.state == "failed" and not s.confirmed:
+                    suspected.setdefault(s.key, now)
+                    if now - suspected[s.key] < settle_s:
+                        finished.append(False)
+                        continue
+                finished.append(s.state in ("done", "failed"))
+                if s.state == "failed" and s.key not in reported:
+                    reported.add(s.key)
+                    echo(f"[slurm] FAILED {s.key} (job {s.job_id}): {_last_line(s.error)}")
+            counts = Counter(s.state for s in states)
+            line = ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k]) + f" of {len(runs)}"
+            if line != last_line or now - last_print > 600:
+                echo(f"[slurm {_duration(now - start)}] {line}")
+                last_line, last_print = line, now
+            if all(finished):
+                break
+            if timeout_s is not None and now - start > timeout_s:
+                echo(f"[slurm] stopped waiting after {_duration(now - start)}; unfinished jobs keep running "
+                     f"(follow them with `run_suite.py status` and the same sweep options)")
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        echo("\n[slurm] stopped waiting; the jobs keep running. Follow them with `run_suite.py status` "
+             "(same sweep options), or run the same command again to wait for them.")
+        return None
+    return [(r, s.error or f"still {s.state} when the wait ended") for r, s in zip(runs, states)
+            if s.state != "done"]
+
+
+# ================================================================================ plain sbatch
+
+
+def emit_array(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path, emit_dir: Path) -> Path:
+    """Write ``emit_dir/array.sbatch`` and ``emit_dir/tasks.jsonl`` (one run per line) for
+    ``sbatch emit_dir/array.sbatch``. The array's time limit is the longest of its runs'."""
+    emit_dir = emit_dir.resolve()
+    (emit_dir / "logs").mkdir(parents=True, exist_ok=True)
+    tasks = emit_dir / "tasks.jsonl"
+    lines = [json.dumps({"key": r.key, "out_root": str(out_root), "config": r.config.to_dict(),
+                         "max_stalled_requeues": profile.max_stalled_requeues}) for r in runs]
+    store.atomic_write_text(tasks, "\n".join(lines) + "\n")
+    script = string.Template(ARRAY_TEMPLATE.read_text()).substitute(
+        emit_dir=emit_dir, last=len(runs) - 1, parallelism=min(profile.array_parallelism, len(runs)),
+        logs=emit_dir / "logs", time=max(profile.time_limit(r.config.method) for r in runs),
+        signal_delay_s=profile.signal_delay_s, directives="\n".join(profile.sbatch_directives()),
+        setup="\n".join(profile.setup), repo=shlex.quote(str(REPO_ROOT)),
+        python=shlex.quote(sys.executable), tasks=shlex.quote(str(tasks)))
+    path = emit_dir / "array.sbatch"
+    store.atomic_write_text(path, script)
+    print(f"[sbatch] wrote {path} ({len(runs)} runs, one per line of {tasks})\n"
+          f"         submit with: sbatch {path}", flush=True)
+    return path
+
+
+def run_task_file(tasks_file: Path, index: int) -> dict[str, Any]:
+    """One element of an emitted array: line ``index`` of ``tasks_file`` through ``run_job``.
+    On the pre-time-out/preemption signal (USR2) the element requeues itself and later
+    resumes from its last finished task."""
+    lines = Path(tasks_file).read_text().splitlines()
+    if not 0 <= index < len(lines):
+        raise ConfigError(f"{tasks_file} has {len(lines)} runs; there is no index {index}")
+    entry = json.loads(lines[index])
+    key, out_root = entry["key"], entry["out_root"]
+
+    def requeue(signum: int, frame: Any) -> None:
+        note_requeue(out_root, key, entry["max_stalled_requeues"])  # raises NotRequeued when stalled
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+        raise SystemExit(0)  # SLURM kills the job now; the requeued one resumes from the checkpoint
+
+    signal.signal(signal.SIGUSR2, requeue)
+    identity = job_identity()
+    logs = Path(tasks_file).parent / "logs" / str(identity["job_id"])  # array.sbatch: logs/%A_%a.{out,err}
+    update_status(Path(out_root), key, state="starting", stdout=f"{logs}.out", stderr=f"{logs}.err", **identity)
+    return SlurmRun(entry["max_stalled_requeues"])(entry["config"], out_root)
+
+
+# ================================================================================ the CLI
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """Options of ``--launcher slurm`` and ``--launcher sbatch`` (added to the sweep's parser);
+    ``hidden``: accepted but not shown in ``--help``."""
+    g = parser.add_argument_group("SLURM (--launcher slurm | sbatch)")
+
+    def text(help_text: str) -> str:
+        return argparse.SUPPRESS if hidden else help_text
+
+    g.add_argument("--profile", default=None, help=text(
+        f"cluster profile: a name in slurm/profiles ({', '.join(available_profiles())}) or a YAML path "
+        f"(default ${PROFILE_ENV}, else 'local')"))
+    g.add_argument("--slurm", dest="slurm_overrides", action="append", default=[], metavar="KEY=VALUE", help=text(
+        "override a profile key, e.g. --slurm partition=gpu --slurm time_min=600 "
+        "--slurm time_min_per_method.hide_prompt=2880"))
+    g.add_argument("--no-wait", action="store_true", help=text("submit and return (default: wait, with progress)"))
+    g.add_argument("--poll", type=float, default=15.0, help=text("seconds between checks while waiting (default 15)"))
+    g.add_argument("--wait-timeout", type=float, default=None, metavar="MINUTES", help=text(
+        "stop waiting after this long (the jobs keep running); default: no limit"))
+    g.add_argument("--retry-failed", action="store_true", help=text(
+        "resubmit runs that failed before (default: report them, do not resubmit)"))
+    g.add_argument("--emit", type=Path, default=None, metavar="DIR", help=text(
+        "--launcher sbatch: write DIR/array.sbatch and DIR/tasks.jsonl"))
+
+
+def profile_from_args(args: argparse.Namespace) -> SlurmProfile:
+    name = args.profile or os.environ.get(PROFILE_ENV) or "local"
+    return load_profile(name, args.slurm_overrides)
+
+
+def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> list[tuple[PlannedRun, str]] | None:
+    """Run the unfinished runs of a sweep on SLURM. ``--launcher slurm`` submits what is neither
+    queued/running nor failed before, then waits (unless ``--no-wait``) and returns the
+    failures; ``--launcher sbatch`` writes the array script and returns None."""
+    out_root = Path(out_root).resolve()
+    profile = profile_from_args(args)
+    if args.launcher == "sbatch":
+        if args.emit is None:
+            raise ConfigError("--launcher sbatch needs --emit DIR (where to write array.sbatch and tasks.jsonl)")
+        if runs:
+            emit_array(runs, profile, out_root, args.emit)
+        else:
+            print("[sbatch] nothing to emit: every run of this sweep is finished (--force reruns)")
+        return None
+    if shutil.which("sbatch") is None:
+        raise ConfigError("--launcher slurm needs SLURM's sbatch on PATH (run on a login node); "
+                          "--launcher local runs here, --launcher sbatch --emit DIR writes a script")
+    if not runs:
+        print("[slurm] nothing to submit: every run of this sweep is finished")
+        return []
+    states = run_states(runs, out_root)
+    retry = args.retry_failed or args.force
+    active = [r for r, s in zip(runs, states) if s.state in ("pending", "running")]
+    failed = [(r, s) for r, s in zip(runs, states) if s.state == "failed" and not retry]
+    skip = {r.key for r in active} | {r.key for r, _ in failed}
+    submit = [r for r in runs if r.key not in skip]
+    print(f"[slurm] profile: {profile.describe()}")
+    if active:
+        print(f"[slurm] {len(active)} run(s) already queued or running: not resubmitted")
+    for r, s in failed:
+        print(f"[slurm] {r.key} failed before (job {s.job_id}): {_last_line(s.error)}")
+    if failed:
+        print(f"[slurm] {len(failed)} failed run(s) not resubmitted; `run_suite.py status` shows their errors, "
+              f"--retry-failed resubmits them")
+    if submit:
+        submit_runs(submit, profile, out_root)
+    else:
+        print("[slurm] nothing to submit")
+    failures = [(r, s.error or "failed") for r, s in failed]
+    watched = active + submit
+    if args.no_wait or not watched:
+        if args.no_wait and watched:
+            print("[slurm] not waiting; follow the runs with `run_suite.py status` (same sweep options)")
+        return None if args.no_wait else failures
+    timeout = args.wait_timeout * 60 if args.wait_timeout is not None else None
+    waited = wait_for_runs(watched, out_root, args.poll, timeout)
+    return None if waited is None else failures + waited
+
+
+def _add_sweep_command_line(p: argparse.ArgumentParser) -> None:
+    """The sweep's options, plus (hidden, ignored) those that only say how to run it, so that
+    ``run_suite.py status`` + the sweep's own command line works."""
+    from harness.cli import add_sweep_arguments
+
+    add_sweep_arguments(p)
+    add_launcher_arguments(p, hidden=True)
+    for flag in ("--no-progress", "--force", "--dry-run"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--launcher", help=argparse.SUPPRESS)
+
+
+def _add_status_arguments(p: argparse.ArgumentParser) -> None:
+    _add_sweep_command_line(p)
+    p.add_argument("--lines", type=int, default=5, help="last lines of each failed run's error (default 5)")
+
+
+def status_main(args: argparse.Namespace) -> int:
+    """``run_suite.py status``: one line per run of the sweep the options describe."""
+    from harness.cli import plan_from_args
+
+    runs, out = plan_from_args(args)
+    print(format_states(run_states(runs, out), args.lines))
+    return 0
+
+
+def _add_collect_arguments(p: argparse.ArgumentParser) -> None:
+    _add_sweep_command_line(p)
+    p.add_argument("--from", dest="sources", type=Path, action="append", default=[], metavar="DIR",
+                   help="another results root to gather finished runs from (e.g. a cluster's scratch "
+                        "copied back); repeatable")
+    p.add_argument("--csv", type=Path, default=None, help="also write the sweep's runs, one row each, to this CSV")
+
+
+def _same_run(result: dict[str, Any], run: PlannedRun) -> bool:
+    """The result was made by this run's configuration (where the data lives and the device
+    may differ between machines)."""
+    def comparable(config: dict[str, Any]) -> dict[str, Any]:
+        c = json.loads(json.dumps(config))
+        c.pop("device", None)
+        c.get("data", {}).pop("root", None)
+        return c
+
+    return result.get("run_key") == run.key and comparable(result.get("config", {})) == comparable(
+        run.config.to_dict())
+
+
+def collect_main(args: argparse.Namespace) -> int:
+    """``run_suite.py collect``: gather the sweep's finished results into the results root
+    (from ``--from`` roots too), say what is missing, print the table. Exit 1 if incomplete."""
+    from harness.cli import plan_from_args
+    from results.aggregate import load_runs, quick_table
+
+    runs, out = plan_from_args(args)
+    copied = 0
+    for r in runs:
+        candidates = [store.result_path(source, r.key) for source in args.sources] if not r.done else []
+        for path in filter(Path.exists, candidates):
+            result = store.read_result(path)
+            if not _same_run(result, r):
+                print(f"[collect] skipped {path}: made by another configuration than this sweep's {r.key}")
+                continue
+            store.atomic_write_json(r.result_path, result)
+            r.done, copied = True, copied + 1
+            break
+    for r in runs:
+        if r.done and not _same_run(store.read_result(r.result_path), r):
+            print(f"[collect] warning: {r.result_path} was made by another configuration than the current "
+                  f"recipe of {r.key}; rerun it with --force to replace it")
+    missing = [r for r in runs if not r.done]
+    print(f"[collect] {len(runs) - len(missing)} of {len(runs)} runs finished"
+          + (f" ({copied} gathered from {', '.join(map(str, args.sources))})" if args.sources else "")
+          + f" -> {(out / 'runs').resolve()}")
+    if missing:
+        print(format_states(run_states(missing, out), error_lines=0))
+    only = {str(r.result_path) for r in runs}
+    print(quick_table(out, only=only))
+    if args.csv:
+        table = load_runs(out)
+        table = table[table["path"].isin(only)] if not table.empty else table
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+        print(f"[collect] wrote {args.csv} ({len(table)} runs)")
+    return 1 if missing else 0
+
+
+COMMANDS = {"status": (_add_status_arguments, status_main), "collect": (_add_collect_arguments, collect_main)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slurm.launcher TASKS.jsonl [--index I]``: one element of an emitted array
+    (the index defaults to ``$SLURM_ARRAY_TASK_ID``)."""
+    p = argparse.ArgumentParser(prog="python -m slurm.launcher", description=main.__doc__)
+    p.add_argument("tasks", type=Path)
+    p.add_argument("--index", type=int, default=None)
+    args = p.parse_args(argv)
+    index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
+    if index is None:
+        p.error("no --index and no $SLURM_ARRAY_TASK_ID (this runs inside an array element)")
+    run_task_file(args.tasks, int(index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
