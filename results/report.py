@@ -461,9 +461,9 @@ def _write_report(root: Path, opts: ReportOptions, echo: bool) -> list[Path]:
     index = tables_dir / "report.md"
     store.atomic_write_text(index, report_markdown(report, tables_dir))
     written += [document, summary, index]
-    if echo:
-        print("\n" + "\n".join(t.to_markdown() for t in report.tables))
-        print(f"tables: {tables_dir.resolve()} ({len(report.tables)} tables, Markdown and LaTeX; report.md)")
+    if echo:  # the per-benchmark metric details stay in their files
+        print("\n" + "\n".join(t.to_markdown() for t in report.tables if not t.name.startswith("metrics_")))
+        print(f"tables: {tables_dir.resolve()} ({len(report.tables)} tables, Markdown and LaTeX; all in report.md)")
         if opts.figures:
             print(f"figures: {figures_dir.resolve()} ({len(report.figures) // 2} figures, PNG and PDF)")
     return written
