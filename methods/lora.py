@@ -141,9 +141,12 @@ class LoRAQKV(nn.Linear):
         """The fused weight this layer applies: W0 plus the update of every adapted slice."""
         if not self.num_tasks:
             return self.weight
-        slices = self.weight.split(self.proj_dim, 0)
-        return torch.cat([w + self.delta_weight(p) if p in self.projections else w
-                          for p, w in zip(PROJECTIONS, slices)], 0)
+        # In float32 even under bf16 autocast: the update is small next to W0 and is rounded
+        # once, with W0, when F.linear casts the sum; a bf16 update would be rounded twice.
+        with torch.autocast(self.weight.device.type, enabled=False):
+            slices = self.weight.split(self.proj_dim, 0)
+            return torch.cat([w + self.delta_weight(p) if p in self.projections else w
+                              for p, w in zip(PROJECTIONS, slices)], 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.adapted_weight(), self.bias)
