@@ -208,6 +208,11 @@ def merged_copy(model: nn.Module) -> nn.Module:
     for tensor in list(model.parameters()) + list(model.buffers()):
         memo.setdefault(id(tensor), tensor)
     plain = copy.deepcopy(model, memo)
+    for module in plain.modules():
+        # A compiled module's forward is bound to the original (deepcopy keeps functions as
+        # they are), so the copy would run the training modules: the copy runs eagerly instead.
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
     return plain.eval().requires_grad_(False)
 
 

@@ -97,6 +97,9 @@ class SDLoRAKnowledgeDistillation(SDLoRA):
             record["dropped"] = True
         return record
 
+    def stored_params(self) -> int:
+        return super().stored_params() + self.magnitude_offsets.numel()
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"kd_records": self.kd_records}
 

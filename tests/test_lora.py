@@ -133,6 +133,20 @@ def test_merged_copy_is_a_plain_vit_that_equals_the_branch_sum():
     assert merged.patch_embed.proj.weight is model.patch_embed.proj.weight
 
 
+def test_merged_copy_of_a_compiled_model_runs_its_own_modules():
+    model = toy_vit()
+    layers = attach_lora(model, ["q", "v"])
+    for layer in layers:
+        layer.add_task(2)
+    model.blocks[0].compile()  # lazy: nothing is compiled until called
+    merged = merged_copy(model)
+    assert merged.blocks[0]._compiled_call_impl is None  # else it would call model.blocks[0]
+    calls = []
+    layers[0].register_forward_hook(lambda *args: calls.append(1))
+    merged(torch.rand(1, 3, 16, 16))
+    assert not calls
+
+
 def test_load_state_dict_sizes_the_frozen_stacks_from_the_checkpoint():
     source = attach_lora(toy_vit(), ["q", "v"])[0]
     for keep in (True, False, True):  # task 1's pair is dropped
