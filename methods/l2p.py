@@ -1,0 +1,67 @@
+"""L2P, Learning to Prompt (Wang et al., CVPR 2022), as its PyTorch port and PILOT's run it.
+
+A pool of ``pool_size`` prompts (``prompt_length`` tokens each), each with a learnable key. The
+frozen backbone's final [CLS] feature is the query; the ``top_k`` prompts whose keys are most
+cosine-similar are inserted after [CLS] at the input (prompt-tuning, with copies of the [CLS]
+positional embedding), and the head reads the mean of the outputs at the prompt positions.
+Loss: cross-entropy over the current task's classes minus ``pull_coefficient`` times the summed
+cosine between the query and the chosen keys, per image. Prompts and keys are shared by all
+tasks; only the head rows of the current task train besides them.
+
+Specs: baselines.md §1 (``JH-LEE-KR/l2p-pytorch``) and §10 (SD-LoRA's PILOT config, the recipe's
+default). Deviation from both, on purpose: the ports choose prompts **batchwise** at test too
+(the majority vote of the batch serves every image), which makes an image's prediction depend
+on the rest of its batch and leaks labels on class-sorted test data. Here the test selection is
+per image by default; ``test_batchwise_selection: true`` restores the ports' behaviour (and is
+written into the result file). Training keeps the ports' batchwise vote
+(``train_batchwise_selection``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from methods.base import Stage, Task, masked_cross_entropy, register_method
+from methods.prompts import PromptMethod, cosine_similarity, prompted_forward, select_prompts
+
+
+@register_method("l2p")
+class L2P(PromptMethod):
+    @dataclass
+    class Config:
+        pool_size: int = 10  # prompts in the pool, shared by all tasks
+        prompt_length: int = 5  # tokens per prompt
+        top_k: int = 5  # prompts per image: top_k * prompt_length input tokens
+        pull_coefficient: float = 0.1  # weight of the query-key cosine in the loss
+        train_batchwise_selection: bool = True  # the ports' batch majority vote while training
+        test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
+
+    def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
+        super().__init__(backbone, config, num_classes, num_tasks)
+        if not 1 <= config.top_k <= config.pool_size:
+            raise ValueError(f"l2p: top_k={config.top_k} must be between 1 and pool_size={config.pool_size}")
+        if config.prompt_length < 1:
+            raise ValueError(f"l2p: prompt_length must be at least 1, got {config.prompt_length}")
+        d = self.embed_dim
+        # The ports' 'uniform' initialiser for prompts and keys: U(-1, 1).
+        self.prompts = nn.Parameter(torch.empty(config.pool_size, config.prompt_length, d).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(config.pool_size, d).uniform_(-1, 1))
+
+    def _forward(self, x: torch.Tensor, batchwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits over the classes grown so far, and the summed query-key cosine per image."""
+        similarity = cosine_similarity(self.query(x), self.keys)  # the query carries no gradient
+        chosen = select_prompts(similarity.detach(), self.config.top_k, batchwise)  # [B, k]
+        tokens = self.prompts[chosen].flatten(1, 2)  # [B, k * length, D]
+        out = prompted_forward(self.backbone, x, prompt_tokens=tokens, prompt_pos="cls")
+        pull = similarity.gather(1, chosen).sum() / x.shape[0]
+        return self.head(out.prompts.mean(1)), pull
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
+        logits, pull = self._forward(x, self.config.train_batchwise_selection)
+        return masked_cross_entropy(logits, y, task, "current") - self.config.pull_coefficient * pull
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.config.test_batchwise_selection)[0]
