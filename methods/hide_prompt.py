@@ -250,11 +250,11 @@ class HiDePrompt(PromptMethod):
         self.eval()
         frozen, instructed, labels = [], [], []
         prompt = self.prompts[task.index]
-        for x, y in task.batches():
-            with task.autocast():
-                frozen.append(self.query(x).float())
-                instructed.append(self.prompted_features(x, prompt).float())
-            labels.append(y)
+        for x, y in task.batches(batch_size=task.train.eval_batch_size):
+            with task.autocast():  # kept on the CPU, where k-means runs
+                frozen.append(self.query(x).float().cpu())
+                instructed.append(self.prompted_features(x, prompt).float().cpu())
+            labels.append(y.cpu())
         self.train(was_training)
         return torch.cat(frozen), torch.cat(instructed), torch.cat(labels)
 
