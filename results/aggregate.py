@@ -99,6 +99,7 @@ def run_row(path: Path, r: dict[str, Any]) -> dict[str, Any]:
         "tag": r.get("tag") or "", "seed": int(r["seed"]), "class_order_seed": int(r["class_order_seed"]),
         **{k: m[k] for k in METRICS},
         "acc_curve": m["acc_curve"],
+        "seen_classes": list(np.cumsum([len(t.get("classes", [])) for t in tasks]).tolist()),
         "acc_task_avg_curve": [float(v) for v in task_averaged_curve(correct, total)],
         "magnitudes": magnitude_history(tasks),
         "flops_per_image": cost.get("flops_per_image"),

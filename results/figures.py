@@ -77,6 +77,10 @@ def accuracy_curves(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", metr
             fig, axes = _panels(len(ns))
             axes = list(axes[0])
             for ax, n in zip(axes, ns):
+                seen = b[b["num_tasks"] == n]["seen_classes"].iloc[0]
+                if seen and all(seen):  # guessing uniformly among the seen classes
+                    ax.plot(range(1, len(seen) + 1), [100.0 / c for c in seen], color="0.55", linestyle="--",
+                            linewidth=1, label="chance (1 / seen classes)")
                 sns.lineplot(data=long[long["N"] == n], x="task", y="accuracy", hue="label", hue_order=labels,
                              palette=palette, errorbar=SEABORN_ERRORBAR[spread], marker="o", markersize=4,
                              ax=ax, legend=ax is axes[-1])
