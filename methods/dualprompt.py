@@ -9,7 +9,8 @@ Two prefix-tuned prompts (key and value prefixes per head, methods/prompts.py):
   backbone's [CLS] query (loss = CE over the current task's classes − ``pull_coefficient`` ×
   summed cosine per image); before task t > 0 its prompt starts as a copy of task t−1's
   (``copy_previous_prompt``, the ports' ``shared_prompt_pool``; keys are not copied). At test
-  each image takes the prompt whose key is most similar to its query (top-1).
+  each image takes the prompt whose key is most similar to its query (top-1). The result file
+  records, per task, how often the task's own training images pick its prompt.
 
 The head reads the final [CLS]. Specs: baselines.md §2 (``JH-LEE-KR/dualprompt-pytorch``) and §10
 (SD-LoRA's PILOT config, the recipe's default). Differences from the ports, on purpose:
@@ -27,6 +28,7 @@ The head reads the final [CLS]. Specs: baselines.md §2 (``JH-LEE-KR/dualprompt-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -62,6 +64,7 @@ class DualPrompt(PromptMethod):
         self.g_prompt = nn.Parameter(torch.empty(len(config.g_layers), 2, config.g_length, d).uniform_(-1, 1))
         self.e_prompts = nn.ParameterList()  # one [len(e_layers), 2, e_length, D] per task
         self.e_keys = nn.ParameterList()  # one [D] per task
+        self.routing_accuracy: float | None = None  # set by end_task, written by task_log
 
     def grow(self, task: Task) -> None:
         super().grow(task)
@@ -78,6 +81,19 @@ class DualPrompt(PromptMethod):
         if task.index > 0 and self.config.copy_previous_prompt:
             with torch.no_grad():
                 self.e_prompts[task.index].copy_(self.e_prompts[task.index - 1])
+
+    @torch.no_grad()
+    def end_task(self, task: Task) -> None:
+        # How often this task's own (un-augmented) training images pick its E-prompt: the
+        # task-identification the test-time prompt choice rests on, for the result file.
+        hits = total = 0
+        for x, _ in task.batches():
+            hits += int((self.selected_tasks(x) == task.index).sum())
+            total += x.shape[0]
+        self.routing_accuracy = hits / max(total, 1)
+
+    def task_log(self, task: Task) -> dict[str, Any]:
+        return {"train_prompt_routing_accuracy": self.routing_accuracy}
 
     def _prefixes(self, e_prompt: torch.Tensor) -> dict[int, Prefix]:
         """``e_prompt`` is one task's E-prompt ``[L_e, 2, len, D]`` or one per image ``[B, L_e, 2, len, D]``."""
@@ -97,6 +113,7 @@ class DualPrompt(PromptMethod):
         logits = self.head(out.cls)
         return masked_cross_entropy(logits, y, task, "current") - self.config.pull_coefficient * pull
 
+    @torch.no_grad()
     def selected_tasks(self, x: torch.Tensor) -> torch.Tensor:
         """The task whose E-prompt each image gets at test, ``[B]``."""
         similarity = cosine_similarity(self.query(x), torch.stack(list(self.e_keys)))

@@ -212,6 +212,13 @@ def test_dualprompt_trains_the_task_prompt_copied_from_the_previous_one():
         method.e_keys[0].copy_(-method.query(x).mean(0))
         method.e_keys[1].copy_(method.query(x).mean(0))
     assert method.selected_tasks(x).tolist() == [1] * 8
+    method.end_task(make_task(0))  # task 0's images all take task 1's prompt: routing 0 for task 0
+    assert method.task_log(make_task(0)) == {"train_prompt_routing_accuracy": 0.0}
+    with torch.no_grad():
+        method.e_keys[0].copy_(method.query(x).mean(0))
+        method.e_keys[1].copy_(-method.query(x).mean(0))
+    method.end_task(make_task(0))
+    assert method.task_log(make_task(0)) == {"train_prompt_routing_accuracy": 1.0}
 
 
 def test_coda_components_weights_and_orthogonality():
