@@ -15,6 +15,14 @@ on the rest of its batch and leaks labels on class-sorted test data. Here the te
 per image by default; ``test_batchwise_selection: true`` restores the ports' behaviour (and is
 written into the result file). Training keeps the ports' batchwise vote
 (``train_batchwise_selection``).
+
+``prompt_mode: prefix`` is CODA-Prompt's "L2P++" (baselines.md §1): the chosen prompts become a
+prefix of block 0 instead of input tokens (each prompt's first half its key tokens, the second
+half its value tokens) and the head reads the final [CLS]. CODA runs it with pool 30, length 20,
+top-5 and its own recipe; its pull term is ``sum(1 - cos)`` over the batch, where this one keeps
+``pull_coefficient`` x mean summed cosine. SD-LoRA's Table 5 counts 0.48 M learnable parameters
+and 70.14 GFLOPs for L2P, which fit this variant (30 x 20 x 768 prompts + 30 keys = 0.48 M; no
+extra input tokens) and not the input-prompted one (0.05 M; 25 more tokens in the second pass).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.prompts import PromptMethod, cosine_similarity, prompted_forward, select_prompts
+from methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
 
 @register_method("l2p")
@@ -37,13 +45,19 @@ class L2P(PromptMethod):
         pull_coefficient: float = 0.1  # weight of the query-key cosine in the loss
         train_batchwise_selection: bool = True  # the ports' batch majority vote while training
         test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
+        prompt_mode: str = "input"  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         if not 1 <= config.top_k <= config.pool_size:
             raise ValueError(f"l2p: top_k={config.top_k} must be between 1 and pool_size={config.pool_size}")
+        if config.prompt_mode not in ("input", "prefix"):
+            raise ValueError(f"l2p: prompt_mode='{config.prompt_mode}' is not one of input, prefix")
         if config.prompt_length < 1:
             raise ValueError(f"l2p: prompt_length must be at least 1, got {config.prompt_length}")
+        if config.prompt_mode == "prefix" and config.prompt_length % 2:
+            raise ValueError(f"l2p: prompt_mode=prefix splits a prompt into key and value halves; "
+                             f"prompt_length={config.prompt_length} must be even")
         d = self.embed_dim
         # The ports' 'uniform' initialiser for prompts and keys: U(-1, 1).
         self.prompts = nn.Parameter(torch.empty(config.pool_size, config.prompt_length, d).uniform_(-1, 1))
@@ -53,9 +67,13 @@ class L2P(PromptMethod):
         """Logits over the classes grown so far, and the summed query-key cosine per image."""
         similarity = cosine_similarity(self.query(x), self.keys)  # the query carries no gradient
         chosen = select_prompts(similarity.detach(), self.config.top_k, batchwise)  # [B, k]
-        tokens = self.prompts[chosen].flatten(1, 2)  # [B, k * length, D]
-        out = prompted_forward(self.backbone, x, prompt_tokens=tokens, prompt_pos="cls")
+        prompts = self.prompts[chosen]  # [B, k, length, D]
         pull = similarity.gather(1, chosen).sum() / x.shape[0]
+        if self.config.prompt_mode == "prefix":
+            half = self.config.prompt_length // 2
+            prefix = Prefix(prompts[:, :, :half].flatten(1, 2), prompts[:, :, half:].flatten(1, 2))
+            return self.head(prompted_forward(self.backbone, x, prefixes={0: prefix}).cls), pull
+        out = prompted_forward(self.backbone, x, prompt_tokens=prompts.flatten(1, 2), prompt_pos="cls")
         return self.head(out.prompts.mean(1)), pull
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:

@@ -19,7 +19,7 @@ from harness.config import TrainConfig
 from methods import get_method
 from methods.base import Stage, Task
 from methods.coda_prompt import ortho_penalty
-from methods.prompts import cosine_similarity, prompted_forward
+from methods.prompts import Prefix, cosine_similarity, prompted_forward
 
 METHODS = ["l2p", "dualprompt", "coda_prompt"]
 CLASSES_PER_TASK, NUM_TASKS = 4, 3
@@ -195,6 +195,22 @@ def test_l2p_prompts_go_in_at_the_input_and_the_head_reads_their_mean():
     # the pull term: summed cosine of the chosen keys, per image
     _, pull = method._forward(x, batchwise=False)
     torch.testing.assert_close(pull, similarity.gather(1, chosen).sum() / 8)
+
+
+def test_l2p_prefix_mode_is_codas_l2p_plus_plus():
+    """prompt_mode=prefix: the chosen prompts' first halves are block 0's key prefix, the second
+    halves its value prefix, and the head reads [CLS]."""
+    method = make_method("l2p", top_k=2, prompt_length=4, prompt_mode="prefix")
+    train_task(method, 0)
+    x, _ = data(0)
+    chosen = cosine_similarity(method.query(x), method.keys).topk(2, dim=1).indices
+    p = method.prompts[chosen]  # [B, 2, 4, D]
+    key = torch.cat([p[:, 0, :2], p[:, 1, :2]], 1)
+    value = torch.cat([p[:, 0, 2:], p[:, 1, 2:]], 1)
+    expected = method.head(prompted_forward(method.backbone, x, prefixes={0: Prefix(key, value)}).cls)
+    torch.testing.assert_close(method.predict(x), expected)
+    with pytest.raises(ValueError, match="must be even"):
+        make_method("l2p", prompt_length=5, prompt_mode="prefix")
 
 
 def test_dualprompt_trains_the_task_prompt_copied_from_the_previous_one():
