@@ -213,7 +213,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 _sacct_warned = False
 
 
-def slurm_job_states(job_ids: list[str]) -> dict[str, str]:
+def slurm_job_states(job_ids: list[str | None]) -> dict[str, str]:
     """``{job_id: sacct state}`` for these jobs (array elements as ``<array>_<index>``), in one
     ``sacct`` call; ``{}`` where there is no ``sacct`` or it fails."""
     global _sacct_warned
@@ -258,11 +258,10 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def run_state(run: PlannedRun, out_root: Path, slurm: dict[str, str], now: float | None = None) -> RunState:
-    """One run's state from what is on disk and ``slurm`` (``slurm_job_states``)."""
-    now = time.time() if now is None else now
-    record = read_status(out_root, run.key)
-    submitted = _read_json(submission_path(out_root, run.key))
+def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[str, Any] | None,
+              slurm: dict[str, str], now: float) -> RunState:
+    """One run's state from its result file, its status and submission records and ``slurm``
+    (``slurm_job_states``)."""
     source = record or submitted or {}
     state = RunState(run.key, "todo", job_id=source.get("job_id"), num_tasks=run.config.num_tasks,
                      tasks_done=(record or {}).get("tasks_done", 0),
@@ -299,15 +298,13 @@ def run_state(run: PlannedRun, out_root: Path, slurm: dict[str, str], now: float
     return state
 
 
-def run_states(runs: list[PlannedRun], out_root: Path) -> list[RunState]:
-    job_ids = []
-    for r in runs:
-        source = read_status(out_root, r.key) or _read_json(submission_path(out_root, r.key)) or {}
-        if source.get("job_id"):
-            job_ids.append(source["job_id"])
-    slurm = slurm_job_states(job_ids)
+def run_states(runs: list[PlannedRun], out_root: Path, slurm: dict[str, str] | None = None) -> list[RunState]:
+    """Every run's state; SLURM's view comes from one ``sacct`` call unless ``slurm`` is given."""
+    records = [(read_status(out_root, r.key), _read_json(submission_path(out_root, r.key))) for r in runs]
+    if slurm is None:
+        slurm = slurm_job_states([(record or submitted or {}).get("job_id") for record, submitted in records])
     now = time.time()
-    return [run_state(r, out_root, slurm, now) for r in runs]
+    return [run_state(r, record, submitted, slurm, now) for r, (record, submitted) in zip(runs, records)]
 
 
 def _duration(seconds: float | None) -> str:

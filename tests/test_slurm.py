@@ -20,7 +20,7 @@ from harness.cli import main
 from harness.config import ConfigError
 from harness.sweep import read_status, update_status
 from slurm import launcher
-from slurm.launcher import NotRequeued, load_profile, note_requeue, run_state, submission_path
+from slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
@@ -73,28 +73,32 @@ def test_run_state_joins_record_submission_and_sacct(tmp_path):
 
     out = tmp_path / "r"
     run = plan(["toy"], None, ["full_ft"], [0], out)[0]
-    assert run_state(run, out, {}).state == "todo"
+
+    def run_state(slurm):
+        return run_states([run], out, slurm)[0]
+
+    assert run_state({}).state == "todo"
     log = tmp_path / "12_3.err"
     log.write_text("Traceback...\nslurmstepd: error: *** JOB 12 CANCELLED DUE TO TIME LIMIT ***\n")
     submission_path(out, run.key).parent.mkdir(parents=True)
     submission_path(out, run.key).write_text(json.dumps(
         {"job_id": "12_3", "submitted_at": time.time() - 90, "stderr": str(log)}))
-    assert run_state(run, out, {}).state == "pending"  # submitted, not in sacct yet
-    assert run_state(run, out, {"12_3": "PENDING"}).note.startswith("submitted 1m")
+    assert run_state({}).state == "pending"  # submitted, not in sacct yet
+    assert run_state({"12_3": "PENDING"}).note.startswith("submitted 1m")
     update_status(out, run.key, state="running", tasks_done=2, elapsed_s=30.0, job_id="12_3", host="n1", pid=1)
-    running = run_state(run, out, {"12_3": "RUNNING"})
+    running = run_state({"12_3": "RUNNING"})
     assert (running.state, running.job_id, running.tasks_done) == ("running", "12_3", 2)
     assert running.elapsed_s >= 30.0
     update_status(out, run.key, state="requeued")
-    assert run_state(run, out, {"12_3": "PENDING"}).note == "requeued, resumes after task 2"
-    gone = run_state(run, out, {"12_3": "TIMEOUT"})
+    assert run_state({"12_3": "PENDING"}).note == "requeued, resumes after task 2"
+    gone = run_state({"12_3": "TIMEOUT"})
     assert gone.state == "failed" and not gone.confirmed
     assert "ended TIMEOUT without a result" in gone.error and "DUE TO TIME LIMIT" in gone.error
     # a local run whose process is gone
     dead = subprocess.Popen(["true"])
     dead.wait()
     update_status(out, run.key, state="running", job_id=None, host=socket.gethostname(), pid=dead.pid)
-    assert run_state(run, out, {}).state == "interrupted"
+    assert run_state({}).state == "interrupted"
 
 
 def test_requeue_is_refused_after_stalled_attempts(tmp_path):
