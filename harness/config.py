@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm, none = no clipping
     drop_last: bool = False
     num_workers: int = 4  # DataLoader workers for image-file datasets
+    compile: bool = False  # torch.compile each transformer block (regional); pays off on GPU
 
     def for_task(self, task_index: int) -> "TrainConfig":
         """This recipe with the task-0 overrides applied when ``task_index == 0``."""
@@ -83,6 +84,8 @@ class DataConfig:
     initial_classes: int | None = None  # None: N equal tasks
     increment: int | None = None
     image_size: int | None = None  # None: the benchmark's default
+    image_cache: bool = False  # decode once to a uint8 memmap, augment on the device (benchmarks/image_cache.py)
+    cache_source_size: int | None = None  # side of the cached training images; None: 256 for 224
 
 
 @dataclass

@@ -131,6 +131,38 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage,
+                      optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                      autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """One step of the training loop (also what ``run_suite.py speed`` times): the method's loss
+    under ``autocast``, backward, gradient clipping, optimizer step. Returns the detached loss,
+    still on the device: nothing here waits for the device."""
+    with autocast():
+        out = method.training_step(x, y, task, stage)
+    loss = out["loss"] if isinstance(out, dict) else out
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if task.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, task.train.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def compile_blocks(backbone: torch.nn.Module, num_tasks: int = 1, backend: str = "inductor") -> None:
+    """Regional ``torch.compile``: every transformer block (``backbone.blocks``, else the whole
+    backbone) compiles its forward in place, so state-dict keys and deep copies are unchanged.
+    Blocks share their compiled code; a method that changes a block's structure per task
+    recompiles once per task, so the recompile limit is raised to allow that. Idempotent."""
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, 4 * num_tasks)  # train/eval x grad modes
+    torch._dynamo.config.recompile_limit = limit
+    blocks = getattr(backbone, "blocks", None)
+    for module in (blocks if blocks is not None else [backbone]):
+        if getattr(module, "_compiled_call_impl", None) is None:
+            module.compile(backend=backend)
+
+
 class Run:
     """One run of one method on one scenario. ``execute()`` returns the result dictionary."""
 
@@ -157,8 +189,17 @@ class Run:
         splits_dir = self.out_root / "splits"
         train, test = bench.load(data_dir, train_tf, test_tf, splits_dir)
         self.data_provenance = getattr(train, "provenance", str(data_dir))
-        self.train_plain = _with_transform(
-            train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
+        self.device_augment = None
+        if cfg.data.image_cache:  # uint8 memmaps; crops, flips and scaling happen on the device
+            from benchmarks.image_cache import cached_datasets
+
+            train, test, self.device_augment = cached_datasets(
+                bench, train, test, cfg.data.image_size or bench.image_size, test_tf, cfg.data.cache_source_size,
+                data_dir, self.out_root / "cache" / bench.name, cfg.train.num_workers)
+            self.train_plain = train  # the same sources; DeviceBatches crops them as the test transform
+        else:
+            self.train_plain = _with_transform(
+                train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
         self.scenario = Scenario.build(train, test, bench.num_classes, cfg.num_tasks, cfg.class_order_seed,
                                        cfg.data.initial_classes, cfg.data.increment)
         self.plain_scenario = dataclasses.replace(self.scenario, train=self.train_plain)
@@ -177,6 +218,8 @@ class Run:
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # a cached test image: ToTensor's scaling, done on the device
+            x = x.float().div_(255)
         if self.mean_std is not None:
             x = (x - self.mean_std[0]) / self.mean_std[1]
         return x
@@ -198,8 +241,13 @@ class Run:
             calls[0] += 1
             scenario = self.scenario if augment else self.plain_scenario
             seed = (self.config.seed * 1_000_003 + t * 10_007 + calls[0]) % 2**63
-            return self._loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
-                                train_cfg.drop_last if drop_last is None else drop_last, seed)
+            loader = self._loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
+                                  train_cfg.drop_last if drop_last is None else drop_last, seed)
+            if self.device_augment is not None:
+                from benchmarks.image_cache import DeviceBatches
+
+                loader = DeviceBatches(loader, self.device_augment, self.device, train=augment, seed=seed)
+            return loader
 
         task = Task(index=t, num_tasks=self.scenario.num_tasks, classes=self.scenario.task_range(t),
                     train=train_cfg, device=self.device, make_loader=make_loader, autocast=self.autocast)
@@ -234,15 +282,7 @@ class Run:
                 running = torch.zeros((), device=self.device)
                 for step, (x, y) in enumerate(loader):
                     x, y = self._to_device(x), y.to(self.device, non_blocking=True)
-                    with self.autocast():
-                        out = method.training_step(x, y, task, stage)
-                    loss = out["loss"] if isinstance(out, dict) else out
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if task.train.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, task.train.grad_clip)
-                    optimizer.step()
-                    running += loss.detach()
+                    running += optimization_step(method, x, y, task, stage, optimizer, params, self.autocast)
                     bar.update()
                     if step == len(loader) - 1 and self.progress:  # one host sync per epoch
                         bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{running.item() / (step + 1):.3f}")
@@ -311,6 +351,8 @@ class Run:
             t0 = time.time()
             self.method.grow(task)
             self.method.to(self.device)
+            if cfg.train.compile:
+                compile_blocks(self.method.backbone, self.scenario.num_tasks)
             self.method.begin_task(task)
             trainable = self._train_task(task)
             self.method.end_task(task)
