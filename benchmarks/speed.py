@@ -1,0 +1,660 @@
+"""``python run_suite.py speed``: throughput, FLOPs and memory of every method, at task 1 and at
+the last task, with ratios measured in the same run.
+
+    python run_suite.py speed --bench synth --methods all --device cpu --tasks 20
+    python run_suite.py speed --bench imr --methods sdlora --tasks 10 --device cuda   # no data needed
+
+Each method is built as a run builds it (``resolve_config`` -> ``create_backbone`` ->
+``get_method``) and grown through every task on random images of the benchmark's size, with
+``--steps-between`` optimisation steps per stage instead of real training: enough for every
+component a method adds per task to exist and hold non-zero values (a zero LoRA update is not
+what SD-LoRA-KD would see). At task 1 and at the last task it measures
+
+* **training**: the protocol's own step (``harness.protocol.optimization_step``: autocast,
+  forward, loss, backward, clipping, optimizer step) on one fixed batch of the recipe's batch
+  size, for every training stage, after ``--warmup`` steps. Images/s is the batch size over the
+  median of ``--steps`` step times, combined over stages in proportion to their epochs, so it is
+  the rate at which a task's training images go through (data loading not included);
+* **inference**: ``method.predict`` in eval mode after ``end_task`` (a merging method is merged),
+  under the protocol's autocast, on a batch of the recipe's evaluation batch size;
+* **FLOPs per image** with ``torch.utils.flop_counter``: one test image through ``predict`` (what
+  result files report) and one training image (a training step's forward + backward / batch);
+* **peak memory**: on CUDA the caching allocator's peak; on CPU the peak of live tensor bytes
+  (parameters, gradients, optimizer state, activations), traced through a dispatch mode.
+
+Ratios are measured on interleaved steps (A, B, A, B, ...) and are medians of per-pair ratios,
+so that a machine busy with other work slows both sides alike: inference against the plain
+backbone (the timm model's forward, no head), and training at the last task against training at
+task 1 (a copy of the method is kept from task 1). Training against ``--vs`` (default
+``full_ft``) divides two medians measured one after the other.
+
+The projected run time adds, over the tasks, epochs x training images / training rate and the
+evaluation of every seen test image, with rates interpolated between task 1 and the last task.
+It leaves out data loading, ``begin_task``/``end_task`` work and checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader, TensorDataset
+
+# Nominal split sizes for a projection when the data is not on this machine (ImageNet-R's
+# 30,000 images split 80/20, as SD-LoRA's PILOT archive).
+NOMINAL_SIZES = {"imr": (24000, 6000)}
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+@dataclass
+class TaskSpeed:
+    """One method at one task. Rates in images/s, FLOPs per image, memory in MiB."""
+
+    task: int  # 1-based, as the table prints it
+    train_images_per_s: float | None  # None: the method has nothing to train at this task
+    infer_images_per_s: float
+    infer_flops: int
+    train_flops: int | None
+    train_peak_mib: float | None
+    infer_peak_mib: float
+    infer_vs_backbone: float  # inference rate / the plain backbone's, paired steps
+    train_vs_first: float | None  # training rate / this method's at task 1, paired steps
+    train_vs_baseline: float | None = None  # training rate / --vs method's at the same task
+    stage_epochs: list[int] = field(default_factory=list)  # epochs of each timed stage
+
+
+@dataclass
+class MethodSpeed:
+    method: str
+    tasks: list[TaskSpeed]
+    checks: list[str] = field(default_factory=list)  # facts about the GPU path, per method
+    projected_run_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Timing:
+    """How a measurement is run."""
+
+    device: torch.device
+    warmup: int
+    steps: int
+
+    def times(self, *fns: Callable[[], Any]) -> list[list[float]]:
+        """Seconds per call of each function, called in turns (``fns[0], fns[1], fns[0], ...``)
+        ``steps`` times each after ``warmup`` turns. On CUDA, events between the calls time the
+        device without waiting for it inside the loop."""
+        for _ in range(self.warmup):
+            for fn in fns:
+                fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(self.steps * len(fns))]
+            for i in range(self.steps):
+                for j, fn in enumerate(fns):
+                    start, end = events[i * len(fns) + j]
+                    start.record()
+                    fn()
+                    end.record()
+            torch.cuda.synchronize(self.device)
+            flat = [s.elapsed_time(e) / 1000 for s, e in events]
+        else:
+            flat = []
+            for _ in range(self.steps):
+                for fn in fns:
+                    t0 = time.perf_counter()
+                    fn()
+                    flat.append(time.perf_counter() - t0)
+        return [flat[j::len(fns)] for j in range(len(fns))]
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """Median over paired steps of ``b / a``: how much faster A is than B (rate of A / rate of B)."""
+    return statistics.median(tb / ta for ta, tb in zip(a, b))
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive while the mode is active, on any device.
+
+    Storages that exist when the mode starts (``existing``: parameters, gradients, optimizer
+    state, the input), every storage an operation reads and every storage it creates count from
+    then until they are freed; ``peak`` is the most that was alive at once.
+    """
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.known: set[int] = set()
+        self.live = self.peak = 0
+        for t in existing:
+            self._track(t)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes and key not in self.known:
+            self.known.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key, nbytes)  # gradients set to None are freed mid-step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # inputs too: weights the step reads but nobody listed (a merged inference copy) are alive
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.known.discard(key)
+        self.live -= nbytes
+
+
+def peak_memory_mib(device: torch.device, fn: Callable[[], Any], existing: Callable[[], list[torch.Tensor]]) -> float:
+    """Peak memory of one call of ``fn``: CUDA's allocator peak, or traced tensor bytes on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with LiveTensorBytes(existing()) as tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+# ------------------------------------------------------------------------------ building like a run
+
+
+@dataclass
+class Setting:
+    """What every method of one speed run shares."""
+
+    bench: Any  # benchmarks.base.Benchmark
+    num_tasks: int
+    device: torch.device
+    overrides: dict[str, Any]
+    seed: int
+    timing: Timing
+    steps_between: int
+    images_per_class: int
+    batch_size: int | None
+    eval_batch_size: int | None
+
+
+def resolve(setting: Setting, method: str):
+    """The run configuration and method class, exactly as ``harness.sweep.plan`` resolves them."""
+    from harness.config import resolve_config
+    from methods import get_method
+
+    cls = get_method(method)
+    cfg = resolve_config(setting.bench.name, setting.num_tasks, method, setting.seed, None,
+                         copy.deepcopy(setting.overrides) or None, str(setting.device),
+                         benchmark_defaults=setting.bench.defaults, method_config_cls=cls.Config)
+    return cfg, cls
+
+
+def image_size(setting: Setting, cfg) -> int:
+    return cfg.data.image_size or setting.bench.image_size
+
+
+def build_method(setting: Setting, method: str):
+    """``(method, config, task sizes)``, built through the protocol's path."""
+    from benchmarks.scenario import task_sizes
+    from harness.backbones import create_backbone
+    from harness.config import build_dataclass
+    from harness.protocol import seed_everything
+
+    cfg, cls = resolve(setting, method)
+    sizes = task_sizes(setting.bench.num_classes, setting.num_tasks, cfg.data.initial_classes, cfg.data.increment)
+    seed_everything(setting.seed)
+    backbone, _ = create_backbone(cfg.backbone)
+    model = cls(backbone, build_dataclass(cls.Config, cfg.method_args, "method"), num_classes=sum(sizes),
+                num_tasks=len(sizes)).to(setting.device)
+    return model, cfg, sizes
+
+
+def synthetic_task(setting: Setting, cfg, sizes: list[int], t: int):
+    """``Task`` ``t`` whose data is random images of the benchmark's size, ``images_per_class`` per
+    class, on the CPU like a DataLoader's (methods' passes over the data go through it)."""
+    from harness.protocol import autocast_for
+    from methods.base import Task
+
+    start = sum(sizes[:t])
+    classes = range(start, start + sizes[t])
+    size = image_size(setting, cfg)
+    g = torch.Generator().manual_seed(setting.seed * 1000 + t)
+    labels = torch.tensor(list(classes)).repeat_interleave(setting.images_per_class)
+    images = torch.rand(len(labels), 3, size, size, generator=g)
+    train_cfg = cfg.train.for_task(t)
+    if setting.batch_size:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=setting.batch_size)
+
+    def make_loader(augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
+                    drop_last: bool | None = None) -> DataLoader:
+        return DataLoader(TensorDataset(images, labels), batch_size=batch_size or train_cfg.batch_size,
+                          shuffle=shuffle, drop_last=bool(drop_last), generator=torch.Generator().manual_seed(t))
+
+    return Task(index=t, num_tasks=len(sizes), classes=classes, train=train_cfg, device=setting.device,
+                make_loader=make_loader, autocast=autocast_for(setting.device))
+
+
+def random_batch(task, n: int, size: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    y = torch.randint(task.classes.start, task.classes.stop, (n,), generator=g)
+    return x.to(device), y.to(device)
+
+
+class Trainer:
+    """The stages of one task with their optimizers, and a step function per stage."""
+
+    def __init__(self, method, task, x: torch.Tensor, y: torch.Tensor):
+        from harness.protocol import optimization_step
+
+        self.method, self.task = method, task
+        self.stages = []
+        for stage in method.stages(task):
+            epochs = stage.epochs if stage.epochs is not None else task.train.epochs
+            optimizer, _ = method.configure_optimizers(task, stage)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            if epochs > 0 and params:
+
+                def step(stage=stage, optimizer=optimizer, params=params):
+                    optimization_step(method, x, y, task, stage, optimizer, params, task.autocast)
+
+                self.stages.append((stage, epochs, optimizer, step))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        out = [*self.method.parameters(), *self.method.buffers()]
+        for _, _, optimizer, _ in self.stages:
+            for state in optimizer.state.values():
+                out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return out + [p.grad for p in self.method.parameters() if p.grad is not None]
+
+
+def effective_rate(batch: int, epochs: list[int], step_s: list[float]) -> float:
+    """Training images per second over a task whose stages run ``epochs`` each at ``step_s``."""
+    return sum(epochs) / sum(e * s / batch for e, s in zip(epochs, step_s))
+
+
+# ------------------------------------------------------------------------------ one method
+
+
+def measure_training(trainer: Trainer, timing: Timing, reference: Trainer | None = None,
+                     baseline: Trainer | None = None) -> tuple[float, float | None, float | None]:
+    """Images/s of one task's training, and its ratios to a ``reference`` (the same method at
+    task 1) and a ``baseline`` (the ``--vs`` method at the same task).
+
+    Per turn every contender runs one step of each of its stages; a turn's rate combines the
+    stage times in proportion to the stages' epochs (the reference is weighted like this task
+    when its stages are the same). Rate and ratios are medians over turns.
+    """
+    contenders = [c for c in (trainer, reference, baseline) if c is not None]
+    flat = timing.times(*[step for c in contenders for *_, step in c.stages])
+    names = [s.name for s, *_ in trainer.stages]
+    rates, i = [], 0
+    for c in contenders:
+        per_stage, i = flat[i: i + len(c.stages)], i + len(c.stages)
+        same = [s.name for s, *_ in c.stages] == names
+        epochs = [e for _, e, _, _ in (trainer if same else c).stages]
+        rates.append([effective_rate(c.task.train.batch_size, epochs, list(turn)) for turn in zip(*per_stage)])
+    ratios = {id(c): statistics.median(a / b for a, b in zip(rates[0], r)) for c, r in zip(contenders[1:], rates[1:])}
+    return (statistics.median(rates[0]), ratios.get(id(reference)) if reference else None,
+            ratios.get(id(baseline)) if baseline else None)
+
+
+State = tuple  # (method copy, its Task, batch x, batch y): enough to rebuild a Trainer
+
+
+def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: Callable[[str], None],
+                   baseline_states: dict[str, State] | None = None,
+                   keep_states: dict[str, State] | None = None) -> MethodSpeed:
+    """Grow ``name`` through every task; measure it at task 1 and at the last task.
+
+    ``baseline_states``: the ``--vs`` method as it was at its task 1 (``"first"``) and last task
+    (``"last"``), stepped in turns with this one. ``keep_states``: filled with this method's.
+    """
+    from harness.protocol import compile_blocks, count_flops
+
+    timing, device = setting.timing, setting.device
+    method, cfg, sizes = build_method(setting, name)
+    size = image_size(setting, cfg)
+    if cfg.train.compile:
+        compile_blocks(method.backbone, len(sizes))
+    eval_bs = setting.eval_batch_size or cfg.train.eval_batch_size
+    x_eval = torch.rand(eval_bs, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    result = MethodSpeed(name, [])
+    last = len(sizes) - 1
+    states: dict[str, State] = {}
+    for t in range(len(sizes)):
+        task = synthetic_task(setting, cfg, sizes, t)
+        method.grow(task)
+        method.to(device)
+        method.begin_task(task)
+        x, y = random_batch(task, task.train.batch_size, size, device, seed=t)
+        trainer = Trainer(method, task, x, y)
+        method.train()
+        if t not in (0, last):
+            for _, _, _, step in trainer.stages:
+                for _ in range(setting.steps_between):
+                    step()
+            method.end_task(task)
+            continue
+
+        which = "first" if t == 0 else "last"
+        log(f"{name}: task {t + 1}/{len(sizes)}: timing {len(trainer.stages)} training stage(s)")
+        speed = TaskSpeed(task=t + 1, train_images_per_s=None, infer_images_per_s=0.0, infer_flops=0,
+                          train_flops=None, train_peak_mib=None, infer_peak_mib=0.0, infer_vs_backbone=0.0,
+                          train_vs_first=None)
+        if trainer.stages:
+            reference = Trainer(*states["first"]) if t > 0 and "first" in states else None
+            base = None
+            if baseline_states and which in baseline_states:
+                base = Trainer(*baseline_states[which])
+            for other in (reference, base):
+                if other is not None:
+                    other.method.train()
+            speed.stage_epochs = [e for _, e, _, _ in trainer.stages]
+            speed.train_images_per_s, speed.train_vs_first, speed.train_vs_baseline = \
+                measure_training(trainer, timing, reference, base)
+            if t == 0:
+                speed.train_vs_first = 1.0
+            elif speed.train_vs_first is None and result.tasks[0].train_images_per_s:
+                speed.train_vs_first = speed.train_images_per_s / result.tasks[0].train_images_per_s
+            main_step = trainer.stages[-1][3]
+            speed.train_flops = count_flops(main_step) // task.train.batch_size
+            speed.train_peak_mib = peak_memory_mib(device, main_step, lambda: trainer.state_tensors() + [x])
+            result.checks += gpu_path_checks(trainer, device)
+            if (t == 0 and last > 0) or keep_states is not None:
+                try:  # optimizers are rebuilt for a copy when it is stepped again; the model is what is kept
+                    states[which] = (copy.deepcopy(method), task, x, y)
+                except Exception as err:  # a method that cannot be copied gets unpaired ratios
+                    log(f"{name}: cannot keep a copy at task {t + 1} ({type(err).__name__}: {err}); "
+                        f"its ratios divide separate medians")
+        method.end_task(task)
+        method.eval()
+
+        def predict() -> torch.Tensor:
+            with torch.no_grad(), task.autocast():
+                return method.predict(x_eval)
+
+        def plain() -> torch.Tensor:
+            with torch.no_grad(), task.autocast():
+                return backbone(x_eval)
+
+        own, base_times = timing.times(predict, plain)
+        speed.infer_images_per_s = eval_bs / statistics.median(own)
+        speed.infer_vs_backbone = median_ratio(own, base_times)
+        one = x_eval[:1]
+        with torch.no_grad(), task.autocast():
+            speed.infer_flops = count_flops(lambda: method.predict(one))
+        speed.infer_peak_mib = peak_memory_mib(device, predict, lambda: [*method.parameters(), *method.buffers(), x_eval])
+        result.tasks.append(speed)
+    if last == 0:
+        result.tasks.append(result.tasks[0])  # one task: first and last are the same
+        states.setdefault("last", states.get("first"))
+    if keep_states is not None:
+        keep_states.update({k: v for k, v in states.items() if v is not None})
+    result.checks = sorted(set(result.checks))
+    return result
+
+
+def gpu_path_checks(trainer: Trainer, device: torch.device) -> list[str]:
+    """Facts about the GPU training path: optimizer state placement and, on CUDA, host syncs."""
+    checks = []
+    places = {v.device.type for _, _, opt, _ in trainer.stages for s in opt.state.values()
+              for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if places and places != {device.type}:
+        checks.append(f"optimizer state on {sorted(places)}, not only on {device.type}")
+    if device.type == "cuda" and trainer.stages:
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.stages[-1][3]()
+            checks.append("training step: no host sync")
+        except RuntimeError as err:
+            checks.append(f"training step synchronises with the host: {str(err).splitlines()[0][:120]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return checks
+
+
+def fused_attention(model: torch.nn.Module) -> str:
+    """How many attention layers take PyTorch's fused scaled_dot_product_attention path."""
+    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    return f"{sum(flags)}/{len(flags)} attention layers use F.scaled_dot_product_attention" if flags \
+        else "no timm attention layers found"
+
+
+def projected_run_s(speed: MethodSpeed, num_tasks: int, train_images: int, test_images: int) -> float | None:
+    """Seconds for a full run at the measured rates (see the module docstring)."""
+    first, last = speed.tasks[0], speed.tasks[-1]
+    if not first.train_images_per_s or not last.train_images_per_s:
+        return None
+    total = 0.0
+    for t in range(num_tasks):
+        f = t / (num_tasks - 1) if num_tasks > 1 else 0.0
+        train_rate = (1 - f) * first.train_images_per_s + f * last.train_images_per_s
+        infer_rate = (1 - f) * first.infer_images_per_s + f * last.infer_images_per_s
+        epochs = sum((first if t == 0 else last).stage_epochs)
+        total += epochs * train_images / num_tasks / train_rate
+        total += test_images * (t + 1) / num_tasks / infer_rate
+    return total
+
+
+def split_sizes(setting: Setting, cfg) -> tuple[int, int] | None:
+    """Training and test images of the benchmark: counted if the data is here, else nominal."""
+    from benchmarks.base import DataError
+    from results import store
+
+    bench = setting.bench
+    try:
+        train_tf, test_tf = bench.transforms(cfg.data.image_size)
+        train, test = bench.load(bench.data_dir(cfg.data.root), train_tf, test_tf, store.default_root() / "splits")
+        return len(train), len(test)
+    except (DataError, OSError):
+        return NOMINAL_SIZES.get(bench.name)
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def _fmt(v: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    return "—" if v is None else f"{v:{spec}}{suffix}"
+
+
+COLUMNS = ["method", "task", "train img/s", "× full_ft", "× task 1", "infer img/s", "× backbone",
+           "infer GFLOP/img", "train GFLOP/img", "train TFLOP/s", "train peak MiB", "infer peak MiB", "run (proj.)"]
+
+
+def table_rows(backbone_speed: dict[str, float], results: list[MethodSpeed], vs: str) -> list[list[str]]:
+    rows = [["plain backbone", "—", "—", "—", "—", _fmt(backbone_speed["infer_images_per_s"]), "1.00",
+             _fmt(backbone_speed["infer_flops"] / 1e9, ".4g"), "—", "—", "—",
+             _fmt(backbone_speed["infer_peak_mib"], ".0f"), "—"]]
+    for r in results:
+        if r.error:
+            rows.append([r.method, "—", f"failed: {r.error}"] + [""] * (len(COLUMNS) - 3))
+            continue
+        shown = r.tasks if r.tasks[0] is not r.tasks[-1] else r.tasks[:1]
+        for i, s in enumerate(shown):
+            tflops = (s.train_flops * s.train_images_per_s / 1e12
+                      if s.train_flops and s.train_images_per_s else None)
+            rows.append([r.method if i == 0 else "", str(s.task), _fmt(s.train_images_per_s),
+                         _fmt(s.train_vs_baseline, ".2f"), _fmt(s.train_vs_first, ".2f"),
+                         _fmt(s.infer_images_per_s), _fmt(s.infer_vs_backbone, ".2f"),
+                         _fmt(s.infer_flops / 1e9, ".4g"),
+                         _fmt(None if s.train_flops is None else s.train_flops / 1e9, ".4g"),
+                         _fmt(tflops, ".3g"), _fmt(s.train_peak_mib, ".0f"), _fmt(s.infer_peak_mib, ".0f"),
+                         _fmt(None if r.projected_run_s is None or i < len(shown) - 1 else r.projected_run_s / 60,
+                              ".1f", " min")])
+    header = [c.replace("full_ft", vs) for c in COLUMNS]
+    return [header] + rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows[1:]])
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bench", default="synth", help="benchmark whose recipes and image size to use (default synth); "
+                                                    "its data is not read")
+    p.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
+    p.add_argument("--tasks", type=int, default=None, help="number of tasks (default: the benchmark's largest)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--vs", default="full_ft", help="method whose training rate the '× <vs>' column divides by "
+                                                    "(default full_ft)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 30 on CPU, 50 on GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CPU, 10 on GPU)")
+    p.add_argument("--steps-between", type=int, default=1,
+                   help="optimisation steps per stage at the tasks that are not measured (default 1)")
+    p.add_argument("--images-per-class", type=int, default=10,
+                   help="synthetic images per class for methods' passes over a task's data (default 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the recipe's)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="inference batch (default: the recipe's)")
+    p.add_argument("--backbone", default=None, help="timm model name, overrides every recipe")
+    p.add_argument("--pretrained-path", default=None, help="local weights file for the backbone")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe key, e.g. --set train.compile=true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's). On a machine shared with other work, 1 "
+                        "gives far steadier figures than several threads waiting on each other")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the measurements to this JSON file")
+
+
+def main(args: argparse.Namespace) -> int:
+    from benchmarks import get_benchmark
+    from harness.backbones import create_backbone
+    from harness.config import ConfigError, parse_set
+    from harness.protocol import autocast_for, count_flops, resolve_device
+    from harness.sweep import ordered_methods
+    from methods import METHODS
+
+    bench = get_benchmark(args.bench)
+    num_tasks = args.tasks or max(bench.default_tasks)
+    if num_tasks < 1 or num_tasks > bench.num_classes:
+        raise ConfigError(f"--tasks {num_tasks}: {bench.name} has {bench.num_classes} classes; use 1..{bench.num_classes}")
+    names = ordered_methods(list(METHODS)) if args.methods == "all" else \
+        [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in names + [args.vs]:
+        if m not in METHODS:
+            raise KeyError(f"unknown method '{m}'; registered: {', '.join(sorted(METHODS))}")
+    overrides = parse_set(args.overrides)
+    if args.backbone:
+        overrides.setdefault("backbone", {})["name"] = args.backbone
+    if args.pretrained_path:
+        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: use 1 or more")
+        torch.set_num_threads(args.threads)
+    timing = Timing(device, args.warmup if args.warmup is not None else (10 if gpu else 3),
+                    args.steps if args.steps is not None else (50 if gpu else 30))
+    if timing.steps < 1 or timing.warmup < 0:
+        raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+    setting = Setting(bench, num_tasks, device, overrides, args.seed, timing, args.steps_between,
+                      args.images_per_class, args.batch_size, args.eval_batch_size)
+
+    def log(msg: str) -> None:
+        print(f"[speed] {msg}", file=sys.stderr, flush=True)
+
+    # The plain backbone: the inference reference of every ratio (the --vs method's backbone config).
+    vs_cfg, _ = resolve(setting, args.vs)
+    backbone, weights = create_backbone(vs_cfg.backbone)
+    backbone = backbone.to(device).eval()
+    size = image_size(setting, vs_cfg)
+    eval_bs = args.eval_batch_size or vs_cfg.train.eval_batch_size
+    x_eval = torch.rand(eval_bs, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    autocast = autocast_for(device)
+
+    def plain() -> torch.Tensor:
+        with torch.no_grad(), autocast():
+            return backbone(x_eval)
+
+    (times,) = timing.times(plain)
+    with torch.no_grad():
+        backbone_flops = count_flops(lambda: backbone(x_eval[:1]))
+    backbone_speed = {"infer_images_per_s": eval_bs / statistics.median(times), "infer_flops": backbone_flops,
+                      "infer_peak_mib": peak_memory_mib(device, plain, lambda: [*backbone.parameters(), x_eval])}
+
+    results: dict[str, MethodSpeed] = {}
+    baseline_states: dict[str, State] = {}
+    for name in dict.fromkeys([args.vs] + names):  # the --vs method first: the others step in turns with it
+        log(f"{name}: growing through {num_tasks} tasks on {device}")
+        start = time.perf_counter()
+        try:
+            if name == args.vs:
+                results[name] = measure_method(setting, name, backbone, log, keep_states=baseline_states)
+                for s in results[name].tasks:
+                    s.train_vs_baseline = 1.0 if s.train_images_per_s else None
+            else:
+                results[name] = measure_method(setting, name, backbone, log, baseline_states=baseline_states)
+        except Exception as err:  # one broken method must not cost the others' figures
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            results[name] = MethodSpeed(name, [], error=f"{type(err).__name__}: {err}")
+        log(f"{name}: done in {time.perf_counter() - start:.0f}s")
+        if gpu:
+            torch.cuda.empty_cache()
+    baseline_states.clear()
+
+    baseline = results[args.vs]
+    for r in results.values():
+        if r.error:
+            continue
+        for i, s in enumerate(r.tasks):
+            ref = None if baseline.error else baseline.tasks[i].train_images_per_s
+            if s.train_vs_baseline is None and ref and s.train_images_per_s:  # no copy to step with
+                s.train_vs_baseline = s.train_images_per_s / ref
+        cfg, _ = resolve(setting, r.method)
+        sizes = split_sizes(setting, cfg)
+        if sizes:
+            r.projected_run_s = projected_run_s(r, num_tasks, *sizes)
+
+    shown = [results[n] for n in names]
+    env = (f"{bench.name}, {num_tasks} tasks, {device}"
+           f"{' (' + torch.cuda.get_device_name(device) + ')' if gpu else ''}, torch {torch.__version__}, "
+           f"threads {torch.get_num_threads()}, backbone {weights}, {size}px, "
+           f"eval batch {eval_bs}, {timing.steps} timed steps after {timing.warmup} warm-up")
+    print(f"speed: {env}")
+    print(f"attention: {fused_attention(backbone)}; autocast: "
+          f"{'bf16 (CUDA)' if gpu else 'none (fp32 off CUDA)'}; compile: "
+          f"{'on' if vs_cfg.train.compile else 'off'} (train.compile)")
+    print()
+    print(markdown(table_rows(backbone_speed, shown, args.vs)))
+    notes = [f"{r.method}: {c}" for r in shown for c in r.checks]
+    if notes:
+        print("\n" + "\n".join(notes))
+    print("\n× backbone: inference rate / the plain backbone's; × task 1: training rate / the same method's at "
+          f"task 1 (both on interleaved steps); × {args.vs}: training rate / {args.vs}'s at the same task. "
+          "run (proj.): a full run's training and evaluation at these rates.")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"setting": env, "backbone": backbone_speed,
+                                         "methods": [dataclasses.asdict(r) for r in results.values()]}, indent=1))
+    return 1 if any(r.error for r in shown) else 0
+
+
+COMMANDS = {"speed": (add_arguments, main)}

@@ -1,0 +1,223 @@
+"""``run_suite.py speed`` and the GPU training path of the protocol (autocast, no host sync,
+optimizer state on the device, optional torch.compile)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from benchmarks import speed
+from harness.cli import main
+from harness.protocol import autocast_for, compile_blocks, optimization_step
+from harness.sweep import ordered_methods
+from methods import METHODS
+from methods.full_ft import FullFineTuning
+
+SYNTH = ["speed", "--bench", "synth", "--device", "cpu", "--set", "backbone.pretrained=false",
+         "--steps", "3", "--warmup", "1", "--images-per-class", "2", "--threads", "1"]
+
+
+def data_rows(out: str) -> list[list[str]]:
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, tmp_path, capsys):
+    report = tmp_path / "speed.json"
+    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "3", "--batch-size", "16", "--eval-batch-size", "32",
+                         "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    header, *rows = data_rows(out)
+    assert header == speed.COLUMNS
+    assert [r[:2] for r in rows] == [["plain backbone", "—"], ["full_ft", "1"], ["", "3"]]
+    for row in rows[1:]:
+        assert all(cell not in ("", "—") for cell in row[2:12]), row  # every measured column is filled
+    assert rows[-1][12].endswith(" min")  # projected full run, from synth's real split sizes
+    assert "attention layers use F.scaled_dot_product_attention" in out and "autocast: none" in out
+
+    measured = json.loads(report.read_text())
+    first, last = measured["methods"][0]["tasks"]
+    assert (first["task"], last["task"]) == (1, 3)
+    assert first["train_vs_baseline"] == last["train_vs_baseline"] == 1.0  # full_ft against itself
+    assert first["train_vs_first"] == 1.0 and 0.2 < last["train_vs_first"] < 5
+    # FLOPs: the backbone plus the 96-wide head over the classes seen (20, then 60); training ~3x a forward
+    backbone_flops = measured["backbone"]["infer_flops"]
+    assert first["infer_flops"] == backbone_flops + 2 * 96 * 20 and last["infer_flops"] == backbone_flops + 2 * 96 * 60
+    assert 2.5 < first["train_flops"] / first["infer_flops"] < 3.5
+    assert first["train_peak_mib"] > first["infer_peak_mib"] > 0
+
+
+@pytest.mark.slow
+def test_speed_command_measures_every_registered_method(results_root, capsys):
+    assert main(SYNTH + ["--methods", "all", "--tasks", "2", "--batch-size", "8", "--eval-batch-size", "8"]) == 0
+    rows = data_rows(capsys.readouterr().out)[1:]
+    named = [r[0] for r in rows if r[0]]
+    assert named == ["plain backbone"] + ordered_methods(list(METHODS))
+    assert not any("failed" in cell for r in rows for cell in r)
+
+
+def test_speed_command_errors_are_messages(capsys):
+    assert main(SYNTH + ["--methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "61"]) == 2
+    assert "synth has 60 classes" in capsys.readouterr().err
+    assert main(SYNTH + ["--methods", "full_ft", "--set", "train.nope=1"]) == 2
+    assert "Valid keys in 'train'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def test_interleaved_timing_pairs_turns_and_ratios_follow_the_cost():
+    calls = []
+
+    def sleeper(seconds, name):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    timing = speed.Timing(torch.device("cpu"), warmup=1, steps=5)
+    fast, slow = timing.times(sleeper(0.002, "fast"), sleeper(0.006, "slow"))
+    assert calls == ["fast", "slow"] * 6  # one warm-up turn, then five, always in turns
+    assert len(fast) == len(slow) == 5
+    assert speed.median_ratio(fast, slow) == pytest.approx(3, rel=0.4)  # fast runs ~3x the images/s
+
+
+def test_effective_rate_weights_stages_by_their_epochs():
+    # 20 epochs at 0.1 s per batch of 10 and 10 epochs at 0.4 s: 30 epochs of images in 20*0.01 + 10*0.04 s/image
+    assert speed.effective_rate(10, [20, 10], [0.1, 0.4]) == pytest.approx(30 / (20 * 0.01 + 10 * 0.04))
+    assert speed.effective_rate(64, [5], [0.5]) == pytest.approx(128)
+
+
+def test_live_tensor_bytes_peaks_at_the_most_alive_at_once():
+    kept = torch.zeros(250)  # 1000 bytes, listed: alive before and after
+    unlisted = torch.zeros(50)  # 200 bytes nobody listed (a merged inference copy's weight)
+    with speed.LiveTensorBytes([kept]) as tracker:
+        a = torch.ones(1000)  # +4000
+        b = a * 2  # +4000 -> 9000 alive
+        del a
+        c = torch.ones(500)  # 7000 alive
+        d = unlisted + 1  # reading it counts it: +200 +200 -> 7400
+        view = b[:10]  # a view allocates nothing
+        del b, c, d, view
+    assert tracker.peak == 9000
+    assert tracker.live == 1200  # what is still alive: the two tensors from before
+
+
+# ------------------------------------------------------------------------------ the GPU path
+
+
+def test_bf16_autocast_is_used_only_on_cuda(results_root, monkeypatch):
+    assert autocast_for(torch.device("cpu")) is contextlib.nullcontext
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        ctx = autocast_for(torch.device("cuda"))()
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda" and ctx.fast_dtype == torch.bfloat16
+
+    seen = []
+    original = FullFineTuning.training_step
+
+    def probe(self, x, y, task, stage):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), x.dtype))
+        return original(self, x, y, task, stage)
+
+    monkeypatch.setattr(FullFineTuning, "training_step", probe)
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--no-progress", "--device", "cpu"]) == 0
+    assert seen and set(seen) == {(False, False, torch.float32)}  # a CPU run stays in fp32
+
+
+def _built(method_name: str, device: str, tasks: int = 2):
+    setting = speed.Setting(bench=speed_bench("toy"), num_tasks=tasks, device=torch.device(device), overrides={},
+                            seed=0, timing=speed.Timing(torch.device(device), 0, 1), steps_between=1,
+                            images_per_class=2, batch_size=8, eval_batch_size=8)
+    method, cfg, sizes = speed.build_method(setting, method_name)
+    task = speed.synthetic_task(setting, cfg, sizes, 0)
+    method.grow(task)
+    method.to(device)
+    method.begin_task(task)
+    x, y = speed.random_batch(task, 8, speed.image_size(setting, cfg), torch.device(device), 0)
+    return method, task, x, y
+
+
+def speed_bench(name: str):
+    from benchmarks import get_benchmark
+
+    return get_benchmark(name)
+
+
+def test_optimization_step_leaves_the_loss_on_the_device_and_the_state_with_the_parameters():
+    method, task, x, y = _built("full_ft", "cpu")
+    trainer = speed.Trainer(method, task, x, y)
+    stage, _, optimizer, _ = trainer.stages[0]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    loss = optimization_step(method, x, y, task, stage, optimizer, params, task.autocast)
+    assert loss.requires_grad is False and loss.dim() == 0 and torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))  # it stepped
+    assert speed.gpu_path_checks(trainer, torch.device("cpu")) == []  # no state off the device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_training_step_never_waits_for_the_gpu(method_name):
+    method, task, x, y = _built(method_name, "cuda")
+    trainer = speed.Trainer(method, task, x, y)
+    for _, _, _, step in trainer.stages:
+        step()  # first steps may allocate optimizer state
+    checks = speed.gpu_path_checks(trainer, torch.device("cuda"))
+    assert "training step: no host sync" in checks, checks
+    assert not any("optimizer state on" in c for c in checks), checks
+
+
+@pytest.mark.gpu
+def test_cuda_training_step_runs_under_bf16_autocast(monkeypatch):
+    seen = []
+    original = FullFineTuning.training_step
+
+    def probe(self, x, y, task, stage):
+        seen.append((torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+        return original(self, x, y, task, stage)
+
+    monkeypatch.setattr(FullFineTuning, "training_step", probe)
+    method, task, x, y = _built("full_ft", "cuda")
+    trainer = speed.Trainer(method, task, x, y)
+    trainer.stages[0][3]()
+    assert seen == [(True, torch.bfloat16)]
+
+
+def test_compile_blocks_keeps_state_dict_keys_copies_and_outputs():
+    import torch._dynamo
+
+    method, task, x, y = _built("full_ft", "cpu")
+    method.eval()
+    keys = list(method.state_dict())
+    with torch.no_grad():
+        eager = method.predict(x)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_blocks(method.backbone, num_tasks=20, backend="eager")  # the cheap backend: the wiring, not inductor
+    compile_blocks(method.backbone, num_tasks=20, backend="eager")  # idempotent
+    assert torch._dynamo.config.recompile_limit >= 80
+    with torch.no_grad():
+        compiled = method.predict(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo did trace the blocks
+    assert torch.allclose(eager, compiled, atol=1e-5)
+    assert list(method.state_dict()) == keys  # checkpoints are unchanged
+    twin = copy.deepcopy(method)  # e.g. SD-LoRA's merged inference copy
+    with torch.no_grad():
+        for p in twin.backbone.blocks[0].parameters():
+            p.zero_()
+        assert not torch.allclose(twin.predict(x), compiled)  # the copy runs its own weights
+        assert torch.allclose(method.predict(x), compiled, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_a_compiled_cuda_run_finishes(results_root):
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--no-progress", "--device", "cuda",
+                 "--set", "train.compile=true"]) == 0
