@@ -229,7 +229,8 @@ class Run:
         workers = self.config.train.num_workers
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, generator=generator, persistent_workers=False,
+                          num_workers=workers, generator=generator,
+                          persistent_workers=workers > 0,  # no worker start-up at every epoch
                           pin_memory=self.device.type == "cuda")
 
     def _task(self, t: int) -> Task:
