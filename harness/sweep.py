@@ -66,6 +66,12 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
     return runs
 
 
+def config_key(config: dict[str, Any]) -> str:
+    """The run key of a configuration dictionary (``RunConfig.to_dict()``)."""
+    return store.run_key(config["benchmark"], config["num_tasks"], config["method"], config["seed"],
+                         config["class_order_seed"], config.get("tag", ""))
+
+
 def status_path(out_root: Path, key: str) -> Path:
     """Where a run's status record lives: ``<out>/status/<key>.json``."""
     return Path(out_root) / "status" / f"{key}.json"
@@ -111,7 +117,7 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     from harness.protocol import run
 
     cfg = RunConfig.from_dict(config)
-    key = store.run_key(cfg.benchmark, cfg.num_tasks, cfg.method, cfg.seed, cfg.class_order_seed, cfg.tag)
+    key = config_key(config)
     path = store.result_path(Path(out_root), key)
     if path.exists():
         return store.read_result(path)["metrics"]

@@ -58,8 +58,8 @@ import yaml
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from harness.config import ConfigError, build_dataclass, update_dataclass
-from harness.sweep import (PlannedRun, job_identity, read_status, record_failure, run_job, status_path,
-                           update_status)
+from harness.sweep import (PlannedRun, config_key, job_identity, read_status, record_failure, run_job,
+                           status_path, update_status)
 from results import store
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
@@ -386,17 +386,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
         try:
             return run_job(config, out_root, progress=False)
         except Exception:
-            record_failure(Path(out_root), _key_of(config), traceback.format_exc())
+            record_failure(Path(out_root), config_key(config), traceback.format_exc())
             raise
 
     def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
-        note_requeue(out_root, _key_of(config), self.max_stalled_requeues)
+        note_requeue(out_root, config_key(config), self.max_stalled_requeues)
         return super().checkpoint(config, out_root)
-
-
-def _key_of(config: dict[str, Any]) -> str:
-    return store.run_key(config["benchmark"], config["num_tasks"], config["method"], config["seed"],
-                         config["class_order_seed"], config.get("tag", ""))
 
 
 # ================================================================================ submitit
@@ -433,8 +428,8 @@ def submit_runs(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path) -
 def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
                   timeout_s: float | None = None, settle_s: float = 30.0,
                   echo: Callable[[str], None] = print) -> list[tuple[PlannedRun, str]] | None:
-    """Poll until every run is done or failed, printing progress; returns the failures
-    (run, error). ``None`` when the wait was interrupted (Ctrl-C): the jobs keep running.
+    """Poll until no run is pending or running, printing progress; returns the runs not done
+    with their errors. ``None`` when the wait was interrupted (Ctrl-C): the jobs keep running.
     A failure seen only in SLURM's accounting (no record from the job) is believed after
     ``settle_s``, since a result file may reach a shared file system late."""
     start, last_line, last_print = time.time(), "", 0.0
@@ -451,7 +446,7 @@ def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
                     if now - suspected[s.key] < settle_s:
                         finished.append(False)
                         continue
-                finished.append(s.state in ("done", "failed"))
+                finished.append(s.state not in ("pending", "running"))  # nothing more will happen
                 if s.state == "failed" and s.key not in reported:
                     reported.add(s.key)
                     echo(f"[slurm] FAILED {s.key} (job {s.job_id}): {_last_line(s.error)}")

@@ -122,7 +122,7 @@ def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_th
     assert main(TOY + ["--seeds", "0", "--set", "train.optimizer=nope"]) == 1  # fails inside the run
     capsys.readouterr()
 
-    assert main(["status"] + TOY[:-1] + ["--seeds", "0,1"]) == 0
+    assert main(["status"] + TOY + ["--seeds", "0,1", "--launcher", "slurm", "--profile", "gpu"]) == 0  # the sweep's line
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:2] == ["todo", "toy/N3/full_ft/seed0"]
     assert lines[2].split()[:4] == ["done", "toy/N3/full_ft/seed1", "local", "3/3"]
