@@ -230,33 +230,10 @@ def result_keys(out: Path) -> list[str]:
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(900)
-def test_slurm_sweep_equals_local_and_a_rerun_submits_nothing(cluster, tmp_path, capsys, one_thread):
-    out = tmp_path / "cluster"
-    sweep = SYNTH + ["--seeds", "0,1", "--set", "train.epochs=1", "--out", str(out)]
-    assert main(sweep + ON_CLUSTER) == 0
-    printed = capsys.readouterr().out
-    assert "submitted 2 run(s) as job array" in printed and "2 done of 2" in printed
-    keys = result_keys(out)
-    assert len(keys) == 2
-    local = tmp_path / "local"
-    assert main(sweep[:-2] + ["--out", str(local)]) == 0  # the same seeds with the local launcher
-    for key in keys:
-        assert result(out, key)["environment"]["slurm_job_id"]
-        assert result(out, key)["accuracy_matrix"] == result(local, key)["accuracy_matrix"]
-    assert main(["status"] + sweep) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 2 done"
-    jobs_before = sorted(p.name for p in (out / "slurm").iterdir())
-    assert main(sweep + ON_CLUSTER) == 0
-    assert "2 already done, 0 to run" in capsys.readouterr().out
-    assert sorted(p.name for p in (out / "slurm").iterdir()) == jobs_before
-
-
-@pytest.mark.slurm
 @pytest.mark.timeout(600)
 def test_failing_job_is_reported_by_status_and_not_resubmitted(cluster, tmp_path, capsys):
     sweep = SYNTH + ["--seeds", "0", "--set", "train.optimizer=nope", "--out", str(tmp_path / "cluster")]
-    assert main(sweep + ON_CLUSTER) == 1
+    assert main(sweep + ON_CLUSTER) == 1  # submits, waits, reports
     assert "FAILED" in capsys.readouterr().out
     assert main(["status"] + sweep) == 0
     out = capsys.readouterr().out
@@ -270,29 +247,40 @@ def test_failing_job_is_reported_by_status_and_not_resubmitted(cluster, tmp_path
 
 @pytest.mark.slurm
 @pytest.mark.timeout(900)
-def test_preempted_element_is_requeued_and_resumes_from_its_last_task(cluster, tmp_path, capsys, one_thread):
+def test_array_survives_preemption_equals_local_and_a_rerun_submits_nothing(cluster, tmp_path, capsys, one_thread):
+    """One array of two seeds; element seed0 is preempted (submitit's interrupt: SIGTERM then
+    USR2) after its first task, is requeued and resumes from there."""
     out = tmp_path / "cluster"
-    sweep = SYNTH + ["--seeds", "0,1", "--set", "train.epochs=3", "--out", str(out)]
+    sweep = SYNTH + ["--seeds", "0,1", "--set", "train.epochs=2", "--out", str(out)]
     assert main(sweep + ON_CLUSTER + ["--no-wait"]) == 0
-    assert "as job array" in capsys.readouterr().out
-    status_dir = out / "status"
+    assert "submitted 2 run(s) as job array" in capsys.readouterr().out
 
     def seed0_after_a_task():
-        records = list(status_dir.rglob("seed0.json"))
+        records = list((out / "status").rglob("seed0.json"))
         record = json.loads(records[0].read_text()) if records else {}
         return record if record.get("tasks_done", 0) >= 1 else None
 
     record = wait_until(seed0_after_a_task, 300, "element seed0 to finish its first task", poll_s=0.2)
     assert record["tasks_done"] < 5, "the run finished before it could be preempted"
-    submitit.SlurmJob(out / "slurm" / "%j", record["job_id"])._interrupt()  # SIGTERM + USR2, as preemption
-    # the same command attaches to the queued/running runs and waits for them
-    assert main(sweep + ON_CLUSTER) == 0
-    printed = capsys.readouterr().out
-    assert "2 run(s) already queued or running: not resubmitted" in printed
-    key = next(k for k in result_keys(out) if k.endswith("seed0"))
-    attempts = read_status(out, key)["attempts"]
-    assert len(attempts) == 2 and attempts[0]["job_id"] == attempts[1]["job_id"] == record["job_id"]
-    assert attempts[1]["from_task"] >= record["tasks_done"]  # resumed, not restarted
+    submitit.SlurmJob(out / "slurm" / "%j", record["job_id"])._interrupt()
+    assert main(sweep + ON_CLUSTER) == 0  # the same command waits for the runs it finds queued/running
+    assert "2 run(s) already queued or running: not resubmitted" in capsys.readouterr().out
+
+    keys = result_keys(out)
+    assert len(keys) == 2
+    attempts = [read_status(out, key)["attempts"] for key in keys]  # seed0, seed1
+    assert len(attempts[0]) == 2 and attempts[0][0]["job_id"] == attempts[0][1]["job_id"] == record["job_id"]
+    assert attempts[0][1]["from_task"] >= record["tasks_done"]  # resumed, not restarted
+    assert len(attempts[1]) == 1
     local = tmp_path / "local"
-    assert main(sweep[:-2] + ["--seeds", "0", "--out", str(local)]) == 0
-    assert result(out, key)["accuracy_matrix"] == result(local, key)["accuracy_matrix"]
+    assert main(sweep[:-2] + ["--out", str(local)]) == 0  # the same seeds with the local launcher
+    for key in keys:
+        assert result(out, key)["environment"]["slurm_job_id"]
+        assert result(out, key)["accuracy_matrix"] == result(local, key)["accuracy_matrix"]
+
+    assert main(["status"] + sweep) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 2 done"
+    jobs_before = sorted(p.name for p in (out / "slurm").iterdir())
+    assert main(sweep + ON_CLUSTER) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "slurm").iterdir()) == jobs_before
