@@ -22,11 +22,12 @@ what SD-LoRA-KD would see). At task 1 and at the last task it measures
 * **peak memory**: on CUDA the caching allocator's peak; on CPU the peak of live tensor bytes
   (parameters, gradients, optimizer state, activations), traced through a dispatch mode.
 
-Ratios are measured on interleaved steps (A, B, A, B, ...) and are medians of per-pair ratios,
+Ratios are measured on interleaved steps (A, B, A, B, ...) and are medians of per-turn ratios,
 so that a machine busy with other work slows both sides alike: inference against the plain
-backbone (the timm model's forward, no head), and training at the last task against training at
-task 1 (a copy of the method is kept from task 1). Training against ``--vs`` (default
-``full_ft``) divides two medians measured one after the other.
+backbone (the timm model's forward, no head); training at the last task against training at
+task 1 (a copy of the method is kept from task 1); training against ``--vs`` (default
+``full_ft``, measured first, with copies kept at its first and last task) at the same task. On
+a CPU shared with other jobs, ``--threads 1`` keeps the step times steady.
 
 The projected run time adds, over the tasks, epochs x training images / training rate and the
 evaluation of every seen test image, with rates interpolated between task 1 and the last task.
@@ -84,6 +85,7 @@ class MethodSpeed:
     checks: list[str] = field(default_factory=list)  # facts about the GPU path, per method
     projected_run_s: float | None = None
     error: str | None = None
+    backbone_s_per_image: list[float] = field(default_factory=list)  # the plain backbone's paired steps
 
 
 @dataclass
@@ -399,6 +401,7 @@ def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: 
                 return backbone(x_eval)
 
         own, base_times = timing.times(predict, plain)
+        result.backbone_s_per_image += [b / eval_bs for b in base_times]
         speed.infer_images_per_s = eval_bs / statistics.median(own)
         speed.infer_vs_backbone = median_ratio(own, base_times)
         one = x_eval[:1]
@@ -633,6 +636,9 @@ def main(args: argparse.Namespace) -> int:
         if sizes:
             r.projected_run_s = projected_run_s(r, num_tasks, *sizes)
 
+    paired = [b for r in results.values() for b in r.backbone_s_per_image]
+    if paired:  # the backbone as it ran beside the methods, over the whole command
+        backbone_speed["infer_images_per_s"] = 1 / statistics.median(paired)
     shown = [results[n] for n in names]
     env = (f"{bench.name}, {num_tasks} tasks, {device}"
            f"{' (' + torch.cuda.get_device_name(device) + ')' if gpu else ''}, torch {torch.__version__}, "
@@ -648,8 +654,10 @@ def main(args: argparse.Namespace) -> int:
     if notes:
         print("\n" + "\n".join(notes))
     print("\n× backbone: inference rate / the plain backbone's; × task 1: training rate / the same method's at "
-          f"task 1 (both on interleaved steps); × {args.vs}: training rate / {args.vs}'s at the same task. "
-          "run (proj.): a full run's training and evaluation at these rates.")
+          f"task 1; × {args.vs}: training rate / {args.vs}'s at the same task. Ratios are medians over interleaved "
+          "steps, so a busy machine slows both sides alike; absolute rates follow its load. The backbone's rate "
+          "is over all the steps it ran beside the methods. run (proj.): a full run's training and evaluation "
+          "at these rates (no data loading).")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"setting": env, "backbone": backbone_speed,

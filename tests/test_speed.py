@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import statistics
 import time
 
 import pytest
@@ -49,6 +50,9 @@ def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, t
     assert first["infer_flops"] == backbone_flops + 2 * 96 * 20 and last["infer_flops"] == backbone_flops + 2 * 96 * 60
     assert 2.5 < first["train_flops"] / first["infer_flops"] < 3.5
     assert first["train_peak_mib"] > first["infer_peak_mib"] > 0
+    paired = measured["methods"][0]["backbone_s_per_image"]
+    assert len(paired) == 2 * 3  # beside the method at task 1 and task 3, 3 steps each
+    assert measured["backbone"]["infer_images_per_s"] == pytest.approx(1 / statistics.median(paired))
 
 
 @pytest.mark.slow
