@@ -62,6 +62,13 @@ if "toy" not in BENCHMARKS:
         defaults={"backbone": {"name": "vit_toy_patch4_16", "pretrained": False},
                   "train": {"num_workers": 0, "epochs": 5, "batch_size": 16, "lr": 0.003}}))
 
+# The synth backbone's pretraining does not reach useful features yet (its [CLS] features
+# collapse: a linear probe is at chance). Tests that need a learning synth benchmark point here;
+# remove the markers once tests/test_synth.py::test_pretrained_features_separate_the_cl_classes passes.
+SYNTH_DOES_NOT_LEARN = ("synth's pretrained backbone does not learn yet (collapsed [CLS] features, probe at "
+                        "chance): see tests/test_synth.py::test_pretrained_features_separate_the_cl_classes")
+needs_learning_synth = pytest.mark.skip(reason=SYNTH_DOES_NOT_LEARN)
+
 
 @pytest.fixture
 def results_root(tmp_path, monkeypatch):
