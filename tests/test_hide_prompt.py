@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+from conftest import needs_learning_synth
 import timm
 import torch
 import torch.nn.functional as F
@@ -324,3 +326,25 @@ def test_a_resumed_run_ends_with_the_same_numbers_and_the_state_round_trips(tmp_
     x = probe_images()
     assert torch.equal(fresh.predict(x), whole.method.predict(x))
     assert torch.equal(fresh.prompt_stats.mean, whole.method.prompt_stats.mean)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+@needs_learning_synth
+def test_hide_prompt_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
+    """Final Acc, mean over 3 seeds, through the real protocol and the recipes."""
+    from harness.protocol import run
+    from methods import get_method
+
+    bench = get_benchmark("synth")
+    final = {}
+    for name in ("hide_prompt", "full_ft"):
+        accs = []
+        for seed in range(3):
+            cfg = resolve_config("synth", 10, name, seed, benchmark_defaults=bench.defaults,
+                                 method_config_cls=get_method(name).Config, device="cpu")
+            accs.append(run(cfg, tmp_path, progress=False)["metrics"]["acc"])
+        final[name] = sum(accs) / len(accs)
+    assert final["hide_prompt"] > final["full_ft"], final

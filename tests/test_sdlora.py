@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from conftest import needs_learning_synth
 import timm
 import torch
 import torch.nn as nn
@@ -314,6 +316,7 @@ def test_kd_round_trip_restores_the_dropped_structure_and_the_records():
 
 
 @pytest.mark.slow
+@needs_learning_synth
 def test_sdlora_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
     """Final Acc, mean over 3 seeds, through the real protocol and recipes."""
     from benchmarks import get_benchmark
