@@ -418,23 +418,83 @@ def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: 
     return result
 
 
+# Operations whose CUDA kernels make the host wait for the device (their result's size or value
+# is needed on the host), and what usually calls them.
+SYNCING_OPS = {
+    "aten::_local_scalar_dense": ".item(), float(), int() or bool() of a tensor",
+    "aten::nonzero": "nonzero or torch.where(cond)",
+    "aten::bincount": "bincount",
+    "aten::_unique2": "unique", "aten::unique_dim": "unique", "aten::unique_consecutive": "unique_consecutive",
+    "aten::masked_select": "masked_select",
+    "aten::repeat_interleave": "repeat_interleave with tensor repeats",
+    "aten::equal": "torch.equal", "aten::is_nonzero": "a tensor used as a Python bool",
+}
+
+
+class SyncingOps(TorchDispatchMode):
+    """Records the operations of a call that would synchronise the host with a CUDA device:
+    the CPU stand-in for ``torch.cuda.set_sync_debug_mode('error')``. Host-to-device copies of
+    CPU tensors are not seen (on a CPU run everything is on the CPU)."""
+
+    def __init__(self, host_tensors: list[torch.Tensor] = ()):
+        super().__init__()
+        self.found: dict[str, int] = {}
+        # tensors that stay on the host in a CUDA run too (Adam's step counts): reading them is free
+        self.host = {t.untyped_storage().data_ptr() for t in host_tensors}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        why = SYNCING_OPS.get(name)
+        if why and all(t.untyped_storage().data_ptr() in self.host
+                       for t in tree_leaves(args) if isinstance(t, torch.Tensor)):
+            why = None
+        if name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_leaves(args[1:2])):
+            why = "boolean-mask indexing"
+        if why is not None:
+            key = f"{name} ({why})"
+            self.found[key] = self.found.get(key, 0) + 1
+        return func(*args, **kwargs)
+
+
+def _capturable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps its step counts on the device (else on the host, by design)."""
+    return any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups)
+
+
 def gpu_path_checks(trainer: Trainer, device: torch.device) -> list[str]:
-    """Facts about the GPU training path: optimizer state placement and, on CUDA, host syncs."""
+    """Facts about the GPU training path: optimizer state placement, and host syncs inside the
+    step (measured on CUDA, predicted from the operations elsewhere)."""
     checks = []
     places = {v.device.type for _, _, opt, _ in trainer.stages for s in opt.state.values()
               for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     if places and places != {device.type}:
         checks.append(f"optimizer state on {sorted(places)}, not only on {device.type}")
-    if device.type == "cuda" and trainer.stages:
-        torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            trainer.stages[-1][3]()
+    if device.type != "cuda":
+        for stage, _, optimizer, step in trainer.stages:
+            step()  # the optimizer's state exists from here on
+            scalars = [v for state in optimizer.state.values() for v in state.values()
+                       if isinstance(v, torch.Tensor) and v.dim() == 0 and not _capturable(optimizer)]
+            with SyncingOps(scalars) as ops:
+                step()
+            if ops.found:
+                found = ", ".join(f"{k} x{n}" for k, n in sorted(ops.found.items()))
+                checks.append(f"stage '{stage.name}': its step would wait for a CUDA device: {found}")
+        if trainer.stages and not any("would wait" in c for c in checks):
+            checks.append("training step: no operation that would wait for a CUDA device (checked on CPU)")
+    else:
+        for stage, _, _, step in trainer.stages:
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                step()
+            except RuntimeError as err:
+                checks.append(f"stage '{stage.name}': its step waits for the device: {str(err).splitlines()[0][:160]}")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        if trainer.stages and not any("waits for the device" in c for c in checks):
             checks.append("training step: no host sync")
-        except RuntimeError as err:
-            checks.append(f"training step synchronises with the host: {str(err).splitlines()[0][:120]}")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     return checks
 
 

@@ -239,9 +239,11 @@ def test_device_augmentation_runs_on_cuda_like_on_cpu():
     on_cpu = augment(SourceImage(pixels, size), train=False)
     on_gpu = augment(SourceImage(pixels.cuda(), size.cuda()), train=False)
     assert torch.allclose(on_cpu, on_gpu.cpu(), atol=1e-5)
+    batch, generator = SourceImage(pixels.cuda(), size.cuda()), torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # drawing crops must not wait on the device
     try:
-        augment(SourceImage(pixels.cuda(), size.cuda()), train=True, generator=torch.Generator("cuda").manual_seed(0))
+        augment(batch, train=True, generator=generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

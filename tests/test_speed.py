@@ -162,7 +162,29 @@ def test_optimization_step_leaves_the_loss_on_the_device_and_the_state_with_the_
     loss = optimization_step(method, x, y, task, stage, optimizer, params, task.autocast)
     assert loss.requires_grad is False and loss.dim() == 0 and torch.isfinite(loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))  # it stepped
-    assert speed.gpu_path_checks(trainer, torch.device("cpu")) == []  # no state off the device
+    assert not any("optimizer state on" in c for c in speed.gpu_path_checks(trainer, torch.device("cpu")))
+
+
+def test_syncing_ops_sees_what_would_make_the_host_wait():
+    x = torch.randn(6)
+    with speed.SyncingOps() as ops:
+        _ = x[x > 0]  # boolean-mask indexing: the output size lives on the device
+        _ = float(x.sum())  # .item()
+        x[x > 0] = 0  # masked_fill_: no wait
+        _ = torch.where(x > 0, x, -x)  # three-argument where: no wait
+    assert ops.found == {"aten::index (boolean-mask indexing)": 1,
+                         "aten::_local_scalar_dense (.item(), float(), int() or bool() of a tensor)": 1}
+
+
+@pytest.mark.parametrize("method_name", ["full_ft", "sdlora"])
+def test_training_step_has_no_operation_that_waits_for_the_device(method_name):
+    """The protocol's step with full_ft and SD-LoRA (the issue's targets), checked on CPU."""
+    if method_name not in METHODS:
+        pytest.skip(f"{method_name} is not registered")
+    method, task, x, y = _built(method_name, "cpu")
+    trainer = speed.Trainer(method, task, x, y)
+    checks = speed.gpu_path_checks(trainer, torch.device("cpu"))
+    assert checks == ["training step: no operation that would wait for a CUDA device (checked on CPU)"], checks
 
 
 @pytest.mark.gpu
