@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import benchmarks  # noqa: F401  (registers vit_synth_patch8_32)
+from conftest import needs_learning_synth
 from harness.config import TrainConfig
 from methods import get_method
 from methods.base import Stage, Task
@@ -290,3 +291,28 @@ def test_bad_configurations_are_refused_with_the_fix():
         make_method("dualprompt", e_layers=[2, 9])
     with pytest.raises(ValueError, match="top_k"):
         make_method("l2p", top_k=11)
+
+
+@pytest.mark.slow
+@needs_learning_synth
+def test_each_method_learns_synth_and_forgets_less_than_full_ft(tmp_path):
+    """On ``synth`` with 5 tasks (12 classes each, chance 1/60 at the end): every prompt method
+    ends far above chance and keeps more of task 1 than full fine-tuning."""
+    from benchmarks import get_benchmark
+    from harness.config import resolve_config
+    from harness.protocol import run
+
+    def result(method):
+        cfg = resolve_config("synth", 5, method, seed=0, device="cpu",
+                             benchmark_defaults=get_benchmark("synth").defaults,
+                             method_config_cls=get_method(method).Config)
+        return run(cfg, tmp_path, progress=False)
+
+    def task1_after_last(r):
+        return r["accuracy_matrix"]["correct"][-1][0] / r["accuracy_matrix"]["total"][-1][0]
+
+    ft = task1_after_last(result("full_ft"))
+    for method in METHODS:
+        r = result(method)
+        assert r["metrics"]["acc"] > 40.0, (method, r["metrics"])
+        assert task1_after_last(r) > ft, (method, task1_after_last(r), ft)
