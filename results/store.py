@@ -41,12 +41,15 @@ def checkpoint_path(root: Path, key: str) -> Path:
     return Path(root) / "checkpoints" / f"{key}.pt"
 
 
-def _atomic_replace(path: Path, write) -> None:
+def atomic_replace(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, rename: readers
+    see no file or the complete one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide shared files from others
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -64,17 +67,17 @@ def _atomic_replace(path: Path, write) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, indent=1, sort_keys=False).encode()
-    _atomic_replace(path, lambda f: f.write(data))
+    atomic_replace(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_replace(path, lambda f: f.write(text.encode()))
+    atomic_replace(path, lambda f: f.write(text.encode()))
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
     import torch
 
-    _atomic_replace(path, lambda f: torch.save(obj, f))
+    atomic_replace(path, lambda f: torch.save(obj, f))
 
 
 def read_result(path: Path) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import timm
 import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
@@ -68,6 +67,21 @@ if "toy" not in BENCHMARKS:
 SYNTH_DOES_NOT_LEARN = ("synth's pretrained backbone does not learn yet (collapsed [CLS] features, probe at "
                         "chance): see tests/test_synth.py::test_pretrained_features_separate_the_cl_classes")
 needs_learning_synth = pytest.mark.skip(reason=SYNTH_DOES_NOT_LEARN)
+
+
+def mean_final_acc(method: str, out, bench: str = "synth", num_tasks: int = 10, seeds=(0, 1, 2)) -> float:
+    """Final Acc of ``method``, mean over ``seeds``, through the real protocol and recipes."""
+    from benchmarks import get_benchmark
+    from harness.config import resolve_config
+    from harness.protocol import run
+    from methods import get_method
+
+    accs = []
+    for seed in seeds:
+        cfg = resolve_config(bench, num_tasks, method, seed, benchmark_defaults=get_benchmark(bench).defaults,
+                             method_config_cls=get_method(method).Config, device="cpu")
+        accs.append(run(cfg, out, progress=False)["metrics"]["acc"])
+    return sum(accs) / len(accs)
 
 
 @pytest.fixture

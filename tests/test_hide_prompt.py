@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import needs_learning_synth
+from conftest import mean_final_acc, needs_learning_synth
 import timm
 import torch
 import torch.nn.functional as F
@@ -335,16 +335,5 @@ def test_a_resumed_run_ends_with_the_same_numbers_and_the_state_round_trips(tmp_
 @needs_learning_synth
 def test_hide_prompt_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
     """Final Acc, mean over 3 seeds, through the real protocol and the recipes."""
-    from harness.protocol import run
-    from methods import get_method
-
-    bench = get_benchmark("synth")
-    final = {}
-    for name in ("hide_prompt", "full_ft"):
-        accs = []
-        for seed in range(3):
-            cfg = resolve_config("synth", 10, name, seed, benchmark_defaults=bench.defaults,
-                                 method_config_cls=get_method(name).Config, device="cpu")
-            accs.append(run(cfg, tmp_path, progress=False)["metrics"]["acc"])
-        final[name] = sum(accs) / len(accs)
+    final = {name: mean_final_acc(name, tmp_path) for name in ("hide_prompt", "full_ft")}
     assert final["hide_prompt"] > final["full_ft"], final

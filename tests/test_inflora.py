@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import needs_learning_synth
+from conftest import mean_final_acc, needs_learning_synth
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -228,17 +228,5 @@ def test_respecting_the_subspace_keeps_earlier_predictions_on_synth(tmp_path):
 @pytest.mark.slow
 @needs_learning_synth
 def test_inflora_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import run
-
-    bench = get_benchmark("synth")
-    final = {}
-    for name in ("inflora", "full_ft"):
-        accs = []
-        for seed in range(3):
-            cfg = resolve_config("synth", 10, name, seed, benchmark_defaults=bench.defaults,
-                                 method_config_cls=get_method(name).Config, device="cpu")
-            accs.append(run(cfg, tmp_path, progress=False)["metrics"]["acc"])
-        final[name] = sum(accs) / len(accs)
+    final = {name: mean_final_acc(name, tmp_path) for name in ("inflora", "full_ft")}
     assert final["inflora"] > final["full_ft"], final

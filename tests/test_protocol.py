@@ -93,6 +93,6 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        store._atomic_replace(path, half_then_crash)
+        store.atomic_replace(path, half_then_crash)
     assert json.loads(path.read_text()) == {"v": 1}
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left behind

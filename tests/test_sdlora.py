@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import needs_learning_synth
+from conftest import mean_final_acc, needs_learning_synth
 import timm
 import torch
 import torch.nn as nn
@@ -319,18 +319,6 @@ def test_kd_round_trip_restores_the_dropped_structure_and_the_records():
 @needs_learning_synth
 def test_sdlora_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
     """Final Acc, mean over 3 seeds, through the real protocol and recipes."""
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import run
-
-    bench = get_benchmark("synth")
-    final = {}
-    for name in ("sdlora", "full_ft"):
-        accs = []
-        for seed in range(3):
-            cfg = resolve_config("synth", 10, name, seed, benchmark_defaults=bench.defaults,
-                                 method_config_cls=get_method(name).Config, device="cpu")
-            accs.append(run(cfg, tmp_path, progress=False)["metrics"]["acc"])
-        final[name] = sum(accs) / len(accs)
+    final = {name: mean_final_acc(name, tmp_path) for name in ("sdlora", "full_ft")}
     assert final["sdlora"] > final["full_ft"], final
     assert math.isfinite(final["sdlora"])
