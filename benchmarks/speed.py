@@ -542,12 +542,23 @@ def _fmt(v: float | None, spec: str = ".0f", suffix: str = "") -> str:
     return "—" if v is None else f"{v:{spec}}{suffix}"
 
 
+def _rate(v: float | None) -> str:
+    """Images/s: whole numbers, three significant digits below 100 (ViT-B on a CPU)."""
+    return _fmt(v, ".0f" if v is None or v >= 100 else ".3g")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 COLUMNS = ["method", "task", "train img/s", "× full_ft", "× task 1", "infer img/s", "× backbone",
            "infer GFLOP/img", "train GFLOP/img", "train TFLOP/s", "train peak MiB", "infer peak MiB", "run (proj.)"]
 
 
 def table_rows(backbone_speed: dict[str, float], results: list[MethodSpeed], vs: str) -> list[list[str]]:
-    rows = [["plain backbone", "—", "—", "—", "—", _fmt(backbone_speed["infer_images_per_s"]), "1.00",
+    rows = [["plain backbone", "—", "—", "—", "—", _rate(backbone_speed["infer_images_per_s"]), "1.00",
              _fmt(backbone_speed["infer_flops"] / 1e9, ".4g"), "—", "—", "—",
              _fmt(backbone_speed["infer_peak_mib"], ".0f"), "—"]]
     for r in results:
@@ -558,14 +569,13 @@ def table_rows(backbone_speed: dict[str, float], results: list[MethodSpeed], vs:
         for i, s in enumerate(shown):
             tflops = (s.train_flops * s.train_images_per_s / 1e12
                       if s.train_flops and s.train_images_per_s else None)
-            rows.append([r.method if i == 0 else "", str(s.task), _fmt(s.train_images_per_s),
+            rows.append([r.method if i == 0 else "", str(s.task), _rate(s.train_images_per_s),
                          _fmt(s.train_vs_baseline, ".2f"), _fmt(s.train_vs_first, ".2f"),
-                         _fmt(s.infer_images_per_s), _fmt(s.infer_vs_backbone, ".2f"),
+                         _rate(s.infer_images_per_s), _fmt(s.infer_vs_backbone, ".2f"),
                          _fmt(s.infer_flops / 1e9, ".4g"),
                          _fmt(None if s.train_flops is None else s.train_flops / 1e9, ".4g"),
                          _fmt(tflops, ".3g"), _fmt(s.train_peak_mib, ".0f"), _fmt(s.infer_peak_mib, ".0f"),
-                         _fmt(None if r.projected_run_s is None or i < len(shown) - 1 else r.projected_run_s / 60,
-                              ".1f", " min")])
+                         _duration(None if i < len(shown) - 1 else r.projected_run_s)])
     header = [c.replace("full_ft", vs) for c in COLUMNS]
     return [header] + rows
 

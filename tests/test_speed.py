@@ -6,7 +6,6 @@ import contextlib
 import copy
 import json
 import statistics
-import time
 
 import pytest
 import torch
@@ -76,26 +75,39 @@ def test_speed_command_errors_are_messages(capsys):
 # ------------------------------------------------------------------------------ measuring
 
 
-def test_interleaved_timing_pairs_turns_and_ratios_follow_the_cost():
-    calls = []
+def test_interleaved_timing_pairs_turns_and_ratios_follow_the_cost(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])  # a clock the calls advance
 
-    def sleeper(seconds, name):
+    def work(seconds, name):
         def run():
             calls.append(name)
-            time.sleep(seconds)
+            clock[0] += seconds
         return run
 
     timing = speed.Timing(torch.device("cpu"), warmup=1, steps=5)
-    fast, slow = timing.times(sleeper(0.002, "fast"), sleeper(0.006, "slow"))
+    fast, slow = timing.times(work(0.002, "fast"), work(0.006, "slow"))
     assert calls == ["fast", "slow"] * 6  # one warm-up turn, then five, always in turns
-    assert len(fast) == len(slow) == 5
-    assert speed.median_ratio(fast, slow) == pytest.approx(3, rel=0.4)  # fast runs ~3x the images/s
+    assert fast == pytest.approx([0.002] * 5) and slow == pytest.approx([0.006] * 5)
+    assert speed.median_ratio(fast, slow) == pytest.approx(3)  # fast runs 3x the images/s
 
 
 def test_effective_rate_weights_stages_by_their_epochs():
     # 20 epochs at 0.1 s per batch of 10 and 10 epochs at 0.4 s: 30 epochs of images in 20*0.01 + 10*0.04 s/image
     assert speed.effective_rate(10, [20, 10], [0.1, 0.4]) == pytest.approx(30 / (20 * 0.01 + 10 * 0.04))
     assert speed.effective_rate(64, [5], [0.5]) == pytest.approx(128)
+
+
+def test_projected_run_adds_training_and_evaluation_over_the_tasks():
+    def at(task, train, infer, epochs):
+        return speed.TaskSpeed(task=task, train_images_per_s=train, infer_images_per_s=infer, infer_flops=1,
+                               train_flops=1, train_peak_mib=1, infer_peak_mib=1, infer_vs_backbone=1,
+                               train_vs_first=1, stage_epochs=epochs)
+
+    r = speed.MethodSpeed("m", [at(1, 100.0, 1000.0, [2]), at(3, 50.0, 500.0, [1])])
+    # 3 tasks of 300 training and 30 test images; rates 100, 75, 50 (train) and 1000, 750, 500 (infer)
+    expected = (2 * 300 / 100 + 300 / 75 + 300 / 50) + (30 / 1000 + 60 / 750 + 90 / 500)
+    assert speed.projected_run_s(r, 3, 900, 90) == pytest.approx(expected)
 
 
 def test_live_tensor_bytes_peaks_at_the_most_alive_at_once():
