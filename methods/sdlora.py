@@ -26,8 +26,9 @@ every later step sees the normalised direction. ``variant: paper`` replaces the 
 optimiser, because the recipes hold the official code's SGD values; the task log records the
 optimiser a task actually used.
 
-Costs stay flat across tasks: the frozen pairs are stacked and the update is one matmul per
-projection per step (``methods/lora.py``). Inference uses a merged copy of the backbone, one
+Costs stay flat across tasks: the frozen pairs are stacked, so each projection's update is one
+matmul for all earlier tasks plus one for the current pair, formed once per step in weight
+space, whatever t (``methods/lora.py``). Inference uses a merged copy of the backbone, one
 plain ViT forward per image.
 """
 from __future__ import annotations
@@ -113,16 +114,18 @@ class SDLoRA(LoRAMethod):
         rows cost no gradient bookkeeping."""
         a_old, b_old, old_task = layer.frozen_A(p), layer.frozen_B(p), layer.frozen_task
         a_cur, b_cur = layer.current_A[p], layer.current_B[p]
-        num_tasks = layer.num_tasks
-        if self.rules.normaliser == "factors":
-            a_sq, b_sq = factor_sq_norms(a_old, b_old, old_task, num_tasks)
-            old_sq, cur_sq = a_sq * b_sq, a_cur.pow(2).sum() * b_cur.pow(2).sum()
+        factors = self.rules.normaliser == "factors"
+        if factors:
+            a_sq, b_sq = factor_sq_norms(a_old, b_old, old_task, layer.num_tasks)
+            old_sq = a_sq * b_sq
         else:
-            old_sq = product_sq_norms(a_old, b_old, old_task, num_tasks)
-            cur_sq = ((b_cur.t() @ b_cur) * (a_cur @ a_cur.t())).sum()
+            old_sq = product_sq_norms(a_old, b_old, old_task, layer.num_tasks)
         old_scale = safe_norm(old_sq).reciprocal()[old_task]
-        cur_scale = safe_norm(cur_sq).reciprocal() if self.rules.normalise_current else cur_sq.new_ones(())
-        return old_scale, cur_scale
+        if not self.rules.normalise_current:
+            return old_scale, a_cur.new_ones(())
+        cur_sq = (a_cur.pow(2).sum() * b_cur.pow(2).sum() if factors
+                  else ((b_cur.t() @ b_cur) * (a_cur @ a_cur.t())).sum())
+        return old_scale, safe_norm(cur_sq).reciprocal()
 
     def direction_coefficients(self, layer: LoRAQKV, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha_k / n_k`` for every frozen rank row and for the current pair: what
