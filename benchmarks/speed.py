@@ -12,9 +12,9 @@ what SD-LoRA-KD would see). At task 1 and at the last task it measures
 
 * **training**: the protocol's own step (``harness.protocol.optimization_step``: autocast,
   forward, loss, backward, clipping, optimizer step) on one fixed batch of the recipe's batch
-  size, for every training stage, after ``--warmup`` steps. Images/s is the batch size over the
-  median of ``--steps`` step times, combined over stages in proportion to their epochs, so it is
-  the rate at which a task's training images go through (data loading not included);
+  size, for every training stage, after ``--warmup`` steps. Over ``--steps`` turns, each turn's
+  step times are combined over the stages in proportion to their epochs; images/s is the median
+  over turns: the rate at which a task's training images go through (data loading not included);
 * **inference**: ``method.predict`` in eval mode after ``end_task`` (a merging method is merged),
   under the protocol's autocast, on a batch of the recipe's evaluation batch size;
 * **FLOPs per image** with ``torch.utils.flop_counter``: one test image through ``predict`` (what
