@@ -215,6 +215,7 @@ def first_two_tasks_on_synth(tmp_path, subspace: str) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.slow
+@needs_learning_synth
 def test_respecting_the_subspace_keeps_earlier_predictions_on_synth(tmp_path):
     """Task 0's logits on its test images move much less while task 1 trains when task 1's
     down-projection avoids the stored subspace than when it ignores it (``subspace: none``)."""
