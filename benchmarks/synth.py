@@ -13,18 +13,23 @@ Everything here is generated, so the whole suite runs on a laptop CPU with no do
   Class ``c`` of a pool and each of its splits draw from their own ``SeedSequence`` stream, so
   one class never depends on how many others are generated.
 * **Backbone.** ``vit_synth_patch8_32``: timm's own ``VisionTransformer`` (fused qkv, class
-  token, ``global_pool='token'``), patch 8 (16 patches + [CLS]), width 96, depth 6, 4 heads,
-  MLP ratio 2. It is pretrained once, supervised on the pretraining pool, and cached.
+  token, ``global_pool='token'``), width 96, depth 6, 4 heads, MLP ratio 2, whose patch
+  embedding is timm's ``HybridEmbed`` over a two-convolution stem: one token per 8x8-pixel
+  patch (16 + [CLS]). It is pretrained once, supervised on the pretraining pool, and cached.
+  The stem has BatchNorm while pretraining, and an auxiliary head on the mean patch embedding
+  (a plain ViT this small learns nothing from this data in the budget); the BatchNorm is then
+  folded into the convolutions and the auxiliary head dropped, so the backbone is a plain ViT.
 
 Cache layout (``$CLBENCH_CACHE``, default ``~/.cache/clbench``)::
 
-    synth/v{GENERATOR_VERSION}-seed{seed}/data.npz                        the CL images
-    synth/v{GENERATOR_VERSION}-seed{seed}/vit_synth_patch8_32.safetensors  the backbone
+    synth/v{GENERATOR_VERSION}-seed{seed}/data.npz                                 the CL images
+    synth/v{GENERATOR_VERSION}-seed{seed}/vit_synth_patch8_32-{recipe}.safetensors  the backbone
 
 Files are written atomically (temporary file, fsync, ``os.replace``) under an ``fcntl`` lock:
 when many processes start at once (a SLURM array), exactly one builds and the others wait and
-load. **Bump ``GENERATOR_VERSION`` whenever a change alters the images or the pretraining**,
-so no stale cache is ever read.
+load. **Bump ``GENERATOR_VERSION`` whenever a change alters the images or the pretraining
+code**; a change of ``PretrainConfig`` changes the weights' file name by itself. So no stale
+cache is ever read.
 """
 from __future__ import annotations
 
@@ -562,16 +567,19 @@ class PretrainConfig:
 
     classes: int = PRETRAIN_CLASSES
     images_per_class: int = 256
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 64
-    lr: float = 1.5e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     warmup_steps: int = 100
+    # Deep supervision: a linear head on the mean patch embedding gives the stem a short
+    # gradient path. Without it this ViT stays at chance for the whole budget (train accuracy
+    # 2% after 4 epochs); with it, 37% after 6 epochs and a 40% linear probe on the CL classes.
+    aux_weight: float = 1.0
 
     def file_name(self) -> str:
-        if self == PretrainConfig():
-            return f"{MODEL_NAME}.safetensors"
+        """The recipe's digest is in the name, so changed pretraining never reads stale weights."""
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
         return f"{MODEL_NAME}-{digest}.safetensors"
 
@@ -589,7 +597,11 @@ def pretrain(seed: int = DEFAULT_SEED, config: PretrainConfig = PretrainConfig()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = vit_synth_patch8_32(num_classes=config.classes, stem_batch_norm=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    aux_head = nn.Linear(model.embed_dim, config.classes)
+    patches: dict[str, torch.Tensor] = {}
+    hook = model.patch_embed.register_forward_hook(lambda mod, inp, out: patches.__setitem__("out", out))
+    opt = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=config.lr,
+                            weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(y) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = min(config.warmup_steps, total // 4)
@@ -606,6 +618,9 @@ def pretrain(seed: int = DEFAULT_SEED, config: PretrainConfig = PretrainConfig()
             xb = _crop_flip_batch(x[idx].float().div_(255), 4, generator)
             logits = model(xb)
             loss = F.cross_entropy(logits, y[idx], label_smoothing=config.label_smoothing)
+            if config.aux_weight:
+                aux_logits = aux_head(patches["out"].mean(1))
+                loss = loss + config.aux_weight * F.cross_entropy(aux_logits, y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -615,6 +630,7 @@ def pretrain(seed: int = DEFAULT_SEED, config: PretrainConfig = PretrainConfig()
             loss_sum += float(loss.detach()) * len(idx)
         _log(f"pretraining epoch {epoch + 1}/{config.epochs}: loss {loss_sum / seen:.3f}, "
              f"train acc {correct / seen:.3f} ({time.perf_counter() - start:.0f} s)")
+    hook.remove()
     model.reset_classifier(0)
     fold_stem_batch_norm(model.eval())
     summary = {"train_acc_last_epoch": correct / seen, "generation_s": round(gen_s, 2),
@@ -625,7 +641,8 @@ def pretrain(seed: int = DEFAULT_SEED, config: PretrainConfig = PretrainConfig()
 def _build_weights(path: Path, seed: int, config: PretrainConfig) -> None:
     from safetensors.torch import save
 
-    model, summary = pretrain(seed, config)
+    with torch.random.fork_rng():  # built on first use inside a run: leave that run's RNG as seeded
+        model, summary = pretrain(seed, config)
     metadata = {"generator_version": str(GENERATOR_VERSION), "seed": str(seed), "model": MODEL_NAME,
                 "pretrain_config": json.dumps(asdict(config)), "summary": json.dumps(summary)}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
