@@ -61,27 +61,34 @@ if "toy" not in BENCHMARKS:
         defaults={"backbone": {"name": "vit_toy_patch4_16", "pretrained": False},
                   "train": {"num_workers": 0, "epochs": 5, "batch_size": 16, "lr": 0.003}}))
 
-# The synth backbone's pretraining does not reach useful features yet (its [CLS] features
-# collapse: a linear probe is at chance). Tests that need a learning synth benchmark point here;
-# remove the markers once tests/test_synth.py::test_pretrained_features_separate_the_cl_classes passes.
-SYNTH_DOES_NOT_LEARN = ("synth's pretrained backbone does not learn yet (collapsed [CLS] features, probe at "
-                        "chance): see tests/test_synth.py::test_pretrained_features_separate_the_cl_classes")
-needs_learning_synth = pytest.mark.skip(reason=SYNTH_DOES_NOT_LEARN)
+def synth_result(method: str, out, num_tasks: int = 10, seed: int = 0, bench: str = "synth") -> dict:
+    """One run's result through the real protocol and recipes; a run already in ``out`` is read
+    back, so tests sharing ``synth_results`` train each (method, N, seed) once per session."""
+    import json
+
+    from benchmarks import get_benchmark
+    from harness.config import resolve_config
+    from harness.protocol import Run
+    from methods import get_method
+
+    cfg = resolve_config(bench, num_tasks, method, seed, benchmark_defaults=get_benchmark(bench).defaults,
+                         method_config_cls=get_method(method).Config, device="cpu")
+    run = Run(cfg, out, progress=False)
+    if run.result_path.exists():
+        return json.loads(run.result_path.read_text())
+    return run.execute()
 
 
 def mean_final_acc(method: str, out, bench: str = "synth", num_tasks: int = 10, seeds=(0, 1, 2)) -> float:
-    """Final Acc of ``method``, mean over ``seeds``, through the real protocol and recipes."""
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import run
-    from methods import get_method
-
-    accs = []
-    for seed in seeds:
-        cfg = resolve_config(bench, num_tasks, method, seed, benchmark_defaults=get_benchmark(bench).defaults,
-                             method_config_cls=get_method(method).Config, device="cpu")
-        accs.append(run(cfg, out, progress=False)["metrics"]["acc"])
+    """Final Acc of ``method``, mean over ``seeds``."""
+    accs = [synth_result(method, out, num_tasks, seed, bench)["metrics"]["acc"] for seed in seeds]
     return sum(accs) / len(accs)
+
+
+@pytest.fixture(scope="session")
+def synth_results(tmp_path_factory):
+    """A results root shared by the learning-on-synth tests (full_ft's runs are reused)."""
+    return tmp_path_factory.mktemp("synth_results")
 
 
 @pytest.fixture

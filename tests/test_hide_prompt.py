@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import mean_final_acc, needs_learning_synth
+from conftest import mean_final_acc
 import timm
 import torch
 import torch.nn.functional as F
@@ -332,8 +332,7 @@ def test_a_resumed_run_ends_with_the_same_numbers_and_the_state_round_trips(tmp_
 
 
 @pytest.mark.slow
-@needs_learning_synth
-def test_hide_prompt_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
+def test_hide_prompt_beats_full_fine_tuning_on_synth_with_10_tasks(synth_results):
     """Final Acc, mean over 3 seeds, through the real protocol and the recipes."""
-    final = {name: mean_final_acc(name, tmp_path) for name in ("hide_prompt", "full_ft")}
+    final = {name: mean_final_acc(name, synth_results) for name in ("hide_prompt", "full_ft")}
     assert final["hide_prompt"] > final["full_ft"], final

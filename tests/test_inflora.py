@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import mean_final_acc, needs_learning_synth
+from conftest import mean_final_acc
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -215,7 +215,6 @@ def first_two_tasks_on_synth(tmp_path, subspace: str) -> tuple[torch.Tensor, tor
 
 
 @pytest.mark.slow
-@needs_learning_synth
 def test_respecting_the_subspace_keeps_earlier_predictions_on_synth(tmp_path):
     """Task 0's logits on its test images move much less while task 1 trains when task 1's
     down-projection avoids the stored subspace than when it ignores it (``subspace: none``)."""
@@ -227,7 +226,6 @@ def test_respecting_the_subspace_keeps_earlier_predictions_on_synth(tmp_path):
 
 
 @pytest.mark.slow
-@needs_learning_synth
-def test_inflora_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
-    final = {name: mean_final_acc(name, tmp_path) for name in ("inflora", "full_ft")}
+def test_inflora_beats_full_fine_tuning_on_synth_with_10_tasks(synth_results):
+    final = {name: mean_final_acc(name, synth_results) for name in ("inflora", "full_ft")}
     assert final["inflora"] > final["full_ft"], final

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import mean_final_acc, needs_learning_synth
+from conftest import mean_final_acc
 import timm
 import torch
 import torch.nn as nn
@@ -316,9 +316,8 @@ def test_kd_round_trip_restores_the_dropped_structure_and_the_records():
 
 
 @pytest.mark.slow
-@needs_learning_synth
-def test_sdlora_beats_full_fine_tuning_on_synth_with_10_tasks(tmp_path):
+def test_sdlora_beats_full_fine_tuning_on_synth_with_10_tasks(synth_results):
     """Final Acc, mean over 3 seeds, through the real protocol and recipes."""
-    final = {name: mean_final_acc(name, tmp_path) for name in ("sdlora", "full_ft")}
+    final = {name: mean_final_acc(name, synth_results) for name in ("sdlora", "full_ft")}
     assert final["sdlora"] > final["full_ft"], final
     assert math.isfinite(final["sdlora"])
