@@ -212,6 +212,17 @@ def _has_split_folders(info: _Info, data_dir: Path) -> bool:
     return train
 
 
+def _open_pre_split(info: _Info, data_dir: Path, train_transform: Callable, test_transform: Callable,
+                    num_classes: int) -> tuple[Dataset, Dataset] | None:
+    """Check that ``data_dir`` exists; the datasets of its pre-split ``train/`` and ``test/``
+    folders when it has them, else None (the caller tries its benchmark's other layouts)."""
+    if not data_dir.is_dir():
+        raise _missing(info, data_dir, "the folder does not exist")
+    if _has_split_folders(info, data_dir):
+        return load_split_folders(info, data_dir, train_transform, test_transform, num_classes)
+    return None
+
+
 def load_split_folders(info: _Info, data_dir: Path, train_transform: Callable, test_transform: Callable,
                        num_classes: int) -> tuple[Dataset, Dataset]:
     """``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*`` with the same class folders."""
@@ -505,10 +516,9 @@ def load_imagenet_r(data_dir: Path, train_transform: Callable, test_transform: C
                     *, num_classes: int = 200) -> tuple[Dataset, Dataset]:
     """ImageNet-R: pre-split folders, else split lists, else the raw release split 80/20 once."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise _missing(_IMR, data_dir, "the folder does not exist")
-    if _has_split_folders(_IMR, data_dir):
-        return load_split_folders(_IMR, data_dir, train_transform, test_transform, num_classes)
+    pre_split = _open_pre_split(_IMR, data_dir, train_transform, test_transform, num_classes)
+    if pre_split is not None:
+        return pre_split
     lists = find_split_lists(data_dir)
     if lists is not None:
         return load_split_lists(_IMR, data_dir, *lists, train_transform, test_transform, num_classes)
@@ -550,10 +560,9 @@ def load_imagenet_a(data_dir: Path, train_transform: Callable, test_transform: C
     archive's, and results would not be comparable with the published ones.
     """
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise _missing(_IMA, data_dir, "the folder does not exist")
-    if _has_split_folders(_IMA, data_dir):
-        return load_split_folders(_IMA, data_dir, train_transform, test_transform, num_classes)
+    pre_split = _open_pre_split(_IMA, data_dir, train_transform, test_transform, num_classes)
+    if pre_split is not None:
+        return pre_split
     classes = class_folders(data_dir)
     if classes:
         raise _missing(_IMA, data_dir, f"it holds {len(classes)} class folders directly ({_few(classes)}), like the "
@@ -710,10 +719,9 @@ def load_cub(data_dir: Path, train_transform: Callable, test_transform: Callable
              *, num_classes: int = 200) -> tuple[Dataset, Dataset]:
     """CUB-200: pre-split folders, else the original ``CUB_200_2011`` release."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise _missing(_CUB, data_dir, "the folder does not exist")
-    if _has_split_folders(_CUB, data_dir):
-        return load_split_folders(_CUB, data_dir, train_transform, test_transform, num_classes)
+    pre_split = _open_pre_split(_CUB, data_dir, train_transform, test_transform, num_classes)
+    if pre_split is not None:
+        return pre_split
     for root in (data_dir / "CUB_200_2011", data_dir):
         if (root / "images.txt").is_file():
             return _load_cub_original(root, train_transform, test_transform, num_classes)
