@@ -1,7 +1,7 @@
 """Recipe layering and validation: unknown keys are errors that list the valid ones."""
 import pytest
 
-from harness.config import ConfigError, TrainConfig, parse_set, resolve_config
+from harness.config import ConfigError, TrainConfig, load_recipe, parse_set, resolve_config
 from methods import get_method
 
 FT = get_method("full_ft").Config
@@ -22,8 +22,11 @@ def test_layers_recipe_then_benchmark_then_cli():
 
 
 def test_synth_section_of_recipe_applies():
+    recipe = load_recipe("full_ft")
+    default, synth = recipe["default"]["train"], recipe["synth"]["train"]
+    assert (synth["epochs"], synth["lr"]) != (default["epochs"], default["lr"])  # else this tests nothing
     cfg = resolve(bench="synth", n=5)
-    assert cfg.train.epochs == 3 and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.epochs == synth["epochs"] and cfg.train.lr == pytest.approx(synth["lr"])
 
 
 def test_class_order_seed_is_its_own_knob():
