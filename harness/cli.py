@@ -101,7 +101,7 @@ def sweep_main(args: argparse.Namespace) -> int:
         failures = launcher.launch(todo, args, out)
         if failures is None:  # submitted or emitted without waiting
             return 0
-    print(f"\nsweep finished in {time.time() - start:.0f}s")
+    print(f"\nsweep finished in {time.time() - start:.0f}s; its runs:")
     print(quick_table(out, only={str(r.result_path) for r in runs}))
     print(f"\nresult files: {(out / 'runs').resolve()}")
     if failures:

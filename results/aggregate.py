@@ -190,7 +190,7 @@ def quick_table(root: Path, only: set[str] | None = None) -> str:
     agg = aggregate(runs)
     agg["order"] = agg["method"].map(lambda m: PAPER_ORDER.index(m) if m in PAPER_ORDER else 99)
     agg = agg.sort_values(["benchmark", "num_tasks", "order", "method"])
-    lines = ["| benchmark | N | method | Acc | AAA | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| benchmark | N | method | Acc (mean ± std) | AAA (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         def cell(m: str) -> str:
             s = r[f"{m}_spread"]
