@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,15 +79,18 @@ def print_plan(runs) -> None:
 
 
 def sweep_main(args: argparse.Namespace) -> int:
+    from results import store
     from results.aggregate import quick_table
 
     runs, out = plan_from_args(args)
     if args.dry_run:
         print_plan(runs)
         return 0
-    if args.force:
+    if args.force:  # start every run afresh; a finished result is kept beside it as .json.prev
         for r in runs:
-            r.result_path.unlink(missing_ok=True)
+            if r.result_path.exists():
+                os.replace(r.result_path, r.result_path.with_name(r.result_path.name + ".prev"))
+            store.checkpoint_path(out, r.key).unlink(missing_ok=True)  # else it would resume
             r.done = False
     todo = [r for r in runs if not r.done]
     print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run "
@@ -128,7 +132,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         epilog="Sub-commands: report, status, collect, speed (run_suite.py <cmd> --help).")
     add_sweep_arguments(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the recipe of each run")
-    parser.add_argument("--force", action="store_true", help="rerun runs that are already finished")
+    parser.add_argument("--force", action="store_true", help="rerun every planned run from its first task, even finished ones "
+                        "(a finished result is kept as <result>.json.prev)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
                         help="where runs execute (default: in this process)")

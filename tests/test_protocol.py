@@ -43,8 +43,13 @@ def test_finished_runs_are_skipped_unless_forced(results_root, capsys):
     assert main(RUN + ["--seeds", "0"]) == 0
     assert "1 already done, 0 to run" in capsys.readouterr().out
     assert path.stat().st_mtime_ns == first
+    old = path.read_text()
+    stale = store.checkpoint_path(results_root, json.loads(old)["run_key"])
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"an interrupted attempt's checkpoint")  # --force must not resume from it
     assert main(RUN + ["--seeds", "0", "--force"]) == 0
-    assert path.stat().st_mtime_ns != first
+    assert path.stat().st_mtime_ns != first and not stale.exists()
+    assert path.with_name(path.name + ".prev").read_text() == old  # the replaced result is kept
 
 
 def test_same_seed_same_numbers(results_root, tmp_path):
