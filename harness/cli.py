@@ -111,18 +111,10 @@ def sweep_main(args: argparse.Namespace) -> int:
     if failures:
         print(f"\n{len(failures)} run(s) failed: " + ", ".join(r.key for r, _ in failures))
         return 1
-    if "results.report" in sys.modules or _has_module("results.report"):
-        report = importlib.import_module("results.report")
-        if hasattr(report, "write_report"):
-            report.write_report(out)
+    from results.report import write_report
+
+    write_report(out)
     return 0
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -137,14 +129,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
                         help="where runs execute (default: in this process)")
-    if _has_module(LAUNCHER_MODULE):
-        launcher = importlib.import_module(LAUNCHER_MODULE)
-        if hasattr(launcher, "add_launcher_arguments"):
-            launcher.add_launcher_arguments(parser)
+    importlib.import_module(LAUNCHER_MODULE).add_launcher_arguments(parser)
     commands = {}
     for module_name in SUBCOMMAND_MODULES:
-        if _has_module(module_name):
-            commands.update(getattr(importlib.import_module(module_name), "COMMANDS", {}))
+        commands.update(importlib.import_module(module_name).COMMANDS)
     return parser, commands
 
 

@@ -11,7 +11,6 @@ written atomically and never read by reports: results come from result files onl
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -28,8 +27,13 @@ PAPER_ORDER = ["full_ft", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "in
                "sdlora", "sdlora_rr", "sdlora_kd"]
 
 
+def method_rank(name: str) -> int:
+    """A method's place in the paper's row order; methods the paper lacks come after."""
+    return PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER)
+
+
 def ordered_methods(names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: (PAPER_ORDER.index(n) if n in PAPER_ORDER else len(PAPER_ORDER), n))
+    return sorted(names, key=lambda n: (method_rank(n), n))
 
 
 @dataclass
@@ -79,11 +83,7 @@ def status_path(out_root: Path, key: str) -> Path:
 
 def read_status(out_root: Path, key: str) -> dict[str, Any] | None:
     """The run's status record, or None when there is none (or it cannot be read)."""
-    try:
-        with open(status_path(out_root, key)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return store.read_json(status_path(out_root, key))
 
 
 def update_status(out_root: Path, key: str, **fields: Any) -> dict[str, Any]:

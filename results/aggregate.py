@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from results import store
-from results.metrics import summarize, task_averaged_curve
+from results.metrics import summarize
 
 GROUP_KEYS = ["benchmark", "num_tasks", "method", "tag"]
 METRICS = ["acc", "aaa", "acc_task_avg", "aaa_task_avg", "forgetting_max", "forgetting_consecutive"]
@@ -43,9 +43,9 @@ def method_label(method: str, tag: str = "") -> str:
 
 def method_sort_key(method: str, tag: str = "") -> tuple[int, str, str]:
     """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
-    from harness.sweep import PAPER_ORDER
+    from harness.sweep import method_rank
 
-    return (PAPER_ORDER.index(method) if method in PAPER_ORDER else len(PAPER_ORDER), method, tag)
+    return (method_rank(method), method, tag)
 
 
 def benchmark_title(name: str) -> str:
@@ -100,7 +100,7 @@ def run_row(path: Path, r: dict[str, Any]) -> dict[str, Any]:
         **{k: m[k] for k in METRICS},
         "acc_curve": m["acc_curve"],
         "seen_classes": list(np.cumsum([len(t.get("classes", [])) for t in tasks]).tolist()),
-        "acc_task_avg_curve": [float(v) for v in task_averaged_curve(correct, total)],
+        "acc_task_avg_curve": m["acc_task_avg_curve"],
         "magnitudes": magnitude_history(tasks),
         "flops_per_image": cost.get("flops_per_image"),
         "backbone_passes": cost.get("backbone_passes"),
@@ -180,16 +180,14 @@ def aggregate(runs: pd.DataFrame, spread: str = "std",
 def quick_table(root: Path, only: set[str] | None = None) -> str:
     """The short table printed at the end of a sweep: Acc and AAA, mean ± std over seeds.
     ``only`` restricts it to these result-file paths (the sweep's own runs)."""
-    from harness.sweep import PAPER_ORDER
-
     runs = load_runs(root)
     if only is not None and not runs.empty:
         runs = runs[runs["path"].isin(only)]
     if runs.empty:
         return "(no finished runs)"
     agg = aggregate(runs)
-    agg["order"] = agg["method"].map(lambda m: PAPER_ORDER.index(m) if m in PAPER_ORDER else 99)
-    agg = agg.sort_values(["benchmark", "num_tasks", "order", "method"])
+    agg["order"] = [method_sort_key(m, t) for m, t in zip(agg["method"], agg["tag"])]
+    agg = agg.sort_values(["benchmark", "num_tasks", "order"])
     lines = ["| benchmark | N | method | Acc (mean ± std) | AAA (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         def cell(m: str) -> str:

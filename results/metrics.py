@@ -84,4 +84,5 @@ def summarize(correct: Matrix, total: Matrix) -> dict[str, float]:
         "forgetting_max": forgetting_max(correct, total),
         "forgetting_consecutive": forgetting_consecutive(correct, total),
         "acc_curve": [float(v) for v in curve],
+        "acc_task_avg_curve": [float(v) for v in task_avg],
     }

@@ -80,6 +80,15 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_replace(path, lambda f: torch.save(obj, f))
 
 
+def read_json(path: Path) -> Any:
+    """The file's JSON, or None when it is missing or unreadable (a record, not a result)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def read_result(path: Path) -> dict[str, Any]:
     with open(path) as f:
         result = json.load(f)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pandas as pd
 
 LATEX_PREAMBLE = r"""\documentclass{article}
 \usepackage[T1]{fontenc}
@@ -78,10 +77,6 @@ class Table:
             names += [f"{title} {c}".strip() for c in self.columns[i: i + width]]
             i += width
         return names
-
-    def to_frame(self) -> pd.DataFrame:
-        """The cells' text (marks appended, bold dropped) under the flat column names."""
-        return pd.DataFrame([[c.text + c.mark for c in row] for row in self.rows], columns=self.header_names())
 
     def to_markdown(self) -> str:
         """GitHub Markdown: the caption as a paragraph, the table, then the notes."""

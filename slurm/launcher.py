@@ -202,14 +202,6 @@ def submission_path(out_root: Path, key: str) -> Path:
     return status_path(out_root, key).with_suffix(".submitted.json")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 _sacct_warned = False
 
 
@@ -300,7 +292,7 @@ def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[st
 
 def run_states(runs: list[PlannedRun], out_root: Path, slurm: dict[str, str] | None = None) -> list[RunState]:
     """Every run's state; SLURM's view comes from one ``sacct`` call unless ``slurm`` is given."""
-    records = [(read_status(out_root, r.key), _read_json(submission_path(out_root, r.key))) for r in runs]
+    records = [(read_status(out_root, r.key), store.read_json(submission_path(out_root, r.key))) for r in runs]
     if slurm is None:
         slurm = slurm_job_states([(record or submitted or {}).get("job_id") for record, submitted in records])
     now = time.time()

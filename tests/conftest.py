@@ -61,21 +61,21 @@ if "toy" not in BENCHMARKS:
         defaults={"backbone": {"name": "vit_toy_patch4_16", "pretrained": False},
                   "train": {"num_workers": 0, "epochs": 5, "batch_size": 16, "lr": 0.003}}))
 
+
 def synth_result(method: str, out, num_tasks: int = 10, seed: int = 0, bench: str = "synth") -> dict:
     """One run's result through the real protocol and recipes; a run already in ``out`` is read
     back, so tests sharing ``synth_results`` train each (method, N, seed) once per session."""
-    import json
-
     from benchmarks import get_benchmark
     from harness.config import resolve_config
     from harness.protocol import Run
     from methods import get_method
+    from results import store
 
     cfg = resolve_config(bench, num_tasks, method, seed, benchmark_defaults=get_benchmark(bench).defaults,
                          method_config_cls=get_method(method).Config, device="cpu")
     run = Run(cfg, out, progress=False)
     if run.result_path.exists():
-        return json.loads(run.result_path.read_text())
+        return store.read_result(run.result_path)
     return run.execute()
 
 
