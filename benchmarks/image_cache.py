@@ -36,8 +36,6 @@ changed dataset gets a new file; images edited in place under the same name are 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -55,6 +53,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.base import Benchmark, DataError
+from results.store import build_once
 
 CACHE_FORMAT = 1  # bump when the stored bytes of a cache would change
 CACHE_FOLDER = ".clbench_cache"
@@ -310,16 +309,6 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path.with_name(path.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _stack(items: list) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Collate for the builder: pixels ``[B, ...]`` and, for sources, sizes ``[B, 2]``."""
     xs = [x for x, _ in items]
@@ -355,11 +344,8 @@ class ImageCache:
             if (folder / f"{name}.npy").exists():
                 return self._load(folder, name)
         for folder in self.folders:
-            if _writable(folder):
-                pixels = folder / f"{name}.npy"
-                with _locked(pixels):
-                    if not pixels.exists():  # another process may have built it while we waited
-                        self._build(dataset, folder, name, kind, transform, where)
+            if _writable(folder):  # the .npy is written last, atomically: it marks a whole cache
+                build_once(folder / f"{name}.npy", lambda _: self._build(dataset, folder, name, kind, transform, where))
                 return self._load(folder, name)
         raise DataError(f"the image cache cannot write to any of {', '.join(map(str, self.folders))}; "
                         f"make one writable or run with data.image_cache: false")

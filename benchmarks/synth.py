@@ -33,8 +33,6 @@ cache is ever read.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -45,7 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,7 +56,7 @@ from torch.utils.data import Dataset
 
 from benchmarks.base import Benchmark, register_benchmark
 from harness.backbones import register_pretrained_builder
-from results.store import atomic_replace
+from results.store import atomic_replace, build_once
 
 GENERATOR_VERSION = 2
 DEFAULT_SEED = 0
@@ -340,31 +338,8 @@ def cache_dir(seed: int = DEFAULT_SEED) -> Path:
     return cache_root() / f"v{GENERATOR_VERSION}-seed{seed}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``fcntl`` lock on ``path`` (created if needed), released on exit or death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"waiting for another process building in {path.parent} ...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _build_once(path: Path, build: Callable[[Path], None]) -> Path:
-    """``path``, built by ``build(path)`` unless it exists. Concurrent callers: one builds, the
-    rest block on the lock and then find the file."""
-    if path.exists():
-        return path
-    with _file_lock(path.with_name(f".{path.name}.lock")):
-        if not path.exists():  # somebody else may have built it while we waited
-            build(path)
-    return path
+    return build_once(path, build, lambda: _log(f"waiting for another process building in {path.parent} ..."))
 
 
 # ================================================================================ the CL data

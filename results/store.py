@@ -12,11 +12,13 @@ fsync-ed and renamed over the target, so a killed process never leaves half a fi
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +65,37 @@ def atomic_replace(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An exclusive ``fcntl`` lock on ``path`` (created if needed), released on exit or death;
+    ``on_wait()`` is called first when another process holds it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_once(path: Path, build: Callable[[Path], None], on_wait: Callable[[], None] | None = None) -> Path:
+    """``path``, built by ``build(path)`` unless it exists; ``build`` must create it atomically.
+    Concurrent callers (a SLURM array): one builds, the rest block on the lock, then find it."""
+    path = Path(path)
+    if path.exists():
+        return path
+    with file_lock(path.with_name(f".{path.name}.lock"), on_wait):
+        if not path.exists():  # somebody else may have built it while we waited
+            build(path)
+    return path
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
