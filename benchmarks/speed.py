@@ -200,15 +200,13 @@ class Setting:
 
 
 def resolve(setting: Setting, method: str):
-    """The run configuration and method class, exactly as ``harness.sweep.plan`` resolves them."""
+    """The run configuration, exactly as ``harness.sweep.plan`` resolves it."""
     from harness.config import resolve_config
     from methods import get_method
 
-    cls = get_method(method)
-    cfg = resolve_config(setting.bench.name, setting.num_tasks, method, setting.seed, None,
-                         copy.deepcopy(setting.overrides) or None, str(setting.device),
-                         benchmark_defaults=setting.bench.defaults, method_config_cls=cls.Config)
-    return cfg, cls
+    return resolve_config(setting.bench.name, setting.num_tasks, method, setting.seed, None,
+                          copy.deepcopy(setting.overrides) or None, str(setting.device),
+                          benchmark_defaults=setting.bench.defaults, method_config_cls=get_method(method).Config)
 
 
 def image_size(setting: Setting, cfg) -> int:
@@ -216,18 +214,13 @@ def image_size(setting: Setting, cfg) -> int:
 
 
 def build_method(setting: Setting, method: str):
-    """``(method, config, task sizes)``, built through the protocol's path."""
+    """``(method, config, task sizes)``, built as a run builds it (``protocol.build_method``)."""
     from benchmarks.scenario import task_sizes
-    from harness.backbones import create_backbone
-    from harness.config import build_dataclass
-    from harness.protocol import seed_everything
+    from harness.protocol import build_method as build
 
-    cfg, cls = resolve(setting, method)
+    cfg = resolve(setting, method)
     sizes = task_sizes(setting.bench.num_classes, setting.num_tasks, cfg.data.initial_classes, cfg.data.increment)
-    seed_everything(setting.seed)
-    backbone, _ = create_backbone(cfg.backbone)
-    model = cls(backbone, build_dataclass(cls.Config, cfg.method_args, "method"), num_classes=sum(sizes),
-                num_tasks=len(sizes)).to(setting.device)
+    model, _ = build(cfg, sizes, setting.device)
     return model, cfg, sizes
 
 
@@ -655,7 +648,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"[speed] {msg}", file=sys.stderr, flush=True)
 
     # The plain backbone: the inference reference of every ratio (the --vs method's backbone config).
-    vs_cfg, _ = resolve(setting, args.vs)
+    vs_cfg = resolve(setting, args.vs)
     backbone, weights = create_backbone(vs_cfg.backbone)
     backbone = backbone.to(device).eval()
     size = image_size(setting, vs_cfg)
@@ -694,6 +687,8 @@ def main(args: argparse.Namespace) -> int:
     baseline_states.clear()
 
     baseline = results[args.vs]
+    # The benchmark's image counts: read from its data once (a scan of every file), not per method.
+    split = split_sizes(setting, vs_cfg)
     for r in results.values():
         if r.error:
             continue
@@ -701,10 +696,8 @@ def main(args: argparse.Namespace) -> int:
             ref = None if baseline.error else baseline.tasks[i].train_images_per_s
             if s.train_vs_baseline is None and ref and s.train_images_per_s:  # no copy to step with
                 s.train_vs_baseline = s.train_images_per_s / ref
-        cfg, _ = resolve(setting, r.method)
-        sizes = split_sizes(setting, cfg)
-        if sizes:
-            r.projected_run_s = projected_run_s(r, num_tasks, *sizes)
+        if split:
+            r.projected_run_s = projected_run_s(r, num_tasks, *split)
 
     paired = [b for r in results.values() for b in r.backbone_s_per_image]
     if paired:  # the backbone as it ran beside the methods, over the whole command

@@ -163,6 +163,17 @@ def compile_blocks(backbone: torch.nn.Module, num_tasks: int = 1, backend: str =
             module.compile(backend=backend)
 
 
+def build_method(config: RunConfig, sizes: list[int], device: torch.device) -> tuple[CLMethod, str]:
+    """How a run builds its model, seeded: the backbone, then the method around it, on
+    ``device``; also the pretrained weights' identifier. ``run_suite.py speed`` builds it so too."""
+    seed_everything(config.seed)
+    backbone, weights_id = create_backbone(config.backbone)
+    cls = get_method(config.method)
+    method = cls(backbone, build_dataclass(cls.Config, config.method_args, "method"), num_classes=sum(sizes),
+                 num_tasks=len(sizes)).to(device)
+    return method, weights_id
+
+
 class Run:
     """One run of one method on one scenario. ``execute()`` returns the result dictionary."""
 
@@ -204,17 +215,12 @@ class Run:
                                        cfg.data.initial_classes, cfg.data.increment)
         self.plain_scenario = dataclasses.replace(self.scenario, train=self.train_plain)
 
-        seed_everything(cfg.seed)
-        backbone, self.weights_id = create_backbone(cfg.backbone)
+        self.method, self.weights_id = build_method(cfg, self.scenario.sizes, self.device)
         self.mean_std = None
         if cfg.backbone.normalize:
-            mean, std = normalization(backbone)
+            mean, std = normalization(self.method.backbone)
             self.mean_std = (torch.tensor(mean, device=self.device).view(1, 3, 1, 1),
                              torch.tensor(std, device=self.device).view(1, 3, 1, 1))
-        method_cls = get_method(cfg.method)
-        method_config = build_dataclass(method_cls.Config, cfg.method_args, "method")
-        self.method: CLMethod = method_cls(backbone, method_config, num_classes=sum(self.scenario.sizes),
-                                           num_tasks=self.scenario.num_tasks).to(self.device)
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
