@@ -5,7 +5,7 @@ The protocol owns the loop; a method owns its math. For every task ``t`` the pro
     method.grow(task)                    # add this task's components (head rows, LoRA, prompts)
     method.begin_task(task)              # data-dependent set-up (InfLoRA subspace, prompt copy)
     for stage in method.stages(task):    # usually one stage; HiDe-Prompt has several
-        optimizer, scheduler = method.configure_optimizers(task, stage)
+        optimizer, scheduler = method.configure_optimizers(task, stage)  # param_groups + recipe
         for epoch in range(stage.epochs):
             for x, y in task's training batches:
                 loss = method.training_step(x, y, task, stage); backward; clip; step
@@ -145,11 +145,16 @@ class CLMethod(nn.Module):
         """Parameters to optimise in this stage; default: everything with ``requires_grad``."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def recipe(self, task: Task, stage: Stage) -> TrainConfig:
+        """The optimizer recipe of this stage; default: the task's. Override to give a stage or a
+        variant its own optimizer, learning rate or schedule."""
+        return task.train
+
     def configure_optimizers(self, task: Task, stage: Stage):
-        """A fresh optimizer and per-epoch LR scheduler for this stage, from the recipe."""
+        """A fresh optimizer and per-epoch LR scheduler for this stage, from ``recipe``."""
         groups = [g for g in self.param_groups(task, stage) if g["params"]]
         epochs = stage.epochs if stage.epochs is not None else task.train.epochs
-        return build_optimizer(groups, task.train, epochs)
+        return build_optimizer(groups, self.recipe(task, stage), epochs)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
         """The loss of one batch (harness labels). The protocol does backward/clip/step."""

@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import ExpandingLinear, Stage, Task, build_optimizer, masked_cross_entropy, register_method
+from harness.config import TrainConfig
+from methods.base import ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
 from methods.gaussian_stats import ClassGaussians, retrain_on_samples
-from methods.prompts import Prefix, PromptMethod, frozen_query, prompted_forward
+from methods.prompts import Prefix, PromptMethod, prompted_forward
 
 
 class ResidualMLP(nn.Module):
@@ -169,12 +170,11 @@ class HiDePrompt(PromptMethod):
         return [{"params": [self.prompts[task.index]], "lr": lr},
                 {"params": list(self.head.parameters()), "lr": lr * self.config.head_lr_scale}]
 
-    def configure_optimizers(self, task: Task, stage: Stage):
+    def recipe(self, task: Task, stage: Stage) -> TrainConfig:
         if stage.name != "tii":
-            return super().configure_optimizers(task, stage)
+            return task.train
         # The TII stage has its own LR and, as officially run, no decay within its epochs.
-        recipe = replace(task.train, lr=self.config.tii_lr, schedule="constant")
-        return build_optimizer(self.param_groups(task, stage), recipe, self.config.tii_epochs)
+        return replace(task.train, lr=self.config.tii_lr, schedule="constant")
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
         if stage.name == "tii":

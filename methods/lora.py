@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from harness.config import ConfigError
-from methods.base import CLMethod, ExpandingLinear, Stage, Task
+from methods.base import CLMethod, ExpandingLinear, Task
 
 PROJECTIONS = ("q", "k", "v")  # the three slices of timm's fused qkv output, in order
 

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.config import ConfigError
-from methods.base import Stage, Task, build_optimizer, masked_cross_entropy, register_method
+from harness.config import ConfigError, TrainConfig
+from methods.base import Stage, Task, masked_cross_entropy, register_method
 from methods.lora import LoRAMethod, LoRAQKV, factor_sq_norms, product_sq_norms, safe_norm
 
 
@@ -159,12 +159,11 @@ class SDLoRA(LoRAMethod):
         # One group, one learning rate for LoRA, magnitudes and head (models/sdlora.py:95-118).
         return [{"params": self.trainable_lora() + [self.magnitudes] + self.head.task_parameters(task.index)}]
 
-    def configure_optimizers(self, task: Task, stage: Stage):
+    def recipe(self, task: Task, stage: Stage) -> TrainConfig:
         if self.config.variant != "paper":
-            return super().configure_optimizers(task, stage)
-        paper = dataclasses.replace(task.train, optimizer="adam", lr=self.config.paper_lr,
-                                    schedule="constant", weight_decay=0.0)
-        return build_optimizer(self.param_groups(task, stage), paper, paper.epochs)
+            return task.train
+        return dataclasses.replace(task.train, optimizer="adam", lr=self.config.paper_lr,
+                                   schedule="constant", weight_decay=0.0)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
         logits = self.head(self.backbone(x))
