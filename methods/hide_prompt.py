@@ -135,6 +135,7 @@ class HiDePrompt(PromptMethod):
         self.prompts = nn.ParameterList()
         self.register_buffer("task_of_class", torch.zeros(0, dtype=torch.long))
         self.align_losses: dict[str, list[float]] = {}
+        self.old_centroids = torch.zeros(0, d)  # set by begin_task; not state: derived from prompt_stats
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -159,6 +160,9 @@ class HiDePrompt(PromptMethod):
         if task.index > 0:  # official shared_prompt_pool: start from the previous task's prompt
             with torch.no_grad():
                 self.prompts[task.index].copy_(self.prompts[task.index - 1])
+        # Earlier tasks' centroids stay fixed while this task trains: selected once here, as the
+        # selection (a boolean mask) would make every training step wait for the device.
+        self.old_centroids = self.prompt_stats.centroids(task.known)
 
     def stages(self, task: Task) -> list[Stage]:
         return [Stage("tii", epochs=self.config.tii_epochs), Stage("prompt")]
@@ -182,9 +186,8 @@ class HiDePrompt(PromptMethod):
         features = self.prompted_features(x, self.training_prompt(task))
         loss = masked_cross_entropy(self.head(features), y, task, "current")
         if self.config.contrastive_weight:
-            old = self.prompt_stats.centroids(task.known)
             loss = loss + self.config.contrastive_weight * contrastive_term(
-                features, old, self.config.contrastive_temperature)
+                features, self.old_centroids, self.config.contrastive_temperature)
         return loss
 
     def end_task(self, task: Task) -> None:
