@@ -231,7 +231,10 @@ class ExpandingLinear(nn.Module):
     def out_features(self) -> int:
         return sum(w.shape[0] for w in self.weights)
 
-    def grow(self, num_new: int) -> None:
+    def grow(self, num_new: int, freeze_old: bool = False) -> None:
+        """Add ``num_new`` rows; ``freeze_old`` stops the earlier rows from training."""
+        if freeze_old:
+            self.requires_grad_(False)
         ref = self.weights[0] if len(self.weights) else None
         w = torch.empty(num_new, self.in_features,
                         device=ref.device if ref is not None else None,

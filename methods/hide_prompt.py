@@ -115,6 +115,10 @@ class HiDePrompt(PromptMethod):
         tap_lr: float = 0.005  # SGD; official ca_lr, not scaled by the prompt trainer
         tap_batch: int = 120  # samples per cluster per epoch and batch size (official 5 x batch)
 
+    # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the gradient
+    # of other tasks' rows at zero during the prompt stage).
+    freeze_old_head_rows = False
+
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         cfg = config
@@ -141,10 +145,6 @@ class HiDePrompt(PromptMethod):
 
     def grow(self, task: Task) -> None:
         super().grow(task)
-        # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the
-        # gradient of other tasks' rows at zero during the prompt stage).
-        for p in self.head.parameters():
-            p.requires_grad_(True)
         self.tii_head.grow(task.num_new)
         self.tii_stats.grow(task.num_new)
         self.prompt_stats.grow(task.num_new)

@@ -343,9 +343,7 @@ class LoRAMethod(CLMethod):
 
     def grow(self, task: Task) -> None:
         super().grow(task)
-        for p in self.head.parameters():  # earlier tasks' rows get no gradient from the current-task loss
-            p.requires_grad_(False)
-        self.head.grow(task.num_new)
+        self.head.grow(task.num_new, freeze_old=True)  # the current-task loss gives old rows no gradient
         self._cache.clear()
 
     def begin_task(self, task: Task) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -261,6 +261,9 @@ class PromptMethod(CLMethod):
     """Base of the query-then-prompt methods: frozen backbone, an expanding linear head on the
     prompted feature, two backbone passes per image (query, then prompted)."""
 
+    # The loss masks every other task's logits, so only this task's head rows get a gradient.
+    freeze_old_head_rows: ClassVar[bool] = True
+
     def __init__(self, backbone: nn.Module, config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         check_vit(backbone)
@@ -273,11 +276,7 @@ class PromptMethod(CLMethod):
 
     def grow(self, task: Task) -> None:
         super().grow(task)
-        self.head.grow(task.num_new)
-        # The loss masks every other task's logits, so only this task's rows ever get a gradient.
-        for t in range(len(self.head.weights)):
-            for p in self.head.task_parameters(t):
-                p.requires_grad_(t == task.index)
+        self.head.grow(task.num_new, freeze_old=self.freeze_old_head_rows)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_query(self.backbone, x)
