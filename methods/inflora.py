@@ -165,13 +165,11 @@ class InfLoRA(LoRAMethod):
         super().begin_task(task)
         rank = self.config.rank
         for layer, memory, moment in zip(self.layers, self.subspaces, self._moments(task)):
-            if self.config.subspace == "none":
-                down = torch.linalg.svd(moment)[0][:, :rank].t()
-            else:
-                down = torch.linalg.svd(memory.free_part(moment))[0][:, :rank].t()
-                # Rows past the rank of the projected moment (a free space smaller than r) are
-                # arbitrary SVD vectors; keep only their free part so they never act on old inputs.
-                down = down - down @ memory.protected_projector()
+            # subspace 'none' never stores a basis, so the projections below change nothing there
+            down = torch.linalg.svd(memory.free_part(moment))[0][:, :rank].t()
+            # Rows past the rank of the projected moment (a free space smaller than r) are
+            # arbitrary SVD vectors; keep only their free part so they never act on old inputs.
+            down = down - down @ memory.protected_projector()
             down = (down / math.sqrt(3)).to(layer.weight)
             for p in layer.projections:
                 layer.current_A[p].copy_(down)
