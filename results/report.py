@@ -278,8 +278,16 @@ def comparison_table(groups: pd.DataFrame, paper: PaperNumbers, opts: ReportOpti
               " Ours are task-averaged but the paper's are sample-weighted, so the difference mixes two "
               "definitions.")
     no_spread = sorted(t for t in tables_used if paper.accuracy[paper.accuracy["table"] == t]["spread"].isna().all())
-    caption = (f"Ours: {_spread_caption(opts, _expected(groups))}. Paper: mean (standard error) over 5 runs. "
-               f"Δ = ours − paper; {FLAG_MARK} marks |Δ| > 2 × the paper's standard error"
+    # what the paper's tables say of their own spread (results/paper/*.yaml), not an assumption
+    kinds = {t: (SPREADS[paper.spread_kind[t]], paper.runs[t]) for t in sorted(tables_used)}
+    if len(set(kinds.values())) == 1:
+        (kind, n), = set(kinds.values())
+        paper_spread, flag_unit = f"mean ({kind}) over {n} runs", f"the paper's {kind}"
+    else:
+        paper_spread = "; ".join(f"Table {t}: mean ({k}) over {n} runs" for t, (k, n) in kinds.items())
+        flag_unit = "the paper's spread"
+    caption = (f"Ours: {_spread_caption(opts, _expected(groups))}. Paper: {paper_spread}. "
+               f"Δ = ours − paper; {FLAG_MARK} marks |Δ| > 2 × {flag_unit}"
                + (f" (Table {', '.join(map(str, no_spread))} gives no spread, so those rows are never marked)"
                   if no_spread else "") + f". {DEFINITIONS[opts.metrics]}{caveat}")
     columns = ["Benchmark", "N", "Method", "Table"] + ["ours", "paper", "Δ", ">2 SE"] * len(metrics)
