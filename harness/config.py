@@ -22,6 +22,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from results.store import run_key
+
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
 
 
@@ -103,6 +105,11 @@ class RunConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method's Config
     device: str = "auto"
     tag: str = ""  # distinguishes runs with command-line overrides from the recipe's
+
+    @property
+    def key(self) -> str:
+        """The run's identity and result path (``results.store.run_key``)."""
+        return run_key(self.benchmark, self.num_tasks, self.method, self.seed, self.class_order_seed, self.tag)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -183,8 +183,7 @@ class Run:
         self.out_root = Path(out_root)
         self.progress = progress
         self.on_progress = on_progress or (lambda tasks_done, num_tasks, elapsed_s: None)
-        self.key = store.run_key(config.benchmark, config.num_tasks, config.method, config.seed,
-                                 config.class_order_seed, config.tag)
+        self.key = config.key
         self.result_path = store.result_path(self.out_root, self.key)
         self.checkpoint_path = store.checkpoint_path(self.out_root, self.key)
         self.device = resolve_device(config.device)

@@ -64,16 +64,14 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
                                          benchmark_defaults=bench.defaults, method_config_cls=method_cls.Config)
                     if data_root is not None:
                         cfg.data.root = data_root
-                    key = store.run_key(cfg.benchmark, n, m, seed, cfg.class_order_seed, cfg.tag)
-                    path = store.result_path(out_root, key)
-                    runs.append(PlannedRun(cfg, key, path, path.exists()))
+                    path = store.result_path(out_root, cfg.key)
+                    runs.append(PlannedRun(cfg, cfg.key, path, path.exists()))
     return runs
 
 
 def config_key(config: dict[str, Any]) -> str:
     """The run key of a configuration dictionary (``RunConfig.to_dict()``)."""
-    return store.run_key(config["benchmark"], config["num_tasks"], config["method"], config["seed"],
-                         config["class_order_seed"], config.get("tag", ""))
+    return RunConfig.from_dict(config).key
 
 
 def status_path(out_root: Path, key: str) -> Path:
@@ -117,7 +115,7 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     from harness.protocol import run
 
     cfg = RunConfig.from_dict(config)
-    key = config_key(config)
+    key = cfg.key
     path = store.result_path(Path(out_root), key)
     if path.exists():
         return store.read_result(path)["metrics"]

@@ -53,11 +53,6 @@ def finish(config, out) -> tuple[Run, dict, int]:
     return run, result, reports[0]
 
 
-def key_of(config) -> str:
-    return store.run_key(config.benchmark, config.num_tasks, config.method, config.seed,
-                         config.class_order_seed, config.tag)
-
-
 def assert_same_run(a: tuple[Run, dict], b: tuple[Run, dict]) -> None:
     (run_a, res_a), (run_b, res_b) = a, b
     assert res_a["accuracy_matrix"] == res_b["accuracy_matrix"]
@@ -94,7 +89,7 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
         m.setattr(Run, "_train_task", train_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
-    assert store.checkpoint_path(out, key_of(config)).exists()
+    assert store.checkpoint_path(out, config.key).exists()
     torch.manual_seed(12345)  # a restarted process starts from another global RNG state
     return finish(config, out)
 
