@@ -205,7 +205,9 @@ def valid_keys(run: RunConfig, method_config_cls: type | None) -> list[str]:
 # ----------------------------------------------------------------------------- recipes
 
 
-def load_recipe(method: str) -> dict[str, Any]:
+def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A method's recipe. ``extends: <method>`` starts from that method's recipe and merges this
+    file's sections over it (a variant states only what differs from its base)."""
     path = RECIPE_DIR / f"{method}.yaml"
     if not path.exists():
         raise ConfigError(f"no recipe for method '{method}': expected {path}")
@@ -213,7 +215,12 @@ def load_recipe(method: str) -> dict[str, Any]:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (default, <bench>, <bench>@<N>)")
-    return recipe
+    base = recipe.pop("extends", None)
+    if base is None:
+        return recipe
+    if base in (method, *_chain):
+        raise ConfigError(f"{path}: 'extends: {base}' makes a cycle ({' -> '.join((*_chain, method, base))})")
+    return _merge(load_recipe(base, (*_chain, method)), recipe)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

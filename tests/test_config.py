@@ -64,3 +64,21 @@ def test_yaml_values_are_typed():
     cfg = resolve(parse_set(["train.lr=1e-3", "train.grad_clip=1", "method.mask_old_logits=true"]))
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 1.0
     assert cfg.method_args == {"mask_old_logits": True}
+
+
+def test_a_variant_recipe_extends_its_base():
+    base, rr = load_recipe("sdlora"), load_recipe("sdlora_rr")
+    assert "extends" not in rr and set(rr) == set(base)
+    assert rr["imr"] == base["imr"] and rr["default"]["train"] == base["default"]["train"]
+    assert rr["default"]["method"]["rank_schedule"] == [[0, 10], [4, 8], [8, 6]]
+    assert base["default"]["method"]["rank_schedule"] == [[0, 10]]  # the base is not changed
+
+
+def test_an_extends_cycle_is_named(tmp_path, monkeypatch):
+    import harness.config as config
+
+    (tmp_path / "a.yaml").write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    monkeypatch.setattr(config, "RECIPE_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="a -> b -> a"):
+        load_recipe("a")
