@@ -1,6 +1,7 @@
 """The benchmark registry: one ``Benchmark`` entry per dataset, looked up by short name."""
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,16 @@ def default_test_transform(size: int) -> Callable:
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def with_transform(dataset: Dataset, transform: Callable, otherwise: Callable[[], Dataset]) -> Dataset:
+    """The same samples under another transform: a shallow copy with its ``transform`` swapped,
+    or ``otherwise()`` for a dataset that has no ``transform`` attribute."""
+    if not hasattr(dataset, "transform"):
+        return otherwise()
+    other = copy.copy(dataset)
+    other.transform = transform
+    return other
 
 
 def register_benchmark(benchmark: Benchmark) -> Benchmark:

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.base import Benchmark, DataError
+from benchmarks.base import Benchmark, DataError, with_transform
 from results.store import build_once
 
 CACHE_FORMAT = 1  # bump when the stored bytes of a cache would change
@@ -397,14 +397,11 @@ class ImageCache:
 
 
 def _with_transform(dataset: Dataset, transform: Callable) -> Dataset:
-    import copy
-
-    if not hasattr(dataset, "transform"):
+    def refuse() -> Dataset:
         raise DataError(f"the image cache needs a dataset with a 'transform' attribute to decode its images; "
                         f"{type(dataset).__name__} has none. Run with data.image_cache: false")
-    other = copy.copy(dataset)
-    other.transform = transform
-    return other
+
+    return with_transform(dataset, transform, refuse)
 
 
 def cached_datasets(bench: Benchmark, train: Dataset, test: Dataset, image_size: int, test_transform: Callable,

@@ -17,7 +17,6 @@ once its checkpoint is on disk. ``harness.sweep.run_job`` turns it into the run'
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import datetime as dt
 import os
@@ -37,6 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from benchmarks import get_benchmark
+from benchmarks.base import with_transform
 from benchmarks.scenario import Scenario
 from harness.backbones import create_backbone, normalization
 from harness.config import RunConfig, build_dataclass
@@ -105,15 +105,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-
-
-def _with_transform(dataset: Dataset, transform: Callable, reload: Callable[[], Dataset]) -> Dataset:
-    """The same samples under another transform (the training images without augmentation)."""
-    if hasattr(dataset, "transform"):
-        other = copy.copy(dataset)
-        other.transform = transform
-        return other
-    return reload()
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -208,7 +199,7 @@ class Run:
                 data_dir, self.out_root / "cache" / bench.name, cfg.train.num_workers)
             self.train_plain = train  # the same sources; DeviceBatches crops them as the test transform
         else:
-            self.train_plain = _with_transform(
+            self.train_plain = with_transform(  # the training images without augmentation
                 train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
         self.scenario = Scenario.build(train, test, bench.num_classes, cfg.num_tasks, cfg.class_order_seed,
                                        cfg.data.initial_classes, cfg.data.increment)
