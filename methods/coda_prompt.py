@@ -123,13 +123,12 @@ class CodaPrompt(PromptMethod):
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
-        c, d, depth = config, self.embed_dim, len(backbone.blocks)
+        c, d = config, self.embed_dim
         if c.init not in INITS:
             raise ValueError(f"coda_prompt: init='{c.init}' is not one of {', '.join(INITS)}")
         if c.length < 2 or c.length % 2:
             raise ValueError(f"coda_prompt: length={c.length} must be even (half key, half value prefix)")
-        if any(not 0 <= i < depth for i in c.layers) or len(set(c.layers)) != len(c.layers):
-            raise ValueError(f"coda_prompt: layers={c.layers} must be distinct block indices in 0..{depth - 1}")
+        self.check_layers("layers", c.layers)
         self.per_task = c.num_components // num_tasks
         if self.per_task < 1:
             raise ValueError(f"coda_prompt: num_components={c.num_components} gives no component per task "

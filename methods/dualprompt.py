@@ -51,11 +51,8 @@ class DualPrompt(PromptMethod):
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
-        depth = len(backbone.blocks)
         for name in ("g_layers", "e_layers"):
-            layers = getattr(config, name)
-            if any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers):
-                raise ValueError(f"dualprompt: {name}={layers} must be distinct block indices in 0..{depth - 1}")
+            self.check_layers(name, getattr(config, name))
         if config.g_layers and config.g_length < 1 or config.e_layers and config.e_length < 1:
             raise ValueError("dualprompt: a prompt with layers needs a length of at least 1 "
                              "(to switch one off, give it no layers: g_layers=[])")

@@ -122,11 +122,7 @@ class HiDePrompt(PromptMethod):
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         cfg = config
-        depth = len(self.backbone.blocks)
-        bad = [i for i in cfg.prompt_layers if not 0 <= i < depth]
-        if bad or not cfg.prompt_layers or len(set(cfg.prompt_layers)) != len(cfg.prompt_layers):
-            raise ValueError(f"method.prompt_layers={cfg.prompt_layers} must be distinct block indices in "
-                             f"0..{depth - 1} (this backbone has {depth} blocks); e.g. [0, 1, 2, 3, 4]")
+        self.check_layers("prompt_layers", cfg.prompt_layers, required=True)
         for key in ("tii_align_batch", "tap_batch", "prompt_length", "tii_mlp_ratio"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")

@@ -274,6 +274,15 @@ class PromptMethod(CLMethod):
     def embed_dim(self) -> int:
         return self.backbone.embed_dim
 
+    def check_layers(self, name: str, layers: list[int], required: bool = False) -> None:
+        """``method.<name>`` must list distinct block indices of this backbone (at least one
+        when ``required``)."""
+        depth = len(self.backbone.blocks)
+        if (any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers)
+                or (required and not layers)):
+            raise ValueError(f"method.{name}={layers} must be distinct block indices in 0..{depth - 1} "
+                             f"(this backbone has {depth} blocks); e.g. [0, 1, 2, 3, 4]")
+
     def grow(self, task: Task) -> None:
         super().grow(task)
         self.head.grow(task.num_new, freeze_old=self.freeze_old_head_rows)
