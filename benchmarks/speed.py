@@ -36,9 +36,11 @@ It leaves out data loading, ``begin_task``/``end_task`` work and checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -46,11 +48,11 @@ import traceback
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 # Nominal split sizes for a projection when the data is not on this machine (ImageNet-R's
@@ -424,31 +426,87 @@ SYNCING_OPS = {
 }
 
 
+# Tensors made from Python numbers or literals (``x[m] = 0``, ``torch.tensor(0.5)``): they are
+# built on the host in a CUDA run too, so reading them back costs no wait.
+HOST_FACTORIES = ("aten::lift_fresh", "aten::lift_fresh_copy", "aten::scalar_tensor")
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start-up lines) for the block."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def operators_called(func, args: tuple, kwargs: dict) -> set[str]:
+    """Every ATen operator the installed torch runs for ``func(*args, **kwargs)`` (the nested
+    ones included: what a dispatch mode does not see), on clones of its tensor arguments."""
+    clones = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+    with _stderr_muted(), torch.autograd.profiler.profile(use_kineto=False) as prof:
+        func(*clones[0], **clones[1])
+    return {e.name for e in prof.function_events}
+
+
 class SyncingOps(TorchDispatchMode):
     """Records the operations of a call that would synchronise the host with a CUDA device:
     the CPU stand-in for ``torch.cuda.set_sync_debug_mode('error')``. Host-to-device copies of
-    CPU tensors are not seen (on a CPU run everything is on the CPU)."""
+    CPU tensors are not seen (on a CPU run everything is on the CPU).
+
+    Boolean-mask assignment (``x[mask] = v``, ``aten::index_put_``) is decided by the installed
+    torch itself: it is run once per kind of call under torch's profiler, and it waits if torch
+    turns the mask into indices (``aten::nonzero``, whose output size the host must read). ATen
+    instead takes ``masked_fill_`` (no wait) when the value has one element and is on the host
+    (``canDispatchToMaskedFill`` in ``aten/src/ATen/native/TensorAdvancedIndexing.cpp``), so a
+    value that would live on the device in a CUDA run (anything but ``host_tensors`` and tensors
+    made from Python numbers) is counted as a wait without asking.
+    """
 
     def __init__(self, host_tensors: list[torch.Tensor] = ()):
         super().__init__()
         self.found: dict[str, int] = {}
         # tensors that stay on the host in a CUDA run too (Adam's step counts): reading them is free
         self.host = {t.untyped_storage().data_ptr() for t in host_tensors}
+        self._mask_assignment: dict[tuple, bool] = {}
+
+    def _on_host(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() in self.host
+
+    def _mask_assignment_waits(self, func, args: tuple, kwargs: dict) -> bool:
+        value = args[2] if len(args) > 2 else kwargs.get("values")
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and self._on_host(value)):
+            return True  # torch's masked_fill_ path needs a one-element value on the host
+        indices = [None if i is None else (i.dtype, i.dim()) for i in args[1]]
+        kind = (func._schema.name, args[0].dim(), tuple(indices), value.dim())
+        if kind not in self._mask_assignment:
+            self._mask_assignment[kind] = "aten::nonzero" in operators_called(func, args, kwargs)
+        return self._mask_assignment[kind]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
         why = SYNCING_OPS.get(name)
-        if why and all(t.untyped_storage().data_ptr() in self.host
-                       for t in tree_leaves(args) if isinstance(t, torch.Tensor)):
+        if why and all(self._on_host(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)):
             why = None
-        if name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
-                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_leaves(args[1:2])):
-            why = "boolean-mask indexing"
+        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in tree_leaves(args[1:2]))
+        if boolean_index and name == "aten::index":
+            why = "boolean-mask indexing"  # the output's size is the mask's count
+        elif boolean_index and self._mask_assignment_waits(func, args, kwargs):
+            why = "boolean-mask assignment with a value that is not a host scalar"
+        out = func(*args, **kwargs)
+        if name in HOST_FACTORIES and isinstance(out, torch.Tensor):
+            self.host.add(out.untyped_storage().data_ptr())
         if why is not None:
             key = f"{name} ({why})"
             self.found[key] = self.found.get(key, 0) + 1
-        return func(*args, **kwargs)
+        return out
 
 
 def _capturable(optimizer: torch.optim.Optimizer) -> bool:

@@ -102,12 +102,12 @@ def pytest_collection_modifyitems(config, items):
     import shutil
 
     has_gpu = torch.cuda.is_available()
-    has_slurm = shutil.which("sbatch") is not None and shutil.which("sacct") is not None
+    has_slurm = all(shutil.which(tool) for tool in ("sbatch", "sacct", "srun"))
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "slurm" in item.keywords and not has_slurm:
-            item.add_marker(pytest.mark.skip(reason="needs a SLURM cluster (sbatch, sacct)"))
+            item.add_marker(pytest.mark.skip(reason="needs a SLURM cluster (sbatch, sacct, srun)"))
 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

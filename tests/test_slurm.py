@@ -57,15 +57,25 @@ def test_profiles_load_validate_and_take_overrides():
         load_profile("nope")
 
 
-def test_profile_becomes_valid_submitit_parameters(tmp_path):
-    profile = load_profile("gpu", ["partition=a100", "mem_gb=32", "sbatch_extra=['--exclude=node7', '--exclusive']"])
+def _a100_profile():
+    return load_profile("gpu", ["partition=a100", "mem_gb=32", "sbatch_extra=['--exclude=node7', '--exclusive']"])
+
+
+def test_profile_becomes_submitit_parameters():
+    profile = _a100_profile()
     params = profile.submitit_parameters(profile.time_limit("hide_prompt"))
     assert params["additional_parameters"] == {"exclude": "node7", "exclusive": True}
     assert params["time"] == 1440 and params["gpus_per_node"] == 1 and params["partition"] == "a100"
-    executor = submitit.SlurmExecutor(folder=tmp_path)
-    executor.update_parameters(**params)  # submitit checks them by writing the sbatch script
     with pytest.raises(ConfigError, match="--name=value"):
         load_profile("local", ["sbatch_extra=['exclude=node7']"]).extra_parameters()
+
+
+@pytest.mark.slurm
+def test_submitit_accepts_the_profile_parameters(tmp_path):
+    """submitit checks parameters by writing the sbatch script; its executor needs ``srun``."""
+    profile = _a100_profile()
+    executor = submitit.SlurmExecutor(folder=tmp_path)
+    executor.update_parameters(**profile.submitit_parameters(profile.time_limit("hide_prompt")))
 
 
 def test_run_state_joins_record_submission_and_sacct(tmp_path):

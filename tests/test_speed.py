@@ -182,10 +182,27 @@ def test_syncing_ops_sees_what_would_make_the_host_wait():
     with speed.SyncingOps() as ops:
         _ = x[x > 0]  # boolean-mask indexing: the output size lives on the device
         _ = float(x.sum())  # .item()
-        x[x > 0] = 0  # masked_fill_: no wait
+        x[x > 0] = 0  # a Python number: masked_fill_, whichever operator torch routes it through
+        x[x > 0] = torch.tensor(1.0)  # a literal is built on the host: index_put_ takes masked_fill_
         _ = torch.where(x > 0, x, -x)  # three-argument where: no wait
     assert ops.found == {"aten::index (boolean-mask indexing)": 1,
                          "aten::_local_scalar_dense (.item(), float(), int() or bool() of a tensor)": 1}
+
+
+def test_mask_assignment_waits_unless_torch_takes_masked_fill():
+    """The verdict on ``x[mask] = v`` is the installed torch's own: masked_fill_ for a host scalar,
+    the mask turned into indices (nonzero, a wait) for a tensor of values or a device scalar."""
+    x, mask = torch.randn(6), torch.tensor([True, False] * 3)
+    index_put = torch.ops.aten.index_put_.default
+    assert "aten::masked_fill_" in speed.operators_called(index_put, (x, [mask], torch.tensor(0.0)), {})
+    assert "aten::nonzero" in speed.operators_called(index_put, (x, [mask], torch.zeros(3)), {})
+    on_device = torch.tensor(2.0)  # made before the check: a model's tensor, on the GPU in a CUDA run
+    host = torch.tensor(3.0)
+    with speed.SyncingOps([host]) as ops:
+        x[mask] = torch.zeros(3)
+        x[mask] = on_device
+        x[mask] = host  # declared a host tensor (like Adam's step counts)
+    assert ops.found == {"aten::index_put_ (boolean-mask assignment with a value that is not a host scalar)": 2}
 
 
 @pytest.mark.parametrize("method_name", ["full_ft", "sdlora"])
