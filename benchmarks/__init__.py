@@ -2,10 +2,10 @@
 import importlib
 import pkgutil
 
-from benchmarks.base import BENCHMARKS, Benchmark, DataError, get_benchmark, register_benchmark
+from clbench.benchmarks.base import BENCHMARKS, Benchmark, get_benchmark, register_benchmark
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in ("base", "scenario"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["BENCHMARKS", "Benchmark", "DataError", "get_benchmark", "register_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "get_benchmark", "register_benchmark"]

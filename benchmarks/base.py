@@ -16,10 +16,6 @@ from torchvision import transforms as T
 Loader = Callable[[Path, Callable, Callable, Path], "tuple[Dataset, Dataset]"]
 
 
-class DataError(RuntimeError):
-    """Data missing or malformed; the message names the expected layout and the fix."""
-
-
 @dataclass
 class Benchmark:
     name: str  # short name used on the command line: imr, ima, dn, c100, cub, synth

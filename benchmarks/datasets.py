@@ -39,7 +39,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -53,7 +52,9 @@ from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torchvision.datasets.utils import check_integrity
 
-from benchmarks.base import Benchmark, DataError, register_benchmark
+from clbench.benchmarks.base import Benchmark, register_benchmark
+from clbench.errors import DataError
+from clbench.files import atomic_write_json
 
 # The raw ImageNet-R split. Both are recorded in every split file; changing them only affects
 # file lists that have no split file yet, since existing ones are reused as written.
@@ -430,24 +431,6 @@ def _stratified_split(files: Sequence[str], labels: Sequence[int]) -> tuple[list
     return train, test
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _read_split_file(split_file: Path, files: Sequence[str]) -> tuple[list[str], list[str]]:
     hint = f"delete {split_file} to re-create the same split from the images"
     try:
@@ -488,7 +471,7 @@ def split_raw_folder(data_dir: Path, classes: Sequence[str], splits_dir: Path,
            "seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "classes": list(classes),
            "train": train, "test": test}
     try:
-        _write_json_atomic(split_file, doc)
+        atomic_write_json(split_file, doc)
     except OSError as err:
         raise DataError(f"cannot write the split file {split_file}: {err}") from err
     return train, test, split_file, True

@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.base import Benchmark, DataError, with_transform
-from results.store import build_once
+from clbench.benchmarks.base import Benchmark, with_transform
+from clbench.errors import DataError
+from clbench.files import build_once
 
 CACHE_FORMAT = 1  # bump when the stored bytes of a cache would change
 CACHE_FOLDER = ".clbench_cache"

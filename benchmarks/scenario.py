@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
+
+from clbench.task import task_classes
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
@@ -90,8 +91,7 @@ class Scenario:
         return remap
 
     def task_range(self, t: int) -> range:
-        start = sum(self.sizes[:t])
-        return range(start, start + self.sizes[t])
+        return task_classes(self.sizes, t)
 
     def original_classes(self, t: int) -> list[int]:
         return [self.order[j] for j in self.task_range(t)]
@@ -101,10 +101,3 @@ class Scenario:
 
     def test_subset(self, t: int) -> RemappedSubset:
         return RemappedSubset(self.test, self.test_targets, self.original_classes(t), self.remap)
-
-
-def seen_mask(num_seen: int, task_range: range, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean mask over ``num_seen`` logits that is True on the given task's classes."""
-    mask = torch.zeros(num_seen, dtype=torch.bool, device=device)
-    mask[task_range.start:task_range.stop] = True
-    return mask

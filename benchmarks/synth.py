@@ -54,9 +54,9 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
-from benchmarks.base import Benchmark, register_benchmark
-from harness.backbones import register_pretrained_builder
-from results.store import atomic_replace, build_once
+from clbench.backbones import register_pretrained_builder
+from clbench.benchmarks.base import Benchmark, register_benchmark
+from clbench.files import atomic_replace, build_once
 
 GENERATOR_VERSION = 2
 DEFAULT_SEED = 0

@@ -1,107 +1,58 @@
-"""The contract between the protocol (``harness/protocol.py``) and a continual-learning method.
+"""The contract between the protocol (``clbench/protocol.py``) and a continual-learning method.
 
-The protocol owns the loop; a method owns its math. For every task ``t`` the protocol calls::
+The protocol owns the loop; a method owns its math. For every task ``t`` the protocol calls
+(``clbench.protocol.learn_task``, the one task loop, which ``clbench speed`` drives too)::
 
     method.grow(task)                    # add this task's components (head rows, LoRA, prompts)
     method.begin_task(task)              # data-dependent set-up (InfLoRA subspace, prompt copy)
     for stage in method.stages(task):    # usually one stage; HiDe-Prompt has several
-        optimizer, scheduler = method.configure_optimizers(task, stage)  # param_groups + recipe
-        for epoch in range(stage.epochs):
-            for x, y in task's training batches:
-                loss = method.training_step(x, y, task, stage); backward; clip; step
-            scheduler.step()
-    method.end_task(task)                # merge, statistics, distillation
-    evaluate method.predict(x) on the test data of every class seen so far
+        if the stage has epochs and parameters to train:
+            optimizer, scheduler = method.configure_optimizers(task, stage)  # param_groups + recipe
+            method.train()
+            for epoch in range(stage.epochs):
+                for x, y in task's training batches:
+                    loss = method.training_step(x, y, task, stage); backward; clip; step
+                scheduler.step()
+    method.eval()
+    method.end_task(task)                # merge, statistics, distillation (in eval mode)
+    evaluate method.predict(x) on the test data of every class seen so far (in eval mode)
     checkpoint method.state_dict()
 
 Labels are harness labels: task ``t`` owns classes ``task.classes`` = ``[task.known, task.num_seen)``
 and ``predict`` returns logits over the ``task.num_seen`` classes seen so far.
+
+``training_step`` returns the loss, a scalar tensor; nothing else. The module is in train mode
+for ``training_step`` and in eval mode for ``end_task`` and ``predict``; a method that needs
+train mode inside ``end_task`` (HiDe-Prompt's re-training) sets it there and restores it.
+
+A method that trains nothing (a prototype classifier, say) returns no stages from ``stages``,
+or stages with ``epochs=0`` (``train.epochs: 0`` in its recipe does the same for the default
+stage): no optimizer is built, and ``begin_task``/``end_task`` do its work. Its cost report
+then counts 0 trainable parameters.
 
 Resuming: a fresh method is ``grow``-n through every finished task (structure only, no data)
 and then ``load_state_dict``-ed. ``grow`` must therefore build exactly the parameters that
 training will fill, and any non-tensor state belongs in ``get_extra_state``/``set_extra_state``
 (the standard ``nn.Module`` hooks, saved inside ``state_dict``).
 
-Adding a method = one file in ``methods/`` with a ``@register_method("name")`` class and a
-``Config`` dataclass, plus its recipe ``benchmarks/recipes/<name>.yaml``.
+Adding a method = one file in ``methods/`` with a ``@register_method("name", title=...)`` class
+and a ``Config`` dataclass, plus its recipe ``benchmarks/recipes/<name>.yaml``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from harness.config import TrainConfig
+from clbench.config import TrainConfig
+from clbench.record import MethodInfo
+from clbench.task import CostReport, Stage, Task
 
-
-@dataclass
-class Stage:
-    """One training phase of a task. ``epochs=None`` takes the recipe's epochs for this task."""
-
-    name: str = "train"
-    epochs: int | None = None
-
-
-@dataclass
-class CostReport:
-    """What a method costs, in the paper's Table 5 terms (see ``CLMethod.cost_report``)."""
-
-    trainable_params: int  # parameters updated while learning this task
-    stored_params: int  # parameters kept beyond the frozen pretrained backbone, in total
-    stored_features: int = 0  # floats of data statistics kept (HiDe-Prompt's class centroids)
-    backbone_passes: int = 1  # full ViT forwards per test image
-    flops_per_image: int | None = None  # measured by the protocol with torch's FLOP counter
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Task:
-    """What a method may know about the current task. Only this task's training data is reachable."""
-
-    index: int
-    num_tasks: int
-    classes: range  # harness labels of this task
-    train: TrainConfig  # the recipe with task-0 overrides applied
-    device: torch.device
-    make_loader: Callable[..., DataLoader] = field(repr=False)
-    autocast: Callable[[], contextlib.AbstractContextManager] = field(
-        default=contextlib.nullcontext, repr=False)
-
-    @property
-    def known(self) -> int:
-        """Classes learned before this task."""
-        return self.classes.start
-
-    @property
-    def num_seen(self) -> int:
-        """Classes seen so far, this task's included."""
-        return self.classes.stop
-
-    @property
-    def num_new(self) -> int:
-        return len(self.classes)
-
-    def loader(self, augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
-               drop_last: bool | None = None) -> DataLoader:
-        """A DataLoader over this task's training data (CPU tensors, harness labels)."""
-        return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
-                                drop_last=drop_last)
-
-    def batches(self, augment: bool = False, shuffle: bool = False,
-                batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This task's training data on the device, by default un-augmented and in order:
-        what a pass for statistics (InfLoRA's input moments, HiDe's class centroids) wants."""
-        for x, y in self.loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
-                                drop_last=False):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+__all__ = ["CLMethod", "CostReport", "ExpandingLinear", "METHODS", "Stage", "Task", "build_optimizer",
+           "masked_cross_entropy", "register_method"]
 
 
 class CLMethod(nn.Module):
@@ -115,7 +66,8 @@ class CLMethod(nn.Module):
     """
 
     Config: ClassVar[type] = None  # a dataclass of the method's hyper-parameters
-    name: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by @register_method, with ``info``
+    info: ClassVar[MethodInfo]
 
     def __init__(self, backbone: nn.Module, config: Any, num_classes: int, num_tasks: int):
         super().__init__()
@@ -138,7 +90,8 @@ class CLMethod(nn.Module):
         """Data-dependent preparation before training (may iterate ``task.batches()``)."""
 
     def stages(self, task: Task) -> list[Stage]:
-        """Training phases of this task; each gets its own optimizer and epochs."""
+        """Training phases of this task; each gets its own optimizer and epochs. An empty list (or
+        stages with no epochs) trains nothing."""
         return [Stage()]
 
     def param_groups(self, task: Task, stage: Stage) -> list[dict[str, Any]]:
@@ -157,16 +110,17 @@ class CLMethod(nn.Module):
         return build_optimizer(groups, self.recipe(task, stage), epochs)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
-        """The loss of one batch (harness labels). The protocol does backward/clip/step."""
+        """The loss of one batch (harness labels), a scalar tensor. The protocol does
+        backward/clip/step. Called in train mode."""
         raise NotImplementedError
 
     def end_task(self, task: Task) -> None:
-        """After training: merge, store statistics, distil. Runs before evaluation."""
+        """After training: merge, store statistics, distil. Runs in eval mode, before evaluation."""
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits over the classes seen so far, ``[B, num_seen]``. One image's prediction must
-        not depend on the other images of the batch."""
+        """Logits over the classes seen so far, ``[B, num_seen]``, in eval mode. One image's
+        prediction must not depend on the other images of the batch."""
         raise NotImplementedError
 
     # -- reporting ----------------------------------------------------------------------------
@@ -297,8 +251,13 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: in
 METHODS: dict[str, type[CLMethod]] = {}
 
 
-def register_method(name: str) -> Callable[[type[CLMethod]], type[CLMethod]]:
-    """Class decorator: ``@register_method("sdlora")`` makes the method available by name."""
+def register_method(name: str, *, title: str = "", paper_row: int | None = None,
+                    magnitudes: str | None = None) -> Callable[[type[CLMethod]], type[CLMethod]]:
+    """Class decorator: ``@register_method("sdlora", title="SD-LoRA", paper_row=6)`` makes the
+    method available by name, with its facts for tables and figures: ``title`` as the tables
+    write it (default: the name), ``paper_row`` its row in the paper's tables (None: after
+    them, by name), ``magnitudes`` the ``task_log`` key of learned magnitudes to plot. They
+    travel in every result file (``method_info``), so a report needs no registry."""
 
     def wrap(cls: type[CLMethod]) -> type[CLMethod]:
         if name in METHODS:
@@ -306,15 +265,8 @@ def register_method(name: str) -> Callable[[type[CLMethod]], type[CLMethod]]:
         if cls.Config is None:
             raise TypeError(f"{cls.__name__} must define a Config dataclass")
         cls.name = name
+        cls.info = MethodInfo(name, title, paper_row, magnitudes)
         METHODS[name] = cls
         return cls
 
     return wrap
-
-
-def get_method(name: str) -> type[CLMethod]:
-    import methods  # noqa: F401  (imports every module of the package, which registers it)
-
-    if name not in METHODS:
-        raise KeyError(f"unknown method '{name}'; registered: {', '.join(sorted(METHODS))}")
-    return METHODS[name]

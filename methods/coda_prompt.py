@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.prompts import Prefix, PromptMethod, prompted_forward
+from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
 INITS = ("gram_schmidt", "orthogonal")
 
@@ -111,7 +111,7 @@ class ComponentPool(nn.Module):
                    for n in ("keys", "attention", "components"))
 
 
-@register_method("coda_prompt")
+@register_method("coda_prompt", title="CODA-Prompt", paper_row=3)
 class CodaPrompt(PromptMethod):
     @dataclass
     class Config:

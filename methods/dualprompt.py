@@ -33,11 +33,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
+from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
 
-@register_method("dualprompt")
+@register_method("dualprompt", title="DualPrompt", paper_row=2)
 class DualPrompt(PromptMethod):
     @dataclass
     class Config:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import CLMethod, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.base import CLMethod, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
 
 
-@register_method("full_ft")
+@register_method("full_ft", title="Full Fine-Tuning", paper_row=0)
 class FullFineTuning(CLMethod):
     @dataclass
     class Config:

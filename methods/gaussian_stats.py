@@ -23,8 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
-from harness.config import TrainConfig
-from methods.base import build_optimizer
+from clbench.config import TrainConfig
+from clbench.methods.base import build_optimizer
 
 
 class ClassGaussians(nn.Module):

@@ -51,10 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.config import TrainConfig
-from methods.base import ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
-from methods.gaussian_stats import ClassGaussians, retrain_on_samples
-from methods.prompts import Prefix, PromptMethod, prompted_forward
+from clbench.config import TrainConfig
+from clbench.methods.base import ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
+from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
 
 class ResidualMLP(nn.Module):
@@ -87,7 +87,7 @@ def contrastive_term(features: torch.Tensor, centroids: torch.Tensor, temperatur
         return F.cross_entropy(similarity, torch.arange(len(m), device=m.device))
 
 
-@register_method("hide_prompt")
+@register_method("hide_prompt", title="HiDe-Prompt", paper_row=4)
 class HiDePrompt(PromptMethod):
     @dataclass
     class Config:

@@ -38,9 +38,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.config import ConfigError
-from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.lora import LoRAMethod, input_second_moments
+from clbench.errors import ConfigError
+from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.lora import LoRAMethod, input_second_moments
 
 SUBSPACES = ("dualgpm", "gpm", "none")
 
@@ -122,7 +122,7 @@ class InputSubspace(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-@register_method("inflora")
+@register_method("inflora", title="InfLoRA", paper_row=5)
 class InfLoRA(LoRAMethod):
     @dataclass
     class Config:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
+from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
 
-@register_method("l2p")
+@register_method("l2p", title="L2P", paper_row=1)
 class L2P(PromptMethod):
     @dataclass
     class Config:

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.config import ConfigError
-from methods.base import CLMethod, ExpandingLinear, Task
+from clbench.errors import ConfigError
+from clbench.methods.base import CLMethod, ExpandingLinear, Task
 
 PROJECTIONS = ("q", "k", "v")  # the three slices of timm's fused qkv output, in order
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.base import CLMethod, ExpandingLinear, Task
+from clbench.methods.base import CLMethod, ExpandingLinear, Task
 
 __all__ = ["Prefix", "PromptedTokens", "check_vit", "prefix_attention", "prompted_forward",
            "frozen_query", "cosine_similarity", "select_prompts", "PromptMethod"]

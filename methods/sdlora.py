@@ -40,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from harness.config import ConfigError, TrainConfig
-from methods.base import Stage, Task, masked_cross_entropy, register_method
-from methods.lora import LoRAMethod, LoRAQKV, factor_sq_norms, product_sq_norms, safe_norm
+from clbench.config import TrainConfig
+from clbench.errors import ConfigError
+from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.lora import LoRAMethod, LoRAQKV, factor_sq_norms, product_sq_norms, safe_norm
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def validate_rank_schedule(schedule: list[list[int]]) -> list[tuple[int, int]]:
     return pairs
 
 
-@register_method("sdlora")
+@register_method("sdlora", title="SD-LoRA", paper_row=6, magnitudes="magnitudes")
 class SDLoRA(LoRAMethod):
     @dataclass
     class Config:

@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from harness.config import ConfigError
-from methods.base import Task, register_method
-from methods.lora import direction_gram
-from methods.sdlora import SDLoRA
+from clbench.errors import ConfigError
+from clbench.methods.base import Task, register_method
+from clbench.methods.lora import direction_gram
+from clbench.methods.sdlora import SDLoRA
 
 FOLDS = ("scaled", "literal")
 
 
-@register_method("sdlora_kd")
+@register_method("sdlora_kd", title="SD-LoRA-KD", paper_row=8, magnitudes="magnitudes")
 class SDLoRAKnowledgeDistillation(SDLoRA):
     @dataclass
     class Config(SDLoRA.Config):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from methods.base import register_method
-from methods.sdlora import SDLoRA
+from clbench.methods.base import register_method
+from clbench.methods.sdlora import SDLoRA
 
 
-@register_method("sdlora_rr")
+@register_method("sdlora_rr", title="SD-LoRA-RR", paper_row=7, magnitudes="magnitudes")
 class SDLoRARankReduction(SDLoRA):
     @dataclass
     class Config(SDLoRA.Config):

@@ -10,7 +10,7 @@ How a sweep runs on the cluster:
 
 * **One array per sweep.** Every run of the plan that has no result file becomes one element
   of a submitit job array (``slurm_array_parallelism`` from the profile). Each element calls
-  ``harness.sweep.run_job``, the entry point the local launcher calls too, and writes its own
+  ``clbench.sweep.run_job``, the entry point the local launcher calls too, and writes its own
   result file; nothing is shared in memory. SLURM gives all elements of an array one time
   limit, so runs whose methods have different limits go into one array per limit.
 * **Preemption and time limits.** The protocol checkpoints atomically at every task boundary.
@@ -31,7 +31,7 @@ How a sweep runs on the cluster:
   that was cancelled, killed or timed out for good shows as failed with its log's last lines.
 
 Plain sbatch (``--launcher sbatch --emit DIR``) writes ``DIR/array.sbatch`` and ``DIR/tasks.jsonl``;
-each element runs ``python -m slurm.launcher DIR/tasks.jsonl``, which calls the same
+each element runs ``python -m clbench.slurm.launcher DIR/tasks.jsonl``, which calls the same
 ``run_job`` and requeues itself (``scontrol requeue``) on the pre-time-out signal.
 """
 from __future__ import annotations
@@ -57,15 +57,26 @@ import submitit
 import yaml
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-from harness.config import ConfigError, build_dataclass, update_dataclass
-from harness.sweep import (PlannedRun, config_key, job_identity, read_status, record_failure, run_job,
-                           status_path, update_status)
-from results import store
+from clbench import files
+from clbench.config import RunConfig, build_dataclass, update_dataclass
+from clbench.errors import ConfigError
+from clbench.methods import METHODS
+from clbench.options import PROFILE_ENV, add_launcher_arguments, add_sweep_arguments
+from clbench.record import RunResult, read_result, result_path, write_result
+from clbench.report.aggregate import load_runs, quick_table
+from clbench.sweep import (
+    PlannedRun,
+    job_identity,
+    plan_from_args,
+    read_status,
+    record_failure,
+    run_job,
+    status_path,
+    update_status,
+)
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 ARRAY_TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILE_ENV = "CLBENCH_SLURM_PROFILE"
 
 # sacct states of a job that may still run (submitit's list plus the rarer transient ones).
 QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED",
@@ -167,11 +178,7 @@ def load_profile(name: str, overrides: list[str] | None = None) -> SlurmProfile:
                 raise ConfigError(f"--slurm {key}: '{top}' is not a mapping of the profile")
             value = {**current, sub: value}
         update_dataclass(profile, {top: value}, "--slurm")
-    from harness.sweep import PAPER_ORDER
-    from methods import METHODS
-
-    # the paper's methods may be named before they are all registered
-    unknown = sorted(set(profile.time_min_per_method) - set(METHODS) - set(PAPER_ORDER))
+    unknown = sorted(set(profile.time_min_per_method) - set(METHODS))
     if unknown:
         raise ConfigError(f"profile {path.stem}: time_min_per_method names unknown method(s) "
                           f"{', '.join(unknown)}; registered: {', '.join(sorted(METHODS))}")
@@ -262,8 +269,8 @@ def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[st
     if state.job_id is None and record and record.get("host") == socket.gethostname():
         state.job_id = "local"
     if run.result_path.exists():
-        result = store.read_result(run.result_path)
-        state.state, state.tasks_done, state.elapsed_s = "done", run.config.num_tasks, result.get("wall_time_s")
+        result = read_result(run.result_path)
+        state.state, state.tasks_done, state.elapsed_s = "done", run.config.num_tasks, result.wall_time_s
         return state
     job_state = slurm.get(source.get("job_id") or "", "")
     if record and record.get("state") == "failed":
@@ -292,7 +299,7 @@ def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[st
 
 def run_states(runs: list[PlannedRun], out_root: Path, slurm: dict[str, str] | None = None) -> list[RunState]:
     """Every run's state; SLURM's view comes from one ``sacct`` call unless ``slurm`` is given."""
-    records = [(read_status(out_root, r.key), store.read_json(submission_path(out_root, r.key))) for r in runs]
+    records = [(read_status(out_root, r.key), files.read_json(submission_path(out_root, r.key))) for r in runs]
     if slurm is None:
         slurm = slurm_job_states([(record or submitted or {}).get("job_id") for record, submitted in records])
     now = time.time()
@@ -365,7 +372,7 @@ def note_requeue(out_root: str, key: str, max_stalled: int) -> None:
 
 
 class SlurmRun(submitit.helpers.Checkpointable):
-    """What each array element runs: ``harness.sweep.run_job``, with a failure recorded with its
+    """What each array element runs: ``clbench.sweep.run_job``, with a failure recorded with its
     traceback. Checkpointable: on preemption or time-out submitit calls ``checkpoint`` and
     requeues the same call, which resumes from the run's last task checkpoint (the protocol's;
     nothing of this object needs saving)."""
@@ -378,11 +385,11 @@ class SlurmRun(submitit.helpers.Checkpointable):
         try:
             return run_job(config, out_root, progress=False)
         except Exception:
-            record_failure(Path(out_root), config_key(config), traceback.format_exc())
+            record_failure(Path(out_root), RunConfig.from_dict(config).key, traceback.format_exc())
             raise
 
     def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
-        note_requeue(out_root, config_key(config), self.max_stalled_requeues)
+        note_requeue(out_root, RunConfig.from_dict(config).key, self.max_stalled_requeues)
         return super().checkpoint(config, out_root)
 
 
@@ -407,7 +414,7 @@ def submit_runs(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path) -
                     for r in group]
         now = time.time()
         for r, job in zip(group, jobs):
-            store.atomic_write_json(submission_path(out_root, r.key), {
+            files.atomic_write_json(submission_path(out_root, r.key), {
                 "job_id": job.job_id, "submitted_at": now, "time_min": time_min, "launcher": "slurm",
                 "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
         array_id = jobs[0].job_id.split("_")[0]
@@ -451,11 +458,11 @@ def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
                 break
             if timeout_s is not None and now - start > timeout_s:
                 echo(f"[slurm] stopped waiting after {_duration(now - start)}; unfinished jobs keep running "
-                     f"(follow them with `run_suite.py status` and the same sweep options)")
+                     f"(follow them with `clbench status` and the same sweep options)")
                 break
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        echo("\n[slurm] stopped waiting; the jobs keep running. Follow them with `run_suite.py status` "
+        echo("\n[slurm] stopped waiting; the jobs keep running. Follow them with `clbench status` "
              "(same sweep options), or run the same command again to wait for them.")
         return None
     return [(r, s.error or f"still {s.state} when the wait ended") for r, s in zip(runs, states)
@@ -473,15 +480,15 @@ def emit_array(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path, em
     tasks = emit_dir / "tasks.jsonl"
     lines = [json.dumps({"key": r.key, "out_root": str(out_root), "config": r.config.to_dict(),
                          "max_stalled_requeues": profile.max_stalled_requeues}) for r in runs]
-    store.atomic_write_text(tasks, "\n".join(lines) + "\n")
+    files.atomic_write_text(tasks, "\n".join(lines) + "\n")
     script = string.Template(ARRAY_TEMPLATE.read_text()).substitute(
         emit_dir=emit_dir, last=len(runs) - 1, parallelism=min(profile.array_parallelism, len(runs)),
         logs=emit_dir / "logs", time=max(profile.time_limit(r.config.method) for r in runs),
         signal_delay_s=profile.signal_delay_s, directives="\n".join(profile.sbatch_directives()),
-        setup="\n".join(profile.setup), repo=shlex.quote(str(REPO_ROOT)),
+        setup="\n".join(profile.setup), workdir=shlex.quote(str(Path.cwd())),
         python=shlex.quote(sys.executable), tasks=shlex.quote(str(tasks)))
     path = emit_dir / "array.sbatch"
-    store.atomic_write_text(path, script)
+    files.atomic_write_text(path, script)
     print(f"[sbatch] wrote {path} ({len(runs)} runs, one per line of {tasks})\n"
           f"         submit with: sbatch {path}", flush=True)
     return path
@@ -510,30 +517,6 @@ def run_task_file(tasks_file: Path, index: int) -> dict[str, Any]:
 
 
 # ================================================================================ the CLI
-
-
-def add_launcher_arguments(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
-    """Options of ``--launcher slurm`` and ``--launcher sbatch`` (added to the sweep's parser);
-    ``hidden``: accepted but not shown in ``--help``."""
-    g = parser.add_argument_group("SLURM (--launcher slurm | sbatch)")
-
-    def text(help_text: str) -> str:
-        return argparse.SUPPRESS if hidden else help_text
-
-    g.add_argument("--profile", default=None, help=text(
-        f"cluster profile: a name in slurm/profiles ({', '.join(available_profiles())}) or a YAML path "
-        f"(default ${PROFILE_ENV}, else 'local')"))
-    g.add_argument("--slurm", dest="slurm_overrides", action="append", default=[], metavar="KEY=VALUE", help=text(
-        "override a profile key, e.g. --slurm partition=gpu --slurm time_min=600 "
-        "--slurm time_min_per_method.hide_prompt=2880"))
-    g.add_argument("--no-wait", action="store_true", help=text("submit and return (default: wait, with progress)"))
-    g.add_argument("--poll", type=float, default=15.0, help=text("seconds between checks while waiting (default 15)"))
-    g.add_argument("--wait-timeout", type=float, default=None, metavar="MINUTES", help=text(
-        "stop waiting after this long (the jobs keep running); default: no limit"))
-    g.add_argument("--retry-failed", action="store_true", help=text(
-        "resubmit runs that failed before (default: report them, do not resubmit)"))
-    g.add_argument("--emit", type=Path, default=None, metavar="DIR", help=text(
-        "--launcher sbatch: write DIR/array.sbatch and DIR/tasks.jsonl"))
 
 
 def profile_from_args(args: argparse.Namespace) -> SlurmProfile:
@@ -573,7 +556,7 @@ def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> 
     for r, s in failed:
         print(f"[slurm] {r.key} failed before (job {s.job_id}): {_last_line(s.error)}")
     if failed:
-        print(f"[slurm] {len(failed)} failed run(s) not resubmitted; `run_suite.py status` shows their errors, "
+        print(f"[slurm] {len(failed)} failed run(s) not resubmitted; `clbench status` shows their errors, "
               f"--retry-failed resubmits them")
     if submit:
         submit_runs(submit, profile, out_root)
@@ -583,7 +566,7 @@ def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> 
     watched = active + submit
     if args.no_wait or not watched:
         if args.no_wait and watched:
-            print("[slurm] not waiting; follow the runs with `run_suite.py status` (same sweep options)")
+            print("[slurm] not waiting; follow the runs with `clbench status` (same sweep options)")
         return None if args.no_wait else failures
     timeout = args.wait_timeout * 60 if args.wait_timeout is not None else None
     waited = wait_for_runs(watched, out_root, args.poll, timeout)
@@ -592,9 +575,7 @@ def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> 
 
 def _add_sweep_command_line(p: argparse.ArgumentParser) -> None:
     """The sweep's options, plus (hidden, ignored) those that only say how to run it, so that
-    ``run_suite.py status`` + the sweep's own command line works."""
-    from harness.cli import add_sweep_arguments
-
+    ``clbench status`` + the sweep's own command line works."""
     add_sweep_arguments(p)
     add_launcher_arguments(p, hidden=True)
     for flag in ("--no-progress", "--force", "--dry-run"):
@@ -608,9 +589,7 @@ def _add_status_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def status_main(args: argparse.Namespace) -> int:
-    """``run_suite.py status``: one line per run of the sweep the options describe."""
-    from harness.cli import plan_from_args
-
+    """``clbench status``: one line per run of the sweep the options describe."""
     runs, out = plan_from_args(args)
     print(format_states(run_states(runs, out), args.lines))
     return 0
@@ -624,7 +603,7 @@ def _add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", type=Path, default=None, help="also write the sweep's runs, one row each, to this CSV")
 
 
-def _same_run(result: dict[str, Any], run: PlannedRun) -> bool:
+def _same_run(result: RunResult, run: PlannedRun) -> bool:
     """The result was made by this run's configuration (where the data lives and the device
     may differ between machines)."""
     def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -633,30 +612,26 @@ def _same_run(result: dict[str, Any], run: PlannedRun) -> bool:
         c.get("data", {}).pop("root", None)
         return c
 
-    return result.get("run_key") == run.key and comparable(result.get("config", {})) == comparable(
-        run.config.to_dict())
+    return result.run_key == run.key and comparable(result.config) == comparable(run.config.to_dict())
 
 
 def collect_main(args: argparse.Namespace) -> int:
-    """``run_suite.py collect``: gather the sweep's finished results into the results root
+    """``clbench collect``: gather the sweep's finished results into the results root
     (from ``--from`` roots too), say what is missing, print the table. Exit 1 if incomplete."""
-    from harness.cli import plan_from_args
-    from results.aggregate import load_runs, quick_table
-
     runs, out = plan_from_args(args)
     copied = 0
     for r in runs:
-        candidates = [store.result_path(source, r.key) for source in args.sources] if not r.done else []
+        candidates = [result_path(source, r.key) for source in args.sources] if not r.done else []
         for path in filter(Path.exists, candidates):
-            result = store.read_result(path)
+            result = read_result(path)
             if not _same_run(result, r):
                 print(f"[collect] skipped {path}: made by another configuration than this sweep's {r.key}")
                 continue
-            store.atomic_write_json(r.result_path, result)
+            write_result(r.result_path, result)
             r.done, copied = True, copied + 1
             break
     for r in runs:
-        if r.done and not _same_run(store.read_result(r.result_path), r):
+        if r.done and not _same_run(read_result(r.result_path), r):
             print(f"[collect] warning: {r.result_path} was made by another configuration than the current "
                   f"recipe of {r.key}; rerun it with --force to replace it")
     missing = [r for r in runs if not r.done]

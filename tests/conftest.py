@@ -10,7 +10,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
+from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
 
 TOY_CLASSES = 12
 
@@ -65,23 +65,21 @@ if "toy" not in BENCHMARKS:
 def synth_result(method: str, out, num_tasks: int = 10, seed: int = 0, bench: str = "synth") -> dict:
     """One run's result through the real protocol and recipes; a run already in ``out`` is read
     back, so tests sharing ``synth_results`` train each (method, N, seed) once per session."""
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import Run
-    from methods import get_method
-    from results import store
 
-    cfg = resolve_config(bench, num_tasks, method, seed, benchmark_defaults=get_benchmark(bench).defaults,
-                         method_config_cls=get_method(method).Config, device="cpu")
+    from clbench import record
+    from clbench.protocol import Run
+    from clbench.recipes import resolve_config
+
+    cfg = resolve_config(bench, num_tasks, method, seed, device="cpu")
     run = Run(cfg, out, progress=False)
     if run.result_path.exists():
-        return store.read_result(run.result_path)
+        return record.read_result(run.result_path)
     return run.execute()
 
 
 def mean_final_acc(method: str, out, bench: str = "synth", num_tasks: int = 10, seeds=(0, 1, 2)) -> float:
     """Final Acc of ``method``, mean over ``seeds``."""
-    accs = [synth_result(method, out, num_tasks, seed, bench)["metrics"]["acc"] for seed in seeds]
+    accs = [synth_result(method, out, num_tasks, seed, bench).metrics["acc"] for seed in seeds]
     return sum(accs) / len(accs)
 
 

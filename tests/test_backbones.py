@@ -4,8 +4,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from harness.backbones import PretrainedWeightsError, create_backbone
-from harness.config import BackboneConfig
+from clbench.backbones import create_backbone
+from clbench.config import BackboneConfig
+from clbench.errors import PretrainedWeightsError
 
 
 def test_local_weights_file_is_loaded_exactly(tmp_path):

@@ -1,18 +1,29 @@
 """Recipe layering and validation: unknown keys are errors that list the valid ones."""
+import dataclasses
+
 import pytest
 
-from harness.config import ConfigError, TrainConfig, load_recipe, parse_set, resolve_config
-from methods import get_method
+from clbench import recipes
+from clbench.benchmarks import BENCHMARKS
+from clbench.config import TrainConfig, parse_set
+from clbench.errors import ConfigError
+from clbench.methods import get_method
+from clbench.recipes import load_recipe, resolve_config
 
 FT = get_method("full_ft").Config
 
 
-def resolve(overrides=None, bench="toy", n=3, defaults=None):
-    return resolve_config(bench, n, "full_ft", seed=1, overrides=overrides, benchmark_defaults=defaults,
-                          method_config_cls=FT)
+@pytest.fixture
+def resolve(monkeypatch):
+    """``resolve(overrides, defaults=...)``: full_ft on toy N=3, toy's defaults replaced."""
+    def resolve(overrides=None, bench="toy", n=3, defaults=None):
+        if defaults is not None:
+            monkeypatch.setitem(BENCHMARKS, bench, dataclasses.replace(BENCHMARKS[bench], defaults=defaults))
+        return resolve_config(bench, n, "full_ft", seed=1, overrides=overrides)
+    return resolve
 
 
-def test_layers_recipe_then_benchmark_then_cli():
+def test_layers_recipe_then_benchmark_then_cli(resolve):
     cfg = resolve(defaults={"train": {"epochs": 7, "batch_size": 16}})
     assert cfg.train.optimizer == "adam"  # recipe default
     assert cfg.train.epochs == 7  # benchmark default beats recipe default
@@ -21,7 +32,7 @@ def test_layers_recipe_then_benchmark_then_cli():
     assert resolve().tag == ""
 
 
-def test_synth_section_of_recipe_applies():
+def test_synth_section_of_recipe_applies(resolve):
     recipe = load_recipe("full_ft")
     default, synth = recipe["default"]["train"], recipe["synth"]["train"]
     assert (synth["epochs"], synth["lr"]) != (default["epochs"], default["lr"])  # else this tests nothing
@@ -29,9 +40,9 @@ def test_synth_section_of_recipe_applies():
     assert cfg.train.epochs == synth["epochs"] and cfg.train.lr == pytest.approx(synth["lr"])
 
 
-def test_class_order_seed_is_its_own_knob():
+def test_class_order_seed_is_its_own_knob(resolve):
     assert resolve().class_order_seed == 1  # default: follows the training seed, as PILOT
-    cfg = resolve_config("toy", 3, "full_ft", seed=1, class_order_seed=1993, method_config_cls=FT)
+    cfg = resolve_config("toy", 3, "full_ft", seed=1, class_order_seed=1993)
     assert (cfg.seed, cfg.class_order_seed) == (1, 1993)
 
 
@@ -42,12 +53,12 @@ def test_class_order_seed_is_its_own_knob():
     ("train.epochs=abc", "expected an integer"),
     ("train.lr", "expects key=value"),
 ])
-def test_bad_overrides_name_the_problem(item, fragment):
+def test_bad_overrides_name_the_problem(resolve, item, fragment):
     with pytest.raises(ConfigError, match=fragment):
         resolve(parse_set([item]))
 
 
-def test_unknown_key_lists_valid_keys():
+def test_unknown_key_lists_valid_keys(resolve):
     with pytest.raises(ConfigError) as err:
         resolve(parse_set(["train.lr_typo=1"]))
     assert "batch_size" in str(err.value) and "first_task_lr" in str(err.value)
@@ -60,7 +71,7 @@ def test_first_task_overrides():
     assert (t.for_task(1).epochs, t.for_task(1).lr, t.for_task(1).milestones) == (20, 0.01, [10])
 
 
-def test_yaml_values_are_typed():
+def test_yaml_values_are_typed(resolve):
     cfg = resolve(parse_set(["train.lr=1e-3", "train.grad_clip=1", "method.mask_old_logits=true"]))
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 1.0
     assert cfg.method_args == {"mask_old_logits": True}
@@ -75,10 +86,8 @@ def test_a_variant_recipe_extends_its_base():
 
 
 def test_an_extends_cycle_is_named(tmp_path, monkeypatch):
-    import harness.config as config
-
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
-    monkeypatch.setattr(config, "RECIPE_DIR", tmp_path)
+    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path)
     with pytest.raises(ConfigError, match="a -> b -> a"):
         load_recipe("a")

@@ -14,8 +14,9 @@ import yaml
 from PIL import Image
 from torchvision import transforms as T
 
-from benchmarks import datasets as D
-from benchmarks.base import DataError, get_benchmark
+from clbench.benchmarks import datasets as D
+from clbench.benchmarks.base import get_benchmark
+from clbench.errors import DataError
 
 TO_TENSOR = T.ToTensor()
 WNIDS = ["n01443537", "n01484850", "n01494475"]  # three classes stand in for 200

@@ -6,24 +6,21 @@ import math
 
 import numpy as np
 import pytest
-
-from conftest import mean_final_acc
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TOY_CLASSES, ToyImages, _load_toy, mean_final_acc
 from torch.utils.data import DataLoader, TensorDataset
 
-import methods.hide_prompt as hide_module
-from benchmarks import get_benchmark
-from benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
-from harness.config import TrainConfig, resolve_config
-from harness.protocol import Run
-from methods.base import Task
-from methods.gaussian_stats import ClassGaussians, retrain_on_samples
-from methods.hide_prompt import HiDePrompt, contrastive_term
-from methods.prompts import prompted_forward
-
-from conftest import TOY_CLASSES, ToyImages, _load_toy
+import clbench.methods.hide_prompt as hide_module
+from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
+from clbench.config import TrainConfig
+from clbench.methods.base import Task
+from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
+from clbench.methods.hide_prompt import HiDePrompt, contrastive_term
+from clbench.methods.prompts import prompted_forward
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
 
 # Small enough for seconds per run; every stage still runs (2 centroids of the 8 toy images/class).
 FAST = {"train": {"epochs": 2},
@@ -42,8 +39,7 @@ def one_thread():
 
 
 def toy_run(out, bench: str = "toy", overrides=None, run_cls=Run, **kwargs) -> Run:
-    cfg = resolve_config(bench, 3, "hide_prompt", seed=0, overrides=overrides or FAST, device="cpu",
-                         benchmark_defaults=get_benchmark(bench).defaults, method_config_cls=HiDePrompt.Config)
+    cfg = resolve_config(bench, 3, "hide_prompt", seed=0, overrides=overrides or FAST, device="cpu")
     return run_cls(cfg, out, progress=False, **kwargs)
 
 
@@ -257,11 +253,11 @@ def test_stages_run_in_order_on_current_data_and_statistics_have_the_declared_si
         assert stats.count.sum(1).tolist() == [8] * TOY_CLASSES  # every training image, once
         assert (stats.var[stats.count > 1].sum(-1) > 0).all()
     assert len(method.prompts) == 3 and method.prompts[0].shape == (2, 2, 2, d)
-    cost = result["cost"]
+    cost = result.cost
     assert cost["backbone_passes"] == 2
     assert cost["stored_features"] == 2 * TOY_CLASSES * k * (2 * d + 1)
     assert cost["trainable_params"] > 0 and cost["flops_per_image"] > 0
-    assert 0 <= result["metrics"]["acc"] <= 100
+    assert 0 <= result.metrics["acc"] <= 100
 
 
 def _swap_last_task_images(order: list[int], sizes: list[int]):
@@ -288,7 +284,7 @@ def test_later_tasks_data_never_reaches_an_earlier_stage(tmp_path):
     if "toy_last_swapped" not in BENCHMARKS:
         register_benchmark(Benchmark(
             name="toy_last_swapped", title="Toy", num_classes=TOY_CLASSES, default_tasks=[3],
-            load=_swap_last_task_images(result["class_order"], result["task_sizes"]), folder="toy",
+            load=_swap_last_task_images(result.class_order, result.task_sizes), folder="toy",
             image_size=16, train_transform=BENCHMARKS["toy"].train_transform,
             test_transform=BENCHMARKS["toy"].test_transform, defaults=BENCHMARKS["toy"].defaults))
     second = toy_run(tmp_path / "b", bench="toy_last_swapped", run_cls=ProbingRun)
@@ -313,7 +309,7 @@ def test_a_resumed_run_ends_with_the_same_numbers_and_the_state_round_trips(tmp_
         toy_run(tmp_path / "cut", on_progress=stop_after_two).execute()
     resumed = toy_run(tmp_path / "cut", run_cls=ProbingRun)
     result = resumed.execute()
-    assert result["accuracy_matrix"] == expected["accuracy_matrix"]
+    assert result.accuracy_matrix == expected.accuracy_matrix
     assert torch.equal(resumed.probes[-1], whole.probes[-1])
 
     # the state itself: a fresh method grown through the tasks loads it and predicts the same

@@ -10,13 +10,23 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from benchmarks import image_cache
-from benchmarks.base import BENCHMARKS, Benchmark, DataError, register_benchmark
-from benchmarks.image_cache import (CachedImages, DeviceAugment, DeviceBatches, ImageCache, SourceImage, ToSource,
-                                    center_crop_boxes, crop_resize, random_resized_crop_boxes)
-from harness.config import resolve_config
-from harness.protocol import Run
-from methods import get_method
+from clbench import record
+from clbench.benchmarks import image_cache
+from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
+from clbench.benchmarks.image_cache import (
+    CachedImages,
+    DeviceAugment,
+    DeviceBatches,
+    ImageCache,
+    SourceImage,
+    ToSource,
+    center_crop_boxes,
+    crop_resize,
+    random_resized_crop_boxes,
+)
+from clbench.errors import DataError
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
 
 SIZE = 16  # training resolution of the test benchmark (the toy ViT's input)
 SOURCE = image_cache.default_source_size(SIZE)  # 18
@@ -122,18 +132,16 @@ def test_cached_test_images_are_the_jpeg_test_transform_exactly(data_root, tmp_p
     for i in range(len(jpeg_test)):
         (u8, label), (expected, jpeg_label) = cached_test[i], jpeg_test[i]
         assert u8.dtype == torch.uint8 and label == jpeg_label
-        assert torch.equal(u8.float().div(255), expected)  # the protocol's _to_device does exactly this
+        assert torch.equal(u8.float().div(255), expected)  # the protocol's Inputs do exactly this
 
 
 def test_protocol_feeds_the_same_test_tensors_with_and_without_the_cache(data_root, results_root):
     def test_tensors(cache: bool):
-        cfg = resolve_config("jpegs", 2, "full_ft", 0, overrides={"data": {"image_cache": cache}},
-                             benchmark_defaults=BENCHMARKS["jpegs"].defaults,
-                             method_config_cls=get_method("full_ft").Config)
+        cfg = resolve_config("jpegs", 2, "full_ft", 0, overrides={"data": {"image_cache": cache}})
         cfg.data.root = str(data_root)
         run = Run(cfg, results_root, progress=False)
         run._build()
-        return [run._to_device(x) for x, _ in run._loader(run.scenario.test, 5, False, False, None)]
+        return [run.inputs(x) for x, _ in run._loader(run.scenario.test, 5, False, False, None)]
 
     plain, cached = test_tensors(False), test_tensors(True)
     assert len(plain) == len(cached) == 3
@@ -156,7 +164,7 @@ def test_plain_view_crops_like_the_test_transform(data_root, tmp_path):
 
 
 def test_full_run_with_the_cache_repeats_exactly_with_workers_and_reuses_the_cache(data_root, results_root, tmp_path, monkeypatch):
-    from harness.cli import main
+    from clbench.cli import main
 
     builds = []
     real_build = ImageCache._build
@@ -168,13 +176,11 @@ def test_full_run_with_the_cache_repeats_exactly_with_workers_and_reuses_the_cac
     # Crops are drawn on the device from seeded generators: worker processes change nothing.
     assert main(args + ["--out", str(tmp_path / "again"), "--set", "train.num_workers=2"]) == 0
     assert len(builds) <= 2  # the second run reads what the first one (or an earlier test) wrote
-    import json
-
-    first = json.loads(next((results_root / "runs").rglob("*.json")).read_text())
-    again = json.loads(next((tmp_path / "again" / "runs").rglob("*.json")).read_text())
-    assert first["config"]["data"]["image_cache"] is True
-    assert first["accuracy_matrix"] == again["accuracy_matrix"]
-    assert sum(first["accuracy_matrix"]["total"][-1]) == 12
+    first = record.read_result(next((results_root / "runs").rglob("*.json")))
+    again = record.read_result(next((tmp_path / "again" / "runs").rglob("*.json")))
+    assert first.config["data"]["image_cache"] is True
+    assert first.accuracy_matrix == again.accuracy_matrix
+    assert sum(first.accuracy_matrix["total"][-1]) == 12
 
 
 # ------------------------------------------------------------------------------ the device augmentation

@@ -3,16 +3,16 @@ interference and accuracy."""
 from __future__ import annotations
 
 import pytest
-
-from conftest import mean_final_acc
 import torch
+from conftest import mean_final_acc
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness.config import ConfigError, TrainConfig
-from harness.protocol import count_flops
-from methods import get_method
-from methods.base import Stage, Task
-from methods.inflora import InputSubspace
+from clbench.config import TrainConfig
+from clbench.errors import ConfigError
+from clbench.methods import get_method
+from clbench.methods.base import Stage, Task
+from clbench.methods.inflora import InputSubspace
+from clbench.protocol import count_flops
 from tests.test_lora import branch_reference, toy_vit
 
 PER_TASK = 4
@@ -191,12 +191,11 @@ def test_bad_configuration_names_the_key():
 def first_two_tasks_on_synth(tmp_path, subspace: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Task 0's logits on its own test images after task 0 and after task 1 (the protocol's
     own data and training loop, the synth recipe)."""
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import Run
 
-    cfg = resolve_config("synth", 10, "inflora", 0, benchmark_defaults=get_benchmark("synth").defaults,
-                         method_config_cls=get_method("inflora").Config, device="cpu",
+    from clbench.protocol import Run
+    from clbench.recipes import resolve_config
+
+    cfg = resolve_config("synth", 10, "inflora", 0, device="cpu",
                          overrides={"method": {"subspace": subspace}})
     run = Run(cfg, tmp_path, progress=False)
     run._build()

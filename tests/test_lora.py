@@ -13,8 +13,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.lora import (LoRAQKV, attach_lora, direction_gram, input_second_moments, lora_layers,
-                          merged_copy, product_sq_norms)
+from clbench.methods.lora import (
+    LoRAQKV,
+    attach_lora,
+    direction_gram,
+    input_second_moments,
+    lora_layers,
+    merged_copy,
+    product_sq_norms,
+)
 
 D = 32  # width of conftest's vit_toy_patch4_16
 

@@ -3,8 +3,14 @@ import math
 
 import pytest
 
-from results.metrics import (accuracy_curve, forgetting_consecutive, forgetting_max, per_task_accuracy,
-                             summarize, task_averaged_curve)
+from clbench.metrics import (
+    accuracy_curve,
+    forgetting_consecutive,
+    forgetting_max,
+    per_task_accuracy,
+    summarize,
+    task_averaged_curve,
+)
 
 # Three tasks with unbalanced test sets: task 0 has 10 images, task 1 has 30, task 2 has 60.
 CORRECT = [[9, 0, 0],

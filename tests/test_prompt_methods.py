@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import benchmarks  # noqa: F401  (registers vit_synth_patch8_32)
-from harness.config import TrainConfig
-from methods import get_method
-from methods.base import Stage, Task
-from methods.coda_prompt import ortho_penalty
-from methods.prompts import Prefix, cosine_similarity, prompted_forward
+import clbench.benchmarks  # noqa: F401  (registers vit_synth_patch8_32)
+from clbench.config import TrainConfig
+from clbench.methods import get_method
+from clbench.methods.base import Stage, Task
+from clbench.methods.coda_prompt import ortho_penalty
+from clbench.methods.prompts import Prefix, cosine_similarity, prompted_forward
 
 METHODS = ["l2p", "dualprompt", "coda_prompt"]
 CLASSES_PER_TASK, NUM_TASKS = 4, 3
@@ -296,21 +296,18 @@ def test_bad_configurations_are_refused_with_the_fix():
 def test_each_method_learns_synth_and_forgets_less_than_full_ft(tmp_path):
     """On ``synth`` with 5 tasks (12 classes each, chance 1/60 at the end): every prompt method
     ends far above chance and keeps more of task 1 than full fine-tuning."""
-    from benchmarks import get_benchmark
-    from harness.config import resolve_config
-    from harness.protocol import run
+    from clbench.protocol import run
+    from clbench.recipes import resolve_config
 
     def result(method):
-        cfg = resolve_config("synth", 5, method, seed=0, device="cpu",
-                             benchmark_defaults=get_benchmark("synth").defaults,
-                             method_config_cls=get_method(method).Config)
+        cfg = resolve_config("synth", 5, method, seed=0, device="cpu")
         return run(cfg, tmp_path, progress=False)
 
     def task1_after_last(r):
-        return r["accuracy_matrix"]["correct"][-1][0] / r["accuracy_matrix"]["total"][-1][0]
+        return r.accuracy_matrix["correct"][-1][0] / r.accuracy_matrix["total"][-1][0]
 
     ft = task1_after_last(result("full_ft"))
     for method in METHODS:
         r = result(method)
-        assert r["metrics"]["acc"] > 15.0, (method, r["metrics"])  # 25-28% measured, chance 1.7%
+        assert r.metrics["acc"] > 15.0, (method, r.metrics)  # 25-28% measured, chance 1.7%
         assert task1_after_last(r) > ft, (method, task1_after_last(r), ft)

@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from methods.prompts import (Prefix, check_vit, cosine_similarity, frozen_query, prefix_attention,
-                             prompted_forward, select_prompts)
+from clbench.methods.prompts import (
+    Prefix,
+    check_vit,
+    cosine_similarity,
+    frozen_query,
+    prefix_attention,
+    prompted_forward,
+    select_prompts,
+)
 
 D, HEADS = 96, 4
 

@@ -1,7 +1,7 @@
 """The report on hand-made result files: aggregation over seeds, the paper's layouts, bold and
 footnote placement, the comparison flag, Markdown/LaTeX golden files, figures and the CLI.
 
-Result files are written by ``write_run`` (a small factory of what harness/protocol.py writes);
+Result files are written by ``write_run`` (a small factory of what clbench/protocol.py writes);
 accuracy counts are chosen so every expected number can be worked out by hand.
 
 Golden files live in tests/golden/; after an intended change of the output, regenerate them
@@ -18,11 +18,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from results import store
-from results.aggregate import aggregate, load_runs, magnitude_history, spread_of
-from results.reference import PaperDataError, load_paper
-from results.report import (ReportOptions, bold_best, build_report, compile_latex, write_report)
-from results.table import Cell, Table, latex_document
+from clbench import record
+from clbench.benchmarks import BENCHMARKS
+from clbench.config import RunConfig
+from clbench.methods import METHODS
+from clbench.record import RunResult, TaskRecord
+from clbench.report.aggregate import aggregate, load_runs, magnitude_history, spread_of
+from clbench.report.command import ReportOptions, bold_best, build_report, compile_latex, write_report
+from clbench.report.reference import PaperDataError, load_paper
+from clbench.report.table import Cell, Table, latex_document
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -48,26 +52,27 @@ def counts_for_curve(curve: list[float], per_task: int = 1000) -> tuple[list[lis
 def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[float] | None = None,
               counts: tuple[list, list] | None = None, tag: str = "", magnitudes: bool = False,
               train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None) -> Path:
-    """A result file as harness/protocol.py writes it (only what the report reads is realistic)."""
+    """A result file as clbench/protocol.py writes it (only what the report reads is realistic),
+    with the method's and benchmark's titles as their registrations give them."""
     correct, total = counts if counts is not None else counts_for_curve(curve)
     n = len(correct)
     tasks = []
     for t in range(n):
         log = {"magnitudes": [round(0.8 + 0.05 * k + 0.01 * t + 0.001 * seed, 4) for k in range(t + 1)]} \
             if magnitudes else {}
-        tasks.append({"task": t, "classes": [2 * t, 2 * t + 1], "train_time_s": train_time_s / n, "eval_time_s": 0.1,
-                      "accuracy": 0.0, "cpu_max_rss_mb": 512.0 + t,
-                      "cost": {"trainable_params": 1000 * (t + 1), "stored_params": 5000, "stored_features": 0,
-                               "backbone_passes": 1, "flops_per_image": flops},
-                      "method_log": log})
-    key = store.run_key(benchmark, n, method, seed, seed, tag)
-    result = {"schema": store.SCHEMA_VERSION, "run_key": key, "benchmark": benchmark, "num_tasks": n,
-              "method": method, "tag": tag, "seed": seed, "class_order_seed": seed, "class_order": [],
-              "task_sizes": [2] * n, "config": {"method_args": {}}, "pretrained": "test", "environment": {},
-              "tasks": tasks, "accuracy_matrix": {"correct": correct, "total": total}, "metrics": {},
-              "cost": tasks[-1]["cost"], "wall_time_s": train_time_s + 1, "argv": argv or []}
-    path = store.result_path(root, key)
-    store.atomic_write_json(path, result)
+        tasks.append(TaskRecord(task=t, classes=[2 * t, 2 * t + 1], train_time_s=train_time_s / n, eval_time_s=0.1,
+                                accuracy=0.0, cpu_max_rss_mb=512.0 + t,
+                                cost={"trainable_params": 1000 * (t + 1), "stored_params": 5000, "stored_features": 0,
+                                      "backbone_passes": 1, "flops_per_image": flops},
+                                method_log=log))
+    key = RunConfig(benchmark, n, method, seed, seed, tag=tag).key
+    result = RunResult(run_key=key, benchmark=benchmark, benchmark_title=BENCHMARKS[benchmark].title, num_tasks=n,
+                       method=method, method_info=METHODS[method].info, tag=tag, seed=seed, class_order_seed=seed,
+                       class_order=[], task_sizes=[2] * n, config={"method_args": {}}, pretrained="test",
+                       tasks=tasks, accuracy_matrix={"correct": correct, "total": total}, metrics={},
+                       cost=tasks[-1].cost, wall_time_s=train_time_s + 1, argv=argv or [])
+    path = record.result_path(root, key)
+    record.write_result(path, result)
     return path
 
 
@@ -98,7 +103,7 @@ def toy_root(tmp_path) -> Path:
 
 
 def test_counts_factory_gives_the_curve():
-    from results.metrics import accuracy_curve
+    from clbench.metrics import accuracy_curve
 
     c, n = counts_for_curve([100.0, 81.5, 77.3])
     assert accuracy_curve(c, n).tolist() == pytest.approx([100.0, 81.5, 77.3])
@@ -135,10 +140,14 @@ def test_spread_of_rejects_unknown_names_and_needs_two_values():
 
 
 def test_magnitude_history_is_robust_to_what_methods_log():
-    assert magnitude_history([{"method_log": {}}]) is None
-    assert magnitude_history([{"method_log": {"magnitudes": [[0.1, 0.2]]}}]) is None  # not flat: left out
-    assert magnitude_history([{"method_log": {"alpha": [0.8]}}, {"method_log": {"alpha": [0.9, 1.1]}}]) == \
-        [[0.8], [0.9, 1.1]]
+    def tasks(*logs):
+        return [TaskRecord(task=i, classes=[], train_time_s=0.0, eval_time_s=0.0, accuracy=0.0, cost={},
+                           method_log=log) for i, log in enumerate(logs)]
+
+    assert magnitude_history(tasks({}), "alpha") is None
+    assert magnitude_history(tasks({"alpha": [0.8]}), None) is None  # the method registered no key
+    assert magnitude_history(tasks({"alpha": [[0.1, 0.2]]}), "alpha") is None  # not flat: left out
+    assert magnitude_history(tasks({"alpha": [0.8]}, {"alpha": [0.9, 1.1]}), "alpha") == [[0.8], [0.9, 1.1]]
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -333,7 +342,7 @@ def test_paper_file_errors_name_the_file(tmp_path):
 
 
 def test_figures_written_and_non_empty(toy_root):
-    from results.figures import write_figures
+    from clbench.report.figures import write_figures
 
     runs = load_runs(toy_root)
     out = toy_root / "figures"
@@ -348,14 +357,14 @@ def test_figures_written_and_non_empty(toy_root):
 
 
 def test_no_magnitude_figure_without_magnitudes(tmp_path):
-    from results.figures import magnitude_curves
+    from clbench.report.figures import magnitude_curves
 
     write_run(tmp_path, "toy", "full_ft", 0, [100.0, 70.0])
     assert magnitude_curves(load_runs(tmp_path), tmp_path / "figures") == []
 
 
 def test_cli_report_writes_tables(toy_root, capsys):
-    from harness.cli import main
+    from clbench.cli import main
 
     assert main(["report", "--out", str(toy_root), "--no-figures", "--spread", "std"]) == 0
     tables = toy_root / "tables"
@@ -369,7 +378,7 @@ def test_cli_report_writes_tables(toy_root, capsys):
 
 
 def test_cli_report_without_results_says_so(tmp_path, capsys):
-    from harness.cli import main
+    from clbench.cli import main
 
     assert main(["report", "--out", str(tmp_path / "nothing")]) == 1
     assert "no result files under" in capsys.readouterr().out
@@ -377,6 +386,6 @@ def test_cli_report_without_results_says_so(tmp_path, capsys):
 
 def test_write_report_never_raises(tmp_path, capsys, monkeypatch):
     write_run(tmp_path, "toy", "full_ft", 0, [100.0, 70.0])
-    monkeypatch.setattr("results.report.build_report", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("clbench.report.command.build_report", lambda *a, **k: 1 / 0)
     assert write_report(tmp_path) == []
     assert "the report failed; the result files are intact" in capsys.readouterr().out

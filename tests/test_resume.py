@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from benchmarks import BENCHMARKS, get_benchmark
-from harness.config import resolve_config
-from harness.protocol import Run
-from methods import METHODS, get_method
-from results import store
+from clbench import files, protocol, record
+from clbench.benchmarks import BENCHMARKS
+from clbench.methods import METHODS
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
+from clbench.record import RunResult
 
 
 class Crash(Exception):
@@ -32,9 +33,7 @@ def config_for(bench: str, method: str, num_tasks: int, method_args: dict | None
     overrides = {"train": train} if train else {}
     if method_args:
         overrides["method"] = method_args
-    return resolve_config(bench, num_tasks, method, seed=0, overrides=overrides or None, device="cpu",
-                          benchmark_defaults=get_benchmark(bench).defaults,
-                          method_config_cls=get_method(method).Config)
+    return resolve_config(bench, num_tasks, method, seed=0, overrides=overrides or None, device="cpu")
 
 
 def logits_on_test_set(run: Run) -> torch.Tensor:
@@ -42,10 +41,10 @@ def logits_on_test_set(run: Run) -> torch.Tensor:
     test = ConcatDataset([run.scenario.test_subset(i) for i in range(run.scenario.num_tasks)])
     run.method.eval()
     with torch.no_grad():
-        return torch.cat([run.method.predict(run._to_device(x)) for x, _ in DataLoader(test, batch_size=64)])
+        return torch.cat([run.method.predict(run.inputs(x)) for x, _ in DataLoader(test, batch_size=64)])
 
 
-def finish(config, out) -> tuple[Run, dict, int]:
+def finish(config, out) -> tuple[Run, RunResult, int]:
     """Run to the end; also return the number of finished tasks it started from."""
     reports: list[int] = []
     run = Run(config, out, progress=False, on_progress=lambda done, num_tasks, elapsed_s: reports.append(done))
@@ -53,11 +52,11 @@ def finish(config, out) -> tuple[Run, dict, int]:
     return run, result, reports[0]
 
 
-def assert_same_run(a: tuple[Run, dict], b: tuple[Run, dict]) -> None:
+def assert_same_run(a: tuple[Run, RunResult], b: tuple[Run, RunResult]) -> None:
     (run_a, res_a), (run_b, res_b) = a, b
-    assert res_a["accuracy_matrix"] == res_b["accuracy_matrix"]
-    assert res_a["metrics"] == res_b["metrics"]
-    assert [t["accuracy"] for t in res_a["tasks"]] == [t["accuracy"] for t in res_b["tasks"]]
+    assert res_a.accuracy_matrix == res_b.accuracy_matrix
+    assert res_a.metrics == res_b.metrics
+    assert [t.accuracy for t in res_a.tasks] == [t.accuracy for t in res_b.tasks]
     state_a, state_b = run_a.method.state_dict(), run_b.method.state_dict()
     assert state_a.keys() == state_b.keys()
     for name in state_a:
@@ -70,7 +69,7 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
                              crash_in_task: int | None = None):
     """Crash right after the checkpoint of task ``crash_after_task`` (1-based count of finished
     tasks), or halfway through training task ``crash_in_task`` (0-based); then resume."""
-    real_save = store.atomic_torch_save
+    real_save = files.atomic_torch_save
     real_train = Run._train_task
 
     def save_then_crash(path, obj):
@@ -85,11 +84,11 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
         return real_train(self, task)
 
     with monkeypatch.context() as m:
-        m.setattr(store, "atomic_torch_save", save_then_crash)
+        m.setattr(protocol, "atomic_torch_save", save_then_crash)
         m.setattr(Run, "_train_task", train_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
-    assert store.checkpoint_path(out, config.key).exists()
+    assert record.checkpoint_path(out, config.key).exists()
     torch.manual_seed(12345)  # a restarted process starts from another global RNG state
     return finish(config, out)
 
@@ -102,20 +101,20 @@ def test_resumed_run_equals_uninterrupted_run(results_root, tmp_path, monkeypatc
     run, result, started_from = interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch, **crash)
     assert started_from == resumes_after  # it resumed from the checkpoint, not from scratch
     assert_same_run(uninterrupted[:2], (run, result))
-    assert not store.checkpoint_path(tmp_path / "resumed", run.key).exists()
+    assert not record.checkpoint_path(tmp_path / "resumed", run.key).exists()
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "r"
     config = config_for("toy", "full_ft", 3)
     with monkeypatch.context() as m:
-        real_save = store.atomic_torch_save
+        real_save = files.atomic_torch_save
 
         def save_then_crash(path, obj):
             real_save(path, obj)
             raise Crash
 
-        m.setattr(store, "atomic_torch_save", save_then_crash)
+        m.setattr(protocol, "atomic_torch_save", save_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
     config.train.lr *= 2  # same run key, different numbers: resuming would mix two recipes

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.scenario import Scenario, class_order, task_sizes
+from clbench.benchmarks.scenario import Scenario, class_order, task_sizes
 
 
 def test_class_order_matches_pilot_and_sdlora_logs():

@@ -4,16 +4,16 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from conftest import mean_final_acc
 import timm
 import torch
 import torch.nn as nn
+from conftest import mean_final_acc
 
-from harness.config import ConfigError, TrainConfig
-from harness.protocol import count_flops
-from methods import get_method
-from methods.base import Stage, Task
+from clbench.config import TrainConfig
+from clbench.errors import ConfigError
+from clbench.methods import get_method
+from clbench.methods.base import Stage, Task
+from clbench.protocol import count_flops
 from tests.test_lora import branch_reference, per_task_pairs, randomise_current, toy_vit
 
 CLASSES_PER_TASK = 3

@@ -15,12 +15,14 @@ import pytest
 import submitit
 import torch
 
-from benchmarks import BENCHMARKS
-from harness.cli import main
-from harness.config import ConfigError
-from harness.sweep import read_status, update_status
-from slurm import launcher
-from slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
+from clbench import record
+from clbench.benchmarks import BENCHMARKS
+from clbench.cli import main
+from clbench.errors import ConfigError
+from clbench.record import RunResult
+from clbench.slurm import launcher
+from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
+from clbench.sweep import read_status, update_status
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
@@ -35,8 +37,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def result(root: Path, key: str) -> dict:
-    return json.loads((root / "runs" / f"{key}.json").read_text())
+def result(root: Path, key: str) -> RunResult:
+    return record.read_result(record.result_path(root, key))
 
 
 # ==================================================================== without a cluster
@@ -79,7 +81,7 @@ def test_submitit_accepts_the_profile_parameters(tmp_path):
 
 
 def test_run_state_joins_record_submission_and_sacct(tmp_path):
-    from harness.sweep import plan
+    from clbench.sweep import plan
 
     out = tmp_path / "r"
     run = plan(["toy"], None, ["full_ft"], [0], out)[0]
@@ -169,7 +171,7 @@ def test_emitted_sbatch_array_runs_the_same_job(results_root, tmp_path, capsys, 
                  "#SBATCH --partition=a100", "#SBATCH --gpus-per-node=1", "#SBATCH --requeue",
                  f"#SBATCH --output={emit}/logs/%A_%a.out"):
         assert line in script, line
-    assert "-m slurm.launcher" in script and str(emit / "tasks.jsonl") in script
+    assert "-m clbench.slurm.launcher" in script and str(emit / "tasks.jsonl") in script
     subprocess.run(["bash", "-n", str(emit / "array.sbatch")], check=True)
     tasks = [json.loads(line) for line in (emit / "tasks.jsonl").read_text().splitlines()]
     assert [t["key"] for t in tasks] == ["toy/N3/full_ft/seed0", "toy/N3/full_ft/seed1"]
@@ -183,8 +185,8 @@ def test_emitted_sbatch_array_runs_the_same_job(results_root, tmp_path, capsys, 
     record = read_status(results_root, "toy/N3/full_ft/seed1")
     assert (record["state"], record["job_id"], record["stderr"]) == ("done", "77_1", f"{emit}/logs/77_1.err")
     assert main(TOY + ["--seeds", "1", "--out", str(tmp_path / "local")]) == 0
-    assert (result(results_root, "toy/N3/full_ft/seed1")["accuracy_matrix"]
-            == result(tmp_path / "local", "toy/N3/full_ft/seed1")["accuracy_matrix"])
+    assert (result(results_root, "toy/N3/full_ft/seed1").accuracy_matrix
+            == result(tmp_path / "local", "toy/N3/full_ft/seed1").accuracy_matrix)
     capsys.readouterr()
     assert main(TOY + ["--seeds", "1", "--launcher", "sbatch", "--emit", str(tmp_path / "again")]) == 0
     assert "nothing to emit" in capsys.readouterr().out
@@ -285,8 +287,8 @@ def test_array_survives_preemption_equals_local_and_a_rerun_submits_nothing(clus
     local = tmp_path / "local"
     assert main(sweep[:-2] + ["--out", str(local)]) == 0  # the same seeds with the local launcher
     for key in keys:
-        assert result(out, key)["environment"]["slurm_job_id"]
-        assert result(out, key)["accuracy_matrix"] == result(local, key)["accuracy_matrix"]
+        assert result(out, key).environment["slurm_job_id"]
+        assert result(out, key).accuracy_matrix == result(local, key).accuracy_matrix
 
     assert main(["status"] + sweep) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "2 runs: 2 done"

@@ -10,12 +10,13 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import speed
-from harness.cli import main
-from harness.protocol import autocast_for, compile_blocks, optimization_step
-from harness.sweep import ordered_methods
-from methods import METHODS
-from methods.full_ft import FullFineTuning
+from clbench import speed
+from clbench.benchmarks import get_benchmark
+from clbench.cli import main
+from clbench.methods import METHODS
+from clbench.methods.full_ft import FullFineTuning
+from clbench.protocol import autocast_for, compile_blocks, optimization_step
+from clbench.sweep import ordered_methods
 
 SYNTH = ["speed", "--bench", "synth", "--device", "cpu", "--set", "backbone.pretrained=false",
          "--steps", "3", "--warmup", "1", "--images-per-class", "2", "--threads", "1"]
@@ -150,18 +151,16 @@ def _built(method_name: str, device: str, tasks: int = 2):
     setting = speed.Setting(bench=speed_bench("toy"), num_tasks=tasks, device=torch.device(device), overrides={},
                             seed=0, timing=speed.Timing(torch.device(device), 0, 1), steps_between=1,
                             images_per_class=2, batch_size=8, eval_batch_size=8)
-    method, cfg, sizes = speed.build_method(setting, method_name)
-    task = speed.synthetic_task(setting, cfg, sizes, 0)
+    method, cfg, sizes, inputs = speed.build_method(setting, method_name)
+    task = speed.synthetic_task(setting, cfg, sizes, 0, inputs)
     method.grow(task)
     method.to(device)
     method.begin_task(task)
-    x, y = speed.random_batch(task, 8, speed.image_size(setting, cfg), torch.device(device), 0)
+    x, y = speed.random_batch(task, 8, speed.image_size(setting, cfg), inputs, 0)
     return method, task, x, y
 
 
 def speed_bench(name: str):
-    from benchmarks import get_benchmark
-
     return get_benchmark(name)
 
 

@@ -20,10 +20,10 @@ import pytest
 import timm
 import torch
 
-from benchmarks import get_benchmark
-from benchmarks import synth as S
-from harness.backbones import create_backbone
-from harness.config import BackboneConfig
+from clbench.backbones import create_backbone
+from clbench.benchmarks import get_benchmark
+from clbench.benchmarks import synth as S
+from clbench.config import BackboneConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = S.PretrainConfig(classes=4, images_per_class=8, epochs=1, batch_size=16, warmup_steps=1)
@@ -214,7 +214,7 @@ _WORKER = """
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from benchmarks import synth as S
+from clbench.benchmarks import synth as S
 config = S.PretrainConfig(**json.loads(sys.argv[2]))
 Path(sys.argv[3]).touch()
 while not Path(sys.argv[4]).exists():  # start together

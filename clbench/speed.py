@@ -1,16 +1,18 @@
-"""``python run_suite.py speed``: throughput, FLOPs and memory of every method, at task 1 and at
+"""``clbench speed``: throughput, FLOPs and memory of every method, at task 1 and at
 the last task, with ratios measured in the same run.
 
-    python run_suite.py speed --bench synth --methods all --device cpu --tasks 20
-    python run_suite.py speed --bench imr --methods sdlora --tasks 10 --device cuda   # no data needed
+    clbench speed --bench synth --methods all --device cpu --tasks 20
+    clbench speed --bench imr --methods sdlora --tasks 10 --device cuda   # no data needed
 
 Each method is built as a run builds it (``resolve_config`` -> ``create_backbone`` ->
-``get_method``) and grown through every task on random images of the benchmark's size, with
-``--steps-between`` optimisation steps per stage instead of real training: enough for every
+``get_method``) and taken through every task by the protocol's own task loop
+(``clbench.protocol.learn_task``: the same ``Task`` construction and input normalisation, the
+same stages and optimizers, ``begin_task`` and ``end_task``) on random images of the
+benchmark's size, with ``--steps-between`` optimisation steps per stage instead of epochs: enough for every
 component a method adds per task to exist and hold non-zero values (a zero LoRA update is not
 what SD-LoRA-KD would see). At task 1 and at the last task it measures
 
-* **training**: the protocol's own step (``harness.protocol.optimization_step``: autocast,
+* **training**: the protocol's own step (``clbench.protocol.optimization_step``: autocast,
   forward, loss, backward, clipping, optimizer step) on one fixed batch of the recipe's batch
   size, for every training stage, after ``--warmup`` steps. Over ``--steps`` turns, each turn's
   step times are combined over the stages in proportion to their epochs; images/s is the median
@@ -54,6 +56,29 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, TensorDataset
+
+from clbench import record
+from clbench.backbones import create_backbone, normalization
+from clbench.benchmarks import get_benchmark
+from clbench.benchmarks.scenario import task_sizes
+from clbench.config import RunConfig, parse_set
+from clbench.errors import ConfigError, DataError
+from clbench.methods import METHODS, ordered_methods
+from clbench.methods.base import CLMethod
+from clbench.protocol import (
+    Inputs,
+    StagePlan,
+    autocast_for,
+    build_task,
+    count_flops,
+    learn_task,
+    optimization_step,
+    resolve_device,
+    stage_plans,
+)
+from clbench.protocol import build_method as protocol_build_method
+from clbench.recipes import resolve_config
+from clbench.task import Task, task_classes
 
 # Nominal split sizes for a projection when the data is not on this machine (ImageNet-R's
 # 30,000 images split 80/20, as SD-LoRA's PILOT archive).
@@ -201,39 +226,31 @@ class Setting:
     eval_batch_size: int | None
 
 
-def resolve(setting: Setting, method: str):
-    """The run configuration, exactly as ``harness.sweep.plan`` resolves it."""
-    from harness.config import resolve_config
-    from methods import get_method
-
+def resolve(setting: Setting, method: str) -> RunConfig:
+    """The run configuration, exactly as ``clbench.sweep.plan`` resolves it."""
     return resolve_config(setting.bench.name, setting.num_tasks, method, setting.seed, None,
-                          copy.deepcopy(setting.overrides) or None, str(setting.device),
-                          benchmark_defaults=setting.bench.defaults, method_config_cls=get_method(method).Config)
+                          copy.deepcopy(setting.overrides) or None, str(setting.device))
 
 
-def image_size(setting: Setting, cfg) -> int:
+def image_size(setting: Setting, cfg: RunConfig) -> int:
     return cfg.data.image_size or setting.bench.image_size
 
 
-def build_method(setting: Setting, method: str):
-    """``(method, config, task sizes)``, built as a run builds it (``protocol.build_method``)."""
-    from benchmarks.scenario import task_sizes
-    from harness.protocol import build_method as build
-
+def build_method(setting: Setting, method: str) -> tuple[CLMethod, RunConfig, list[int], Inputs]:
+    """``(method, config, task sizes, inputs)``, built as a run builds them (``protocol.build_method``,
+    with the run's input normalisation)."""
     cfg = resolve(setting, method)
     sizes = task_sizes(setting.bench.num_classes, setting.num_tasks, cfg.data.initial_classes, cfg.data.increment)
-    model, _ = build(cfg, sizes, setting.device)
-    return model, cfg, sizes
+    model, _ = protocol_build_method(cfg, sizes, setting.device)
+    inputs = Inputs(setting.device, normalization(model.backbone) if cfg.backbone.normalize else None)
+    return model, cfg, sizes, inputs
 
 
-def synthetic_task(setting: Setting, cfg, sizes: list[int], t: int):
-    """``Task`` ``t`` whose data is random images of the benchmark's size, ``images_per_class`` per
-    class, on the CPU like a DataLoader's (methods' passes over the data go through it)."""
-    from harness.protocol import autocast_for
-    from methods.base import Task
-
-    start = sum(sizes[:t])
-    classes = range(start, start + sizes[t])
+def synthetic_task(setting: Setting, cfg: RunConfig, sizes: list[int], t: int, inputs: Inputs) -> Task:
+    """``Task`` ``t`` as a run builds it (``protocol.build_task``), its data random images of the
+    benchmark's size, ``images_per_class`` per class, on the CPU like a DataLoader's (methods'
+    passes over the data go through it)."""
+    classes = task_classes(sizes, t)
     size = image_size(setting, cfg)
     g = torch.Generator().manual_seed(setting.seed * 1000 + t)
     labels = torch.tensor(list(classes)).repeat_interleave(setting.images_per_class)
@@ -247,35 +264,33 @@ def synthetic_task(setting: Setting, cfg, sizes: list[int], t: int):
         return DataLoader(TensorDataset(images, labels), batch_size=batch_size or train_cfg.batch_size,
                           shuffle=shuffle, drop_last=bool(drop_last), generator=torch.Generator().manual_seed(t))
 
-    return Task(index=t, num_tasks=len(sizes), classes=classes, train=train_cfg, device=setting.device,
-                make_loader=make_loader, autocast=autocast_for(setting.device))
+    return build_task(t, sizes, train_cfg, inputs, make_loader, autocast_for(setting.device))
 
 
-def random_batch(task, n: int, size: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(task: Task, n: int, size: int, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of random images in [0, 1] with labels of ``task``, as the model sees them."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, size, size, generator=g)
     y = torch.randint(task.classes.start, task.classes.stop, (n,), generator=g)
-    return x.to(device), y.to(device)
+    return inputs(x), y.to(inputs.device)
 
 
 class Trainer:
-    """The stages of one task with their optimizers, and a step function per stage."""
+    """The stages of one task with their optimizers (``protocol.stage_plans``, or the plans the
+    protocol's ``learn_task`` just trained), and a step function per stage: the protocol's
+    ``optimization_step`` on one fixed batch."""
 
-    def __init__(self, method, task, x: torch.Tensor, y: torch.Tensor):
-        from harness.protocol import optimization_step
-
+    def __init__(self, method: CLMethod, task: Task, x: torch.Tensor, y: torch.Tensor,
+                 plans: list[StagePlan] | None = None):
         self.method, self.task = method, task
         self.stages = []
-        for stage in method.stages(task):
-            epochs = stage.epochs if stage.epochs is not None else task.train.epochs
-            optimizer, _ = method.configure_optimizers(task, stage)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            if epochs > 0 and params:
+        for plan in (stage_plans(method, task) if plans is None else plans):
+            if plan.params:
 
-                def step(stage=stage, optimizer=optimizer, params=params):
-                    optimization_step(method, x, y, task, stage, optimizer, params, task.autocast)
+                def step(plan=plan):
+                    optimization_step(method, x, y, task, plan.stage, plan.optimizer, plan.params, task.autocast)
 
-                self.stages.append((stage, epochs, optimizer, step))
+                self.stages.append((plan.stage, plan.epochs, plan.optimizer, step))
 
     def state_tensors(self) -> list[torch.Tensor]:
         out = [*self.method.parameters(), *self.method.buffers()]
@@ -322,48 +337,47 @@ State = tuple  # (method copy, its Task, batch x, batch y): enough to rebuild a 
 def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: Callable[[str], None],
                    baseline_states: dict[str, State] | None = None,
                    keep_states: dict[str, State] | None = None) -> MethodSpeed:
-    """Grow ``name`` through every task; measure it at task 1 and at the last task.
+    """Take ``name`` through every task with the protocol's own loop (``learn_task``: grow,
+    begin_task, each stage's optimizer, end_task), training ``--steps-between`` steps per stage
+    instead of epochs; measure it at task 1 and at the last task, after its stages and before
+    ``end_task``, and its inference after ``end_task``.
 
     ``baseline_states``: the ``--vs`` method as it was at its task 1 (``"first"``) and last task
     (``"last"``), stepped in turns with this one. ``keep_states``: filled with this method's.
     """
-    from harness.protocol import compile_blocks, count_flops
-
     timing, device = setting.timing, setting.device
-    method, cfg, sizes = build_method(setting, name)
+    method, cfg, sizes, inputs = build_method(setting, name)
     size = image_size(setting, cfg)
-    if cfg.train.compile:
-        compile_blocks(method.backbone, len(sizes))
     eval_bs = setting.eval_batch_size or cfg.train.eval_batch_size
-    x_eval = torch.rand(eval_bs, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    x_eval = inputs(torch.rand(eval_bs, 3, size, size, generator=torch.Generator().manual_seed(1)))
     result = MethodSpeed(name, [])
     last = len(sizes) - 1
     states: dict[str, State] = {}
+    compile_for = len(sizes) if cfg.train.compile else None
     for t in range(len(sizes)):
-        task = synthetic_task(setting, cfg, sizes, t)
-        method.grow(task)
-        method.to(device)
-        method.begin_task(task)
-        x, y = random_batch(task, task.train.batch_size, size, device, seed=t)
-        trainer = Trainer(method, task, x, y)
-        method.train()
-        if t not in (0, last):
-            for _, _, _, step in trainer.stages:
-                for _ in range(setting.steps_between):
-                    step()
-            method.end_task(task)
-            continue
-
+        task = synthetic_task(setting, cfg, sizes, t, inputs)
+        x, y = random_batch(task, task.train.batch_size, size, inputs, seed=t)
         which = "first" if t == 0 else "last"
-        log(f"{name}: task {t + 1}/{len(sizes)}: timing {len(trainer.stages)} training stage(s)")
+        measured = t in (0, last)
         speed = TaskSpeed(task=t + 1, train_images_per_s=None, infer_images_per_s=0.0, infer_flops=0,
                           train_flops=None, train_peak_mib=None, infer_peak_mib=0.0, infer_vs_backbone=0.0,
                           train_vs_first=None)
-        if trainer.stages:
+
+        def train_stage(plan: StagePlan) -> None:
+            if not measured:  # enough steps for what the stage adds to hold non-zero values
+                step = Trainer(method, task, x, y, [plan]).stages
+                for _ in range(setting.steps_between if step else 0):
+                    step[0][3]()
+
+        def measure_training_of(plans: list[StagePlan]) -> None:
+            if not measured:
+                return
+            trainer = Trainer(method, task, x, y, plans)
+            log(f"{name}: task {t + 1}/{len(sizes)}: timing {len(trainer.stages)} training stage(s)")
+            if not trainer.stages:
+                return
             reference = Trainer(*states["first"]) if t > 0 and "first" in states else None
-            base = None
-            if baseline_states and which in baseline_states:
-                base = Trainer(*baseline_states[which])
+            base = Trainer(*baseline_states[which]) if baseline_states and which in baseline_states else None
             for other in (reference, base):
                 if other is not None:
                     other.method.train()
@@ -377,15 +391,17 @@ def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: 
             main_step = trainer.stages[-1][3]
             speed.train_flops = count_flops(main_step) // task.train.batch_size
             speed.train_peak_mib = peak_memory_mib(device, main_step, lambda: trainer.state_tensors() + [x])
-            result.checks += gpu_path_checks(trainer, device)
+            result.checks.extend(gpu_path_checks(trainer, device))
             if (t == 0 and last > 0) or keep_states is not None:
                 try:  # optimizers are rebuilt for a copy when it is stepped again; the model is what is kept
                     states[which] = (copy.deepcopy(method), task, x, y)
                 except Exception as err:  # a method that cannot be copied gets unpaired ratios
                     log(f"{name}: cannot keep a copy at task {t + 1} ({type(err).__name__}: {err}); "
                         f"its ratios divide separate medians")
-        method.end_task(task)
-        method.eval()
+
+        learn_task(method, task, train_stage, compile_for, after_stages=measure_training_of)
+        if not measured:
+            continue
 
         def predict() -> torch.Tensor:
             with torch.no_grad(), task.autocast():
@@ -574,13 +590,10 @@ def projected_run_s(speed: MethodSpeed, num_tasks: int, train_images: int, test_
 
 def split_sizes(setting: Setting, cfg) -> tuple[int, int] | None:
     """Training and test images of the benchmark: counted if the data is here, else nominal."""
-    from benchmarks.base import DataError
-    from results import store
-
     bench = setting.bench
     try:
         train_tf, test_tf = bench.transforms(cfg.data.image_size)
-        train, test = bench.load(bench.data_dir(cfg.data.root), train_tf, test_tf, store.default_root() / "splits")
+        train, test = bench.load(bench.data_dir(cfg.data.root), train_tf, test_tf, record.default_root() / "splits")
         return len(train), len(test)
     except (DataError, OSError):
         return NOMINAL_SIZES.get(bench.name)
@@ -668,13 +681,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmarks import get_benchmark
-    from harness.backbones import create_backbone
-    from harness.config import ConfigError, parse_set
-    from harness.protocol import autocast_for, count_flops, resolve_device
-    from harness.sweep import ordered_methods
-    from methods import METHODS
-
     bench = get_benchmark(args.bench)
     num_tasks = args.tasks or max(bench.default_tasks)
     if num_tasks < 1 or num_tasks > bench.num_classes:

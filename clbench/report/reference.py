@@ -14,7 +14,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-PAPER_DIR = Path(__file__).resolve().parent / "paper"
+import clbench.paper as paper_numbers
+
+# The paper's numbers are data: the repository's results/paper/, installed as clbench.paper.
+PAPER_DIR = Path(paper_numbers.__file__).resolve().parent
+# The paper's rows, by the names this harness registers them under.
+PAPER_METHODS = ("full_ft", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "inflora", "sdlora", "sdlora_rr",
+                 "sdlora_kd")
 ACCURACY_METRICS = ("acc", "aaa")
 COST_FIELDS = ("gflops", "learnable_params_m", "stored_features_m")
 
@@ -77,9 +83,7 @@ def _entry(path: Path, where: str, value: Any) -> tuple[float, float]:
 
 
 def _known_methods() -> set[str]:
-    from harness.sweep import PAPER_ORDER
-
-    return set(PAPER_ORDER)
+    return set(PAPER_METHODS)
 
 
 def _check_keys(path: Path, where: str, d: Any, required: set[str], optional: set[str] = frozenset()) -> None:

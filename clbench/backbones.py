@@ -16,14 +16,11 @@ import timm
 import torch
 import torch.nn as nn
 
-from harness.config import BackboneConfig
+from clbench.config import BackboneConfig
+from clbench.errors import PretrainedWeightsError
 
 # model name -> function returning the path of a weights file it built (or found cached).
 PRETRAINED_BUILDERS: dict[str, Callable[[], Path]] = {}
-
-
-class PretrainedWeightsError(RuntimeError):
-    pass
 
 
 def register_pretrained_builder(model_name: str, builder: Callable[[], Path]) -> None:

@@ -19,7 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from results.aggregate import benchmark_title, method_label, method_sort_key
+from clbench.report.aggregate import Names
 
 SEABORN_ERRORBAR = {"std": "sd", "sem": "se"}  # same definitions as aggregate.spread_of (ddof=1)
 METRIC_CURVES = {"acc": "acc_curve", "acc_task_avg": "acc_task_avg_curve"}
@@ -33,27 +33,29 @@ def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _labelled(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Runs with a ``label`` column, and the labels in the paper's order."""
-    runs = runs.assign(label=[method_label(m, t) for m, t in zip(runs["method"], runs["tag"])])
-    keys = {method_label(m, t): method_sort_key(m, t) for m, t in zip(runs["method"], runs["tag"])}
-    return runs, sorted(keys, key=keys.get)
+def _labelled(runs: pd.DataFrame) -> tuple[Names, pd.DataFrame, list[str], dict[str, tuple]]:
+    """The runs' names, the runs with a ``label`` column, the labels in the paper's order and
+    their colours."""
+    names = Names.of(runs)
+    runs = runs.assign(label=[names.label(m, t) for m, t in zip(runs["method"], runs["tag"])])
+    keys = {names.label(m, t): names.sort_key(m, t) for m, t in zip(runs["method"], runs["tag"])}
+    return names, runs, sorted(keys, key=keys.get), _palette(runs)
 
 
 def _palette(runs: pd.DataFrame) -> dict[str, tuple]:
     """A colour per row label that is the same in every figure and report: the paper's methods
     keep their tab10 colour, a tagged variant a darker shade of its method's colour."""
-    from harness.sweep import PAPER_ORDER
-
-    methods = sorted(set(runs["method"]), key=method_sort_key)
-    others = [m for m in methods if m not in PAPER_ORDER]
+    names = Names.of(runs)
+    methods = sorted(set(runs["method"]), key=names.sort_key)
+    row = {m: names.methods[m].paper_row if m in names.methods else None for m in methods}
+    others = [m for m in methods if row[m] is None or row[m] >= 10]
     base = sns.color_palette("tab10", 10)
     extra = sns.color_palette("husl", max(1, len(others)))
-    colour = {m: base[PAPER_ORDER.index(m)] if m in PAPER_ORDER else extra[others.index(m)] for m in methods}
+    colour = {m: extra[others.index(m)] if m in others else base[row[m]] for m in methods}
     palette = {}
     for m, t in zip(runs["method"], runs["tag"]):
         c = colour[m]
-        palette[method_label(m, t)] = tuple(0.55 * v for v in c) if t else c
+        palette[names.label(m, t)] = tuple(0.55 * v for v in c) if t else c
     return palette
 
 
@@ -66,8 +68,7 @@ def _panels(cols: int, rows: int = 1, width: float = 4.2, height: float = 3.4, s
 def accuracy_curves(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", metric: str = "acc") -> list[Path]:
     """``acc_curve_<bench>``: one panel per N; x = tasks learned, y = accuracy over seen classes."""
     written = []
-    runs, order = _labelled(runs)
-    palette = _palette(runs)
+    names, runs, order, palette = _labelled(runs)
     for bench, b in runs.groupby("benchmark", sort=True):
         ns = sorted(b["num_tasks"].unique())
         long = pd.DataFrame([{"N": r.num_tasks, "task": t + 1, "accuracy": a, "label": r.label, "seed": r.seed}
@@ -84,7 +85,7 @@ def accuracy_curves(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", metr
                 sns.lineplot(data=long[long["N"] == n], x="task", y="accuracy", hue="label", hue_order=labels,
                              palette=palette, errorbar=SEABORN_ERRORBAR[spread], marker="o", markersize=4,
                              ax=ax, legend=ax is axes[-1])
-                ax.set_title(f"{benchmark_title(bench)}, N={n}")
+                ax.set_title(f"{names.benchmark(bench)}, N={n}")
                 ax.set_xlabel("tasks learned")
                 ax.set_xticks(range(1, n + 1, max(1, n // 10)))
                 ax.set_ylabel("Acc over seen classes (%)" if metric == "acc" else "task-averaged Acc (%)")
@@ -109,8 +110,7 @@ def final_accuracy_bars(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", 
     seeds as dots and, where ``paper`` (``PaperNumbers.accuracy``) has the same method, N and
     metric, the paper's mean as a black bar. The y axis starts near the lowest value, not at 0."""
     written = []
-    runs, order = _labelled(runs)
-    palette = _palette(runs)
+    names, runs, order, palette = _labelled(runs)
     for bench, b in runs.groupby("benchmark", sort=True):
         ns = sorted(b["num_tasks"].unique())
         with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
@@ -135,7 +135,7 @@ def final_accuracy_bars(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", 
                         ax.hlines(p["mean"].iloc[0], i - 0.42, i + 0.42, colors="black", linewidth=2.2,
                                   zorder=5, label="paper (mean)")
                         floor_values.append(p["mean"].iloc[0])
-                ax.set_title(f"{benchmark_title(bench)}, N={n}")
+                ax.set_title(f"{names.benchmark(bench)}, N={n}")
                 ax.set_xlabel("")
                 ax.set_ylabel(("final Acc (%)" if metric == "acc" else "final task-averaged Acc (%)")
                               + f", mean ± {'SE' if spread == 'sem' else 'SD'}")
@@ -165,7 +165,7 @@ def magnitude_curves(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", max
     runs = runs[runs["magnitudes"].map(lambda h: isinstance(h, list) and len(h) > 0)]
     if runs.empty:
         return written
-    runs, order = _labelled(runs)
+    names, runs, order, _ = _labelled(runs)
     cmap = sns.color_palette("crest", as_cmap=True)
     for bench, b in runs.groupby("benchmark", sort=True):
         labels = [lab for lab in order if lab in set(b["label"])]
@@ -195,7 +195,7 @@ def magnitude_curves(runs: pd.DataFrame, out_dir: Path, spread: str = "sem", max
                     bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
                     bar.set_label("after task t")
                     bar.ax.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-                    ax.set_title(f"{lab}: {benchmark_title(bench)}, N={n}")
+                    ax.set_title(f"{lab}: {names.benchmark(bench)}, N={n}")
                     ax.set_xlabel("direction of task k")
                     ax.set_ylabel("learned magnitude α_k")
                     ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True, nbins=10))

@@ -12,7 +12,7 @@ checkpoint.
 
 Progress is reported through ``on_progress(tasks_done, num_tasks, elapsed_s)``: once the run
 has started (after a resume, with the restored tasks counted) and after every finished task,
-once its checkpoint is on disk. ``harness.sweep.run_job`` turns it into the run's status record.
+once its checkpoint is on disk. ``clbench.sweep.run_job`` turns it into the run's status record.
 """
 from __future__ import annotations
 
@@ -28,23 +28,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from benchmarks import get_benchmark
-from benchmarks.base import with_transform
-from benchmarks.scenario import Scenario
-from harness.backbones import create_backbone, normalization
-from harness.config import RunConfig, build_dataclass
-from methods.base import CLMethod, Stage, Task, get_method
-from results import store
-from results.metrics import summarize
+import clbench
+from clbench import record
+from clbench.backbones import create_backbone, normalization
+from clbench.benchmarks import get_benchmark
+from clbench.benchmarks.base import with_transform
+from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
+from clbench.benchmarks.scenario import Scenario
+from clbench.config import RunConfig, TrainConfig, build_dataclass
+from clbench.files import atomic_torch_save
+from clbench.methods import get_method
+from clbench.methods.base import CLMethod
+from clbench.metrics import summarize
+from clbench.record import RunResult, TaskRecord
+from clbench.task import Stage, Task, task_classes
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_ROOT = Path(clbench.__file__).resolve().parent.parent  # the checkout, for an editable install
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,22 +90,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def source_commit() -> str:
+    """The git commit of the checkout clbench runs from, ``-dirty`` if any file differs from it
+    (untracked files count: a new method file is part of what ran); empty for an installed wheel."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=SOURCE_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != SOURCE_ROOT:  # site-packages inside some other repository
+            return ""
+        dirty = git("status", "--porcelain", "--untracked-files=normal") != ""
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import timm
     import torchvision
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
     return {
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "timm": timm.__version__,
-                     "numpy": np.__version__},
-        "git_commit": commit + ("-dirty" if dirty else ""),
+        "versions": {"clbench": clbench.__version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "timm": timm.__version__, "numpy": np.__version__},
+        "git_commit": source_commit(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
         "hostname": socket.gethostname(),
@@ -125,12 +141,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
 def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage,
                       optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                       autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
-    """One step of the training loop (also what ``run_suite.py speed`` times): the method's loss
+    """One step of the training loop (also what ``clbench speed`` times): the method's loss
     under ``autocast``, backward, gradient clipping, optimizer step. Returns the detached loss,
     still on the device: nothing here waits for the device."""
     with autocast():
-        out = method.training_step(x, y, task, stage)
-    loss = out["loss"] if isinstance(out, dict) else out
+        loss = method.training_step(x, y, task, stage)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if task.train.grad_clip:
@@ -156,7 +171,7 @@ def compile_blocks(backbone: torch.nn.Module, num_tasks: int = 1, backend: str =
 
 def build_method(config: RunConfig, sizes: list[int], device: torch.device) -> tuple[CLMethod, str]:
     """How a run builds its model, seeded: the backbone, then the method around it, on
-    ``device``; also the pretrained weights' identifier. ``run_suite.py speed`` builds it so too."""
+    ``device``; also the pretrained weights' identifier. ``clbench speed`` builds it so too."""
     seed_everything(config.seed)
     backbone, weights_id = create_backbone(config.backbone)
     cls = get_method(config.method)
@@ -165,8 +180,96 @@ def build_method(config: RunConfig, sizes: list[int], device: torch.device) -> t
     return method, weights_id
 
 
+class Inputs:
+    """How batches reach the model: moved to the device, cached uint8 images scaled to [0, 1],
+    normalised by the backbone's mean and std when the recipe asks (``backbone.normalize``)."""
+
+    def __init__(self, device: torch.device, mean_std: tuple[list[float], list[float]] | None = None):
+        self.device = device
+        self.mean_std = None if mean_std is None else tuple(
+            torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # a cached test image: ToTensor's scaling, done on the device
+            x = x.float().div_(255)
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.mean_std is None else (x - self.mean_std[0]) / self.mean_std[1]
+
+
+def build_task(index: int, sizes: list[int], train: TrainConfig, inputs: Inputs,
+               make_loader: Callable[..., DataLoader],
+               autocast: Callable[[], contextlib.AbstractContextManager]) -> Task:
+    """Task ``index`` of a scenario with these task ``sizes``, its data through ``make_loader``
+    (``Task.loader``'s arguments). A method's own passes over the data (``task.batches``) are
+    normalised as the training batches are."""
+    task = Task(index=index, num_tasks=len(sizes), classes=task_classes(sizes, index), train=train,
+                device=inputs.device, make_loader=make_loader, autocast=autocast)
+    if inputs.mean_std is not None:
+        batches = task.batches
+
+        def normalised_batches(*args, **kwargs):
+            for x, y in batches(*args, **kwargs):
+                yield inputs.normalise(x), y
+
+        task.batches = normalised_batches  # type: ignore[method-assign]
+    return task
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """One stage of a task, ready to train: its epochs and a fresh optimizer and scheduler."""
+
+    stage: Stage
+    epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+
+
+def stage_plans(method: CLMethod, task: Task) -> Iterator[StagePlan]:
+    """The task's stages that have epochs, each with a fresh optimizer built when the stage is
+    reached (after the previous one trained, as its parameter groups may depend on it). A stage
+    with no epochs or no parameters to train is skipped and builds no optimizer: a training-free
+    method may have such stages, or none."""
+    for stage in method.stages(task):
+        epochs = stage.epochs if stage.epochs is not None else task.train.epochs
+        if epochs <= 0 or not any(g["params"] for g in method.param_groups(task, stage)):
+            continue
+        optimizer, scheduler = method.configure_optimizers(task, stage)
+        yield StagePlan(stage, epochs, optimizer, scheduler, [p for g in optimizer.param_groups for p in g["params"]])
+
+
+def learn_task(method: CLMethod, task: Task, train_stage: Callable[[StagePlan], None],
+               compile_blocks_for: int | None = None,
+               after_stages: Callable[[list[StagePlan]], None] | None = None) -> int:
+    """The lifecycle of one task, the same for a run and for ``clbench speed``: ``grow``, place on
+    the device, (compile), ``begin_task``, every stage of ``stage_plans`` through ``train_stage``
+    with the module in train mode, ``after_stages`` (speed measures there), then ``end_task``
+    in eval mode. Returns the number of parameters this task's optimizers updated."""
+    method.grow(task)
+    method.to(task.device)
+    if compile_blocks_for is not None:
+        compile_blocks(method.backbone, compile_blocks_for)
+    method.begin_task(task)
+    trainable: dict[int, int] = {}
+    plans = []
+    for plan in stage_plans(method, task):
+        trainable.update({id(p): p.numel() for p in plan.params})
+        method.train()
+        train_stage(plan)
+        plans.append(plan)
+    if after_stages is not None:
+        after_stages(plans)
+    method.eval()
+    method.end_task(task)
+    return sum(trainable.values())
+
+
 class Run:
-    """One run of one method on one scenario. ``execute()`` returns the result dictionary."""
+    """One run of one method on one scenario. ``execute()`` writes and returns its ``RunResult``."""
 
     def __init__(self, config: RunConfig, out_root: Path, progress: bool = True,
                  on_progress: Callable[[int, int, float], None] | None = None):
@@ -175,8 +278,8 @@ class Run:
         self.progress = progress
         self.on_progress = on_progress or (lambda tasks_done, num_tasks, elapsed_s: None)
         self.key = config.key
-        self.result_path = store.result_path(self.out_root, self.key)
-        self.checkpoint_path = store.checkpoint_path(self.out_root, self.key)
+        self.result_path = record.result_path(self.out_root, self.key)
+        self.checkpoint_path = record.checkpoint_path(self.out_root, self.key)
         self.device = resolve_device(config.device)
         self.autocast = autocast_for(self.device)
 
@@ -192,8 +295,6 @@ class Run:
         self.data_provenance = getattr(train, "provenance", str(data_dir))
         self.device_augment = None
         if cfg.data.image_cache:  # uint8 memmaps; crops, flips and scaling happen on the device
-            from benchmarks.image_cache import cached_datasets
-
             train, test, self.device_augment = cached_datasets(
                 bench, train, test, cfg.data.image_size or bench.image_size, test_tf, cfg.data.cache_source_size,
                 data_dir, self.out_root / "cache" / bench.name, cfg.train.num_workers)
@@ -206,19 +307,7 @@ class Run:
         self.plain_scenario = dataclasses.replace(self.scenario, train=self.train_plain)
 
         self.method, self.weights_id = build_method(cfg, self.scenario.sizes, self.device)
-        self.mean_std = None
-        if cfg.backbone.normalize:
-            mean, std = normalization(self.method.backbone)
-            self.mean_std = (torch.tensor(mean, device=self.device).view(1, 3, 1, 1),
-                             torch.tensor(std, device=self.device).view(1, 3, 1, 1))
-
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:  # a cached test image: ToTensor's scaling, done on the device
-            x = x.float().div_(255)
-        if self.mean_std is not None:
-            x = (x - self.mean_std[0]) / self.mean_std[1]
-        return x
+        self.inputs = Inputs(self.device, normalization(self.method.backbone) if cfg.backbone.normalize else None)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
                 seed: int | None) -> DataLoader:
@@ -241,52 +330,35 @@ class Run:
             loader = self._loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
                                   train_cfg.drop_last if drop_last is None else drop_last, seed)
             if self.device_augment is not None:
-                from benchmarks.image_cache import DeviceBatches
-
                 loader = DeviceBatches(loader, self.device_augment, self.device, train=augment, seed=seed)
             return loader
 
-        task = Task(index=t, num_tasks=self.scenario.num_tasks, classes=self.scenario.task_range(t),
-                    train=train_cfg, device=self.device, make_loader=make_loader, autocast=self.autocast)
-        if self.mean_std is not None:  # keep method-side passes over the data normalised too
-            batches = task.batches
-
-            def normalised_batches(*args, **kwargs):
-                for x, y in batches(*args, **kwargs):
-                    yield (x - self.mean_std[0]) / self.mean_std[1], y
-
-            task.batches = normalised_batches  # type: ignore[method-assign]
-        return task
+        return build_task(t, self.scenario.sizes, train_cfg, self.inputs, make_loader, self.autocast)
 
     # -- the loop --------------------------------------------------------------------------------
 
     def _train_task(self, task: Task) -> int:
-        """Train all stages of a task; returns the number of parameters its optimizers updated."""
-        method = self.method
-        trainable: dict[int, int] = {}
-        for stage in method.stages(task):
-            epochs = stage.epochs if stage.epochs is not None else task.train.epochs
-            optimizer, scheduler = method.configure_optimizers(task, stage)
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            trainable.update({id(p): p.numel() for p in params})
-            if epochs <= 0:
-                continue
+        """Learn one task (``learn_task``), its stages trained for their epochs over the task's
+        augmented, shuffled training data; returns the parameters its optimizers updated."""
+        def train_stage(plan: StagePlan) -> None:
             loader = task.loader(augment=True, shuffle=True)
-            bar = tqdm(total=epochs * len(loader), disable=not self.progress, leave=False, dynamic_ncols=True,
-                       desc=f"{self.config.method} task {task.index + 1}/{task.num_tasks} {stage.name}")
-            method.train()
-            for epoch in range(epochs):
+            bar = tqdm(total=plan.epochs * len(loader), disable=not self.progress, leave=False, dynamic_ncols=True,
+                       desc=f"{self.config.method} task {task.index + 1}/{task.num_tasks} {plan.stage.name}")
+            for epoch in range(plan.epochs):
                 running = torch.zeros((), device=self.device)
                 for step, (x, y) in enumerate(loader):
-                    x, y = self._to_device(x), y.to(self.device, non_blocking=True)
-                    running += optimization_step(method, x, y, task, stage, optimizer, params, self.autocast)
+                    x, y = self.inputs(x), y.to(self.device, non_blocking=True)
+                    running += optimization_step(self.method, x, y, task, plan.stage, plan.optimizer, plan.params,
+                                                 self.autocast)
                     bar.update()
                     if step == len(loader) - 1 and self.progress:  # one host sync per epoch
-                        bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{running.item() / (step + 1):.3f}")
-                if scheduler is not None:
-                    scheduler.step()
+                        bar.set_postfix(epoch=f"{epoch + 1}/{plan.epochs}", loss=f"{running.item() / (step + 1):.3f}")
+                if plan.scheduler is not None:
+                    plan.scheduler.step()
             bar.close()
-        return sum(trainable.values())
+
+        compile_for = self.scenario.num_tasks if self.config.train.compile else None
+        return learn_task(self.method, task, train_stage, compile_for)
 
     @torch.no_grad()
     def _evaluate(self, t: int) -> tuple[list[int], list[int]]:
@@ -300,7 +372,7 @@ class Run:
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         bounds_t = torch.as_tensor(bounds, device=self.device)
         for x, y in tqdm(loader, disable=not self.progress, leave=False, desc=f"eval after task {t + 1}"):
-            x, y = self._to_device(x), y.to(self.device)
+            x, y = self.inputs(x), y.to(self.device)
             with self.autocast():
                 logits = self.method.predict(x)
             task_of = torch.bucketize(y, bounds_t, right=True)
@@ -311,19 +383,19 @@ class Run:
 
     def _flops_per_image(self) -> int:
         x, _ = self.scenario.test_subset(0)[0]
-        x = self._to_device(x.unsqueeze(0))
+        x = self.inputs(x.unsqueeze(0))
         self.method.eval()
         with torch.no_grad():
             return count_flops(lambda: self.method.predict(x))
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> RunResult:
         cfg = self.config
         started = time.time()
         self._build()  # data errors surface here, before anything is written
         T = self.scenario.num_tasks
         correct = [[0] * T for _ in range(T)]
         total = [[0] * T for _ in range(T)]
-        records: list[dict[str, Any]] = []
+        records: list[TaskRecord] = []
         first = 0
         if self.checkpoint_path.exists():
             ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
@@ -335,7 +407,8 @@ class Run:
                 self.method.grow(self._task(t))
             self.method.load_state_dict(ckpt["method"])
             self.method.to(self.device)
-            correct, total, records = ckpt["correct"], ckpt["total"], ckpt["tasks"]
+            correct, total = ckpt["correct"], ckpt["total"]
+            records = [TaskRecord(**r) for r in ckpt["tasks"]]
             started -= ckpt["elapsed_s"]
             set_rng_state(ckpt["rng"])
             tqdm.write(f"[{self.key}] resuming after task {first}/{T} from {self.checkpoint_path}")
@@ -346,13 +419,7 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.time()
-            self.method.grow(task)
-            self.method.to(self.device)
-            if cfg.train.compile:
-                compile_blocks(self.method.backbone, self.scenario.num_tasks)
-            self.method.begin_task(task)
             trainable = self._train_task(task)
-            self.method.end_task(task)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t1 = time.time()
@@ -362,47 +429,33 @@ class Run:
             cost = self.method.cost_report(task, trainable)
             cost.flops_per_image = self._flops_per_image()
             acc_t = 100.0 * sum(row_c) / max(sum(row_n), 1)
-            records.append({"task": t, "classes": list(task.classes), "train_time_s": t1 - t0,
-                            "eval_time_s": t2 - t1, "accuracy": acc_t, **peak_memory_mb(self.device),
-                            "cost": cost.to_dict(), "method_log": self.method.task_log(task)})
+            records.append(TaskRecord(task=t, classes=list(task.classes), train_time_s=t1 - t0,
+                                      eval_time_s=t2 - t1, accuracy=acc_t, cost=cost.to_dict(),
+                                      method_log=self.method.task_log(task), **peak_memory_mb(self.device)))
             tqdm.write(f"[{self.key}] task {t + 1}/{T}: acc over {task.num_seen} seen classes "
                        f"{acc_t:.2f}%  ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
             if t < T - 1:
-                store.atomic_torch_save(self.checkpoint_path, {
+                atomic_torch_save(self.checkpoint_path, {
                     "config": cfg.to_dict(), "completed_tasks": t + 1, "method": self.method.state_dict(),
-                    "rng": rng_state(), "correct": correct, "total": total, "tasks": records,
-                    "elapsed_s": time.time() - started})
+                    "rng": rng_state(), "correct": correct, "total": total,
+                    "tasks": [dataclasses.asdict(r) for r in records], "elapsed_s": time.time() - started})
             self.on_progress(t + 1, T, time.time() - started)
 
-        result = {
-            "schema": store.SCHEMA_VERSION,
-            "run_key": self.key,
-            "benchmark": cfg.benchmark,
-            "num_tasks": T,
-            "method": cfg.method,
-            "tag": cfg.tag,
-            "seed": cfg.seed,
-            "class_order_seed": cfg.class_order_seed,
-            "class_order": self.scenario.order,
-            "task_sizes": self.scenario.sizes,
-            "config": cfg.to_dict(),
-            "pretrained": self.weights_id,
-            "data": self.data_provenance,
-            "environment": environment(self.device),
-            "tasks": records,
-            "accuracy_matrix": {"correct": correct, "total": total},
-            "metrics": summarize(correct, total),
-            "cost": records[-1]["cost"],
-            "wall_time_s": time.time() - started,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv,
-        }
-        store.atomic_write_json(self.result_path, result)
+        result = RunResult(
+            run_key=self.key, benchmark=cfg.benchmark, benchmark_title=get_benchmark(cfg.benchmark).title,
+            num_tasks=T, method=cfg.method, method_info=type(self.method).info, tag=cfg.tag, seed=cfg.seed,
+            class_order_seed=cfg.class_order_seed, class_order=self.scenario.order,
+            task_sizes=self.scenario.sizes, config=cfg.to_dict(), pretrained=self.weights_id,
+            data=self.data_provenance, environment=environment(self.device), tasks=records,
+            accuracy_matrix={"correct": correct, "total": total}, metrics=summarize(correct, total),
+            cost=records[-1].cost, wall_time_s=time.time() - started,
+            finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv)
+        record.write_result(self.result_path, result)
         self.checkpoint_path.unlink(missing_ok=True)
         return result
 
 
 def run(config: RunConfig, out_root: Path, progress: bool = True,
-        on_progress: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+        on_progress: Callable[[int, int, float], None] | None = None) -> RunResult:
     """Run one configuration to completion (resuming from its checkpoint if there is one)."""
     return Run(config, out_root, progress, on_progress).execute()

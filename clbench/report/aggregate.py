@@ -8,14 +8,16 @@ A *group* is everything that identifies a run but its seeds: (benchmark, N, meth
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-from results import store
-from results.metrics import summarize
+from clbench import record
+from clbench.metrics import summarize
+from clbench.record import MethodInfo, RunResult, TaskRecord
 
 GROUP_KEYS = ["benchmark", "num_tasks", "method", "tag"]
 METRICS = ["acc", "aaa", "acc_task_avg", "aaa_task_avg", "forgetting_max", "forgetting_consecutive"]
@@ -25,47 +27,50 @@ HIGHER_IS_BETTER = {"acc": True, "aaa": True, "acc_task_avg": True, "aaa_task_av
 COSTS = ["flops_per_image", "backbone_passes", "trainable_params_per_task", "trainable_params_last",
          "stored_params", "stored_features", "train_time_s", "wall_time_s", "peak_cuda_mb", "peak_rss_mb"]
 SPREADS = {"std": "standard deviation", "sem": "standard error"}
-# Where a method's task log may keep its learned magnitudes (SD-LoRA's alpha), first match wins.
-MAGNITUDE_KEYS = ("alpha", "alphas", "magnitudes")
 
 
-# The paper's names for the methods; anything else shows under its registry name.
-METHOD_TITLES = {"full_ft": "Full Fine-Tuning", "l2p": "L2P", "dualprompt": "DualPrompt",
-                 "coda_prompt": "CODA-Prompt", "hide_prompt": "HiDe-Prompt", "inflora": "InfLoRA",
-                 "sdlora": "SD-LoRA", "sdlora_rr": "SD-LoRA-RR", "sdlora_kd": "SD-LoRA-KD"}
+@dataclass(frozen=True)
+class Names:
+    """How the methods and benchmarks of a set of runs are titled and ordered: from their result
+    files (``method_info``, ``benchmark_title``), so a report needs no registry, and a method
+    shows with its own title wherever it was registered."""
+
+    methods: dict[str, MethodInfo]
+    benchmarks: dict[str, str]
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> "Names":
+        """From a frame of runs or groups (``load_runs`` / ``aggregate``)."""
+        if frame.empty or "method_info" not in frame:
+            return cls({}, {})
+        return cls(dict(zip(frame["method"], frame["method_info"])),
+                   dict(zip(frame["benchmark"], frame["benchmark_title"])))
+
+    def label(self, method: str, tag: str = "") -> str:
+        """A group's row label: the method's title, and the tag of non-recipe runs."""
+        title = self.methods[method].title if method in self.methods else method
+        return f"{title} [{tag}]" if tag else title
+
+    def sort_key(self, method: str, tag: str = "") -> tuple[float, str, str]:
+        """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
+        row = self.methods[method].paper_row if method in self.methods else None
+        return (row if row is not None else float("inf"), method, tag)
+
+    def benchmark(self, name: str) -> str:
+        """The benchmark's title as the paper writes it (as its run recorded it), else its name."""
+        return self.benchmarks.get(name, name)
 
 
-def method_label(method: str, tag: str = "") -> str:
-    """A group's row label: the paper's method name, and the tag of non-recipe runs."""
-    title = METHOD_TITLES.get(method, method)
-    return f"{title} [{tag}]" if tag else title
-
-
-def method_sort_key(method: str, tag: str = "") -> tuple[int, str, str]:
-    """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
-    from harness.sweep import method_rank
-
-    return (method_rank(method), method, tag)
-
-
-def benchmark_title(name: str) -> str:
-    """The benchmark's title as the paper writes it (its registry entry), else its name."""
-    try:
-        from benchmarks import get_benchmark
-
-        return get_benchmark(name).title
-    except (KeyError, ImportError):  # a result file can outlive the benchmark that wrote it
-        return name
-
-
-def magnitude_history(tasks: list[dict[str, Any]]) -> list[list[float]] | None:
+def magnitude_history(tasks: list[TaskRecord], key: str | None) -> list[list[float]] | None:
     """The learned magnitudes after each task, ``[[a_0], [a_0, a_1], ...]``, from the tasks'
-    ``method_log``; None when the method logs none (or logs something that is not a flat list
-    of numbers, which the report then leaves out rather than guess at)."""
+    ``method_log[key]`` (the key the method registered, ``MethodInfo.magnitudes``); None when
+    it logs none (or logs something that is not a flat list of numbers, which the report then
+    leaves out rather than guess at)."""
+    if key is None:
+        return None
     history = []
-    for record in tasks:
-        log = record.get("method_log") or {}
-        values = next((log[k] for k in MAGNITUDE_KEYS if k in log), None)
+    for task in tasks:
+        values = (task.method_log or {}).get(key)
         if not isinstance(values, (list, tuple)) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             return None
@@ -85,37 +90,36 @@ def _overrides_from_argv(argv: list[str] | None) -> str:
     return " ".join(picked)
 
 
-def run_row(path: Path, r: dict[str, Any]) -> dict[str, Any]:
-    """One result dictionary as one flat row (identity, seeds, metrics, curves, cost, time)."""
-    correct, total = r["accuracy_matrix"]["correct"], r["accuracy_matrix"]["total"]
-    m = summarize(correct, total)
-    tasks = r["tasks"]
-    cost = r.get("cost") or (tasks[-1].get("cost", {}) if tasks else {})
-    per_task_trainable = [t["cost"]["trainable_params"] for t in tasks
-                          if t.get("cost", {}).get("trainable_params") is not None]
-    cuda_peaks = [t["cuda_peak_allocated_mb"] for t in tasks if t.get("cuda_peak_allocated_mb") is not None]
+def run_row(path: Path, r: RunResult) -> dict[str, Any]:
+    """One result record as one flat row (identity, titles, seeds, metrics, curves, cost, time)."""
+    m = summarize(r.accuracy_matrix["correct"], r.accuracy_matrix["total"])
+    tasks = r.tasks
+    cost = r.cost or (tasks[-1].cost if tasks else {})
+    per_task_trainable = [t.cost["trainable_params"] for t in tasks if t.cost.get("trainable_params") is not None]
+    cuda_peaks = [t.cuda_peak_allocated_mb for t in tasks if t.cuda_peak_allocated_mb is not None]
     return {
-        "benchmark": r["benchmark"], "num_tasks": int(r["num_tasks"]), "method": r["method"],
-        "tag": r.get("tag") or "", "seed": int(r["seed"]), "class_order_seed": int(r["class_order_seed"]),
+        "benchmark": r.benchmark, "num_tasks": int(r.num_tasks), "method": r.method,
+        "tag": r.tag or "", "seed": int(r.seed), "class_order_seed": int(r.class_order_seed),
+        "method_info": r.method_info, "benchmark_title": r.benchmark_title,
         **{k: m[k] for k in METRICS},
         "acc_curve": m["acc_curve"],
-        "seen_classes": list(np.cumsum([len(t.get("classes", [])) for t in tasks]).tolist()),
+        "seen_classes": list(np.cumsum([len(t.classes) for t in tasks]).tolist()),
         "acc_task_avg_curve": m["acc_task_avg_curve"],
-        "magnitudes": magnitude_history(tasks),
+        "magnitudes": magnitude_history(tasks, r.method_info.magnitudes),
         "flops_per_image": cost.get("flops_per_image"),
         "backbone_passes": cost.get("backbone_passes"),
         "trainable_params_per_task": float(np.mean(per_task_trainable)) if per_task_trainable else None,
         "trainable_params_last": per_task_trainable[-1] if per_task_trainable else None,
         "stored_params": cost.get("stored_params"),
         "stored_features": cost.get("stored_features"),
-        "train_time_s": sum(t.get("train_time_s", 0.0) for t in tasks),
-        "wall_time_s": r.get("wall_time_s"),
+        "train_time_s": sum(t.train_time_s for t in tasks),
+        "wall_time_s": r.wall_time_s,
         "peak_cuda_mb": max(cuda_peaks) if cuda_peaks else None,
-        "peak_rss_mb": max((t.get("cpu_max_rss_mb") or 0.0) for t in tasks) if tasks else None,
-        "device": (r.get("environment") or {}).get("device", ""),
-        "pretrained": r.get("pretrained", ""),
-        "overrides": _overrides_from_argv(r.get("argv")) if r.get("tag") else "",
-        "method_args": (r.get("config") or {}).get("method_args") or {},
+        "peak_rss_mb": max((t.cpu_max_rss_mb or 0.0) for t in tasks) if tasks else None,
+        "device": (r.environment or {}).get("device", ""),
+        "pretrained": r.pretrained,
+        "overrides": _overrides_from_argv(r.argv) if r.tag else "",
+        "method_args": (r.config or {}).get("method_args") or {},
         "path": str(path),
     }
 
@@ -123,7 +127,7 @@ def run_row(path: Path, r: dict[str, Any]) -> dict[str, Any]:
 def load_runs(root: Path) -> pd.DataFrame:
     """One row per finished run under ``root`` (see ``run_row``); empty, with the columns,
     when there is none."""
-    rows = [run_row(path, r) for path, r in store.iter_results(Path(root))]
+    rows = [run_row(path, r) for path, r in record.iter_results(Path(root))]
     if not rows:
         return pd.DataFrame(columns=[*GROUP_KEYS, "seed", "class_order_seed", *METRICS, *COSTS, "path"])
     return pd.DataFrame(rows)
@@ -172,6 +176,8 @@ def aggregate(runs: pd.DataFrame, spread: str = "std",
             row[col] = float(present.mean()) if len(present) else float("nan")
             row[f"{col}_spread"] = spread_of(present, spread)
         row["overrides"] = next((o for o in g.get("overrides", []) if o), "")
+        row["method_info"] = g["method_info"].iloc[0]
+        row["benchmark_title"] = g["benchmark_title"].iloc[0]
         row["method_args"] = g["method_args"].iloc[0] if "method_args" in g else {}
         out.append(row)
     return pd.DataFrame(out)
@@ -186,7 +192,8 @@ def quick_table(root: Path, only: set[str] | None = None) -> str:
     if runs.empty:
         return "(no finished runs)"
     agg = aggregate(runs)
-    agg["order"] = [method_sort_key(m, t) for m, t in zip(agg["method"], agg["tag"])]
+    names = Names.of(agg)
+    agg["order"] = [names.sort_key(m, t) for m, t in zip(agg["method"], agg["tag"])]
     agg = agg.sort_values(["benchmark", "num_tasks", "order"])
     lines = ["| benchmark | N | method | Acc (mean ± std) | AAA (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():

@@ -35,11 +35,11 @@ from typing import Any
 
 import pandas as pd
 
-from results import store
-from results.aggregate import (HIGHER_IS_BETTER, SPREADS, aggregate, benchmark_title, load_runs,
-                               method_label, method_sort_key)
-from results.reference import PaperNumbers, load_paper
-from results.table import Cell, Table, latex_document
+from clbench import files, record
+from clbench.report.aggregate import HIGHER_IS_BETTER, SPREADS, Names, aggregate, load_runs
+from clbench.report.figures import write_figures
+from clbench.report.reference import PaperNumbers, load_paper
+from clbench.report.table import Cell, Table, latex_document
 
 METRIC_SETS = {"sample": ("acc", "aaa"), "task": ("acc_task_avg", "aaa_task_avg")}
 METRIC_HEADERS = {"acc": "Acc", "aaa": "AAA", "acc_task_avg": "Acc", "aaa_task_avg": "AAA",
@@ -146,8 +146,8 @@ def _group_index(groups: pd.DataFrame) -> dict[tuple, pd.Series]:
     return {(r["benchmark"], int(r["num_tasks"]), r["method"], r["tag"]): r for _, r in groups.iterrows()}
 
 
-def _missing_note(r: pd.Series, where: str) -> str:
-    return (f"{MISSING_MARK} {method_label(r['method'], r['tag'])}, {where}: {r['n_seeds']} seed(s) "
+def _missing_note(r: pd.Series, where: str, names: Names) -> str:
+    return (f"{MISSING_MARK} {names.label(r['method'], r['tag'])}, {where}: {r['n_seeds']} seed(s) "
             f"({_seeds_text(r['seeds'])}); missing {_seeds_text(r['missing_seeds'])}.")
 
 
@@ -169,6 +169,7 @@ def _expected(groups: pd.DataFrame) -> list[int]:
 def layouts_for(groups: pd.DataFrame) -> list[Layout]:
     """The paper's layouts that have results (their empty column groups dropped, extra Ns of
     their benchmarks appended), then one layout per other benchmark, each with all its Ns."""
+    names = Names.of(groups)
     have = {(b, int(n)) for b, n in zip(groups["benchmark"], groups["num_tasks"])}
     layouts, covered = [], set()
     for layout in PAPER_LAYOUTS:
@@ -179,22 +180,23 @@ def layouts_for(groups: pd.DataFrame) -> list[Layout]:
         if cols:
             layouts.append(Layout(layout.name, layout.title, cols, layout.paper_table))
             if layout.several_benchmarks and not layouts[-1].several_benchmarks:
-                layouts[-1].title = benchmark_title(cols[0][0])  # "ImageNet-A", not "... and DomainNet"
+                layouts[-1].title = names.benchmark(cols[0][0])  # "ImageNet-A", not "... and DomainNet"
     for bench in sorted({b for b, _ in have} - covered):
-        layouts.append(Layout(f"acc_{bench}", benchmark_title(bench), sorted(c for c in have if c[0] == bench)))
+        layouts.append(Layout(f"acc_{bench}", names.benchmark(bench), sorted(c for c in have if c[0] == bench)))
     return layouts
 
 
 def results_table(groups: pd.DataFrame, layout: Layout, opts: ReportOptions) -> Table:
     """Rows = methods in the paper's order, columns = (benchmark, N) × (Acc, AAA)."""
+    names = Names.of(groups)
     metrics = METRIC_SETS[opts.metrics]
     index = _group_index(groups)
     shown = groups[[(b, int(n)) in layout.columns for b, n in zip(groups["benchmark"], groups["num_tasks"])]]
-    row_keys = sorted({(m, t) for m, t in zip(shown["method"], shown["tag"])}, key=lambda k: method_sort_key(*k))
+    row_keys = sorted({(m, t) for m, t in zip(shown["method"], shown["tag"])}, key=lambda k: names.sort_key(*k))
     def where(bench: str, n: int) -> str:
-        return f"{benchmark_title(bench)} N={n}" if layout.several_benchmarks else f"N={n}"
+        return f"{names.benchmark(bench)} N={n}" if layout.several_benchmarks else f"N={n}"
 
-    cells = [[Cell(method_label(m, t))] for m, t in row_keys]
+    cells = [[Cell(names.label(m, t))] for m, t in row_keys]
     notes = []
     for bench, n in layout.columns:
         for metric in metrics:
@@ -213,7 +215,7 @@ def results_table(groups: pd.DataFrame, layout: Layout, opts: ReportOptions) -> 
         for m, t in row_keys:
             r = index.get((bench, n, m, t))
             if r is not None and r["missing_seeds"]:
-                notes.append(_missing_note(r, where(bench, n)))
+                notes.append(_missing_note(r, where(bench, n), names))
     paper_ref = f" (the layout of the paper's Table {layout.paper_table})" if layout.paper_table else ""
     caption = (f"{layout.title}{paper_ref}: {_spread_caption(opts, _expected(shown))}; the best mean per "
                f"column in bold. {DEFINITIONS[opts.metrics]}")
@@ -228,13 +230,15 @@ def _benchmark_rank(bench: str) -> tuple[int, str]:
 
 
 def _ordered(groups: pd.DataFrame) -> list[pd.Series]:
+    names = Names.of(groups)
     rows = [r for _, r in groups.iterrows()]
     return sorted(rows, key=lambda r: (_benchmark_rank(r["benchmark"]), int(r["num_tasks"]),
-                                       method_sort_key(r["method"], r["tag"])))
+                                       names.sort_key(r["method"], r["tag"])))
 
 
 def comparison_table(groups: pd.DataFrame, paper: PaperNumbers, opts: ReportOptions) -> Table | None:
     """Ours beside the paper's, per group the paper reports; None when no group matches."""
+    names = Names.of(groups)
     metrics = METRIC_SETS[opts.metrics]
     rows, rules, last_section, notes = [], set(), None, []
     tables_used = set()
@@ -250,11 +254,11 @@ def comparison_table(groups: pd.DataFrame, paper: PaperNumbers, opts: ReportOpti
         if section != last_section:
             rules.add(len(rows))
             last_section = section
-        label = method_label(r["method"], r["tag"])
+        label = names.label(r["method"], r["tag"])
         variant_rows = set(entries["row"])
         if variant_rows - {r["method"]}:
             label += " (" + ", ".join(paper.variants[v].label for v in sorted(variant_rows - {r["method"]})) + ")"
-        row = [Cell(benchmark_title(r["benchmark"])), Cell(str(int(r["num_tasks"]))), Cell(label),
+        row = [Cell(names.benchmark(r["benchmark"])), Cell(str(int(r["num_tasks"]))), Cell(label),
                Cell(", ".join(str(t) for t in sorted(set(entries["table"]))))]
         tables_used.update(entries["table"])
         for ours, theirs in zip(metrics, ("acc", "aaa")):
@@ -271,7 +275,7 @@ def comparison_table(groups: pd.DataFrame, paper: PaperNumbers, opts: ReportOpti
                     Cell(FLAG_MARK if flagged else "")]
         rows.append(row)
         if r["missing_seeds"]:
-            notes.append(_missing_note(r, f"{benchmark_title(r['benchmark'])} N={int(r['num_tasks'])}"))
+            notes.append(_missing_note(r, f"{names.benchmark(r['benchmark'])} N={int(r['num_tasks'])}", names))
     if not rows:
         return None
     caveat = ("" if opts.metrics == "sample" else
@@ -321,6 +325,7 @@ def _memory(r: pd.Series) -> str:
 
 def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
     """The paper's Table 5, measured, for every group."""
+    names = Names.of(groups)
     if groups.empty:
         return None
     rows, rules, last = [], set(), None
@@ -329,8 +334,8 @@ def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
         if section != last:
             rules.add(len(rows))
             last = section
-        rows.append([Cell(benchmark_title(r["benchmark"])), Cell(str(int(r["num_tasks"]))),
-                     Cell(method_label(r["method"], r["tag"])), Cell(_gflops(r.get("flops_per_image"))),
+        rows.append([Cell(names.benchmark(r["benchmark"])), Cell(str(int(r["num_tasks"]))),
+                     Cell(names.label(r["method"], r["tag"])), Cell(_gflops(r.get("flops_per_image"))),
                      Cell(_number(r.get("backbone_passes"), 0)), Cell(_millions(r.get("trainable_params_per_task"))),
                      Cell(_millions(r.get("stored_params"))), Cell(_millions(r.get("stored_features"))),
                      Cell(duration(r.get("train_time_s"), r.get("train_time_s_spread"))), Cell(_memory(r))])
@@ -351,6 +356,7 @@ def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
 
 def cost_comparison_table(groups: pd.DataFrame, paper: PaperNumbers) -> Table | None:
     """Our measured cost beside the paper's Table 5, for the groups it reports (ImageNet-R N=20)."""
+    names = Names.of(groups)
     pc = paper.cost
     if pc.empty or groups.empty:
         return None
@@ -361,14 +367,14 @@ def cost_comparison_table(groups: pd.DataFrame, paper: PaperNumbers) -> Table | 
         if hit.empty or r["tag"]:
             continue
         p = hit.iloc[0]
-        rows.append([Cell(method_label(r["method"], r["tag"])),
+        rows.append([Cell(names.label(r["method"], r["tag"])),
                      Cell(_gflops(r.get("flops_per_image"))), Cell(f"{p['gflops']:.2f}"),
                      Cell(_millions(r.get("trainable_params_per_task"))), Cell(f"{p['learnable_params_m']:.2f}"),
                      Cell(_millions(r.get("stored_features"))), Cell(f"{p['stored_features_m']:.2f}")])
     if not rows:
         return None
     b, n = pc.iloc[0]["benchmark"], int(pc.iloc[0]["num_tasks"])
-    caption = (f"Cost on {benchmark_title(b)} N={n}: ours (measured; see the cost table) beside the paper's Table 5. "
+    caption = (f"Cost on {names.benchmark(b)} N={n}: ours (measured; see the cost table) beside the paper's Table 5. "
                "The paper's 35.12 GFLOPs for the LoRA methods assume the LoRAs merged into W0; its learnable "
                "parameters count one task's LoRA and magnitudes (0.37M = 368,640 + 21), not the head, which ours "
                "include.")
@@ -383,22 +389,23 @@ def _gflops(flops: Any) -> str:
 
 def metrics_table(groups: pd.DataFrame, benchmark: str, opts: ReportOptions) -> Table:
     """Every metric per (N, method) of one benchmark; bold per column within each N."""
+    names = Names.of(groups)
     metrics = [*METRIC_SETS["sample"], *METRIC_SETS["task"], "forgetting_max", "forgetting_consecutive"]
     g = groups[groups["benchmark"] == benchmark]
     rows, rules = [], set()
     for n in sorted(g["num_tasks"].unique()):
         section = sorted((r for _, r in g[g["num_tasks"] == n].iterrows()),
-                         key=lambda r: method_sort_key(r["method"], r["tag"]))
+                         key=lambda r: names.sort_key(r["method"], r["tag"]))
         rules.add(len(rows))
-        block = [[Cell(str(int(n))), Cell(method_label(r["method"], r["tag"]))] for r in section]
+        block = [[Cell(str(int(n))), Cell(names.label(r["method"], r["tag"]))] for r in section]
         for metric in metrics:
             bold = bold_best([r[metric] for r in section], HIGHER_IS_BETTER[metric], opts.digits)
             for row, r, b in zip(block, section, bold):
                 row.append(Cell(mean_spread(r[metric], r[f"{metric}_spread"], opts.digits), b,
                                 MISSING_MARK if r["missing_seeds"] else ""))
         rows += block
-    notes = [_missing_note(r, f"N={int(r['num_tasks'])}") for r in _ordered(g) if r["missing_seeds"]]
-    caption = (f"{benchmark_title(benchmark)}, every metric: {_spread_caption(opts, _expected(g))}; the best per "
+    notes = [_missing_note(r, f"N={int(r['num_tasks'])}", names) for r in _ordered(g) if r["missing_seeds"]]
+    caption = (f"{names.benchmark(benchmark)}, every metric: {_spread_caption(opts, _expected(g))}; the best per "
                f"column and N in bold (lowest for forgetting). Sample-weighted: {DEFINITIONS['sample']} "
                f"Task-averaged: {DEFINITIONS['task']} {FORGETTING_DEFINITIONS}")
     return Table(name=f"metrics_{benchmark}", caption=caption,
@@ -454,20 +461,18 @@ def _write_report(root: Path, opts: ReportOptions, echo: bool) -> list[Path]:
     for t in report.tables:
         for suffix, text in ((".md", t.to_markdown()), (".tex", t.to_latex())):
             path = tables_dir / f"{t.name}{suffix}"
-            store.atomic_write_text(path, text)
+            files.atomic_write_text(path, text)
             written.append(path)
     if opts.figures:
-        from results.figures import write_figures
-
         report.figures = write_figures(report.runs, figures_dir, opts.spread, METRIC_SETS[opts.metrics][0],
                                        paper.accuracy)
         written += report.figures
     document = tables_dir / "tables.tex"
-    store.atomic_write_text(document, latex_document(report.tables))
+    files.atomic_write_text(document, latex_document(report.tables))
     summary = tables_dir / "summary.csv"
-    store.atomic_write_text(summary, report.groups.drop(columns=["method_args"], errors="ignore").to_csv(index=False))
+    files.atomic_write_text(summary, report.groups.drop(columns=["method_args"], errors="ignore").to_csv(index=False))
     index = tables_dir / "report.md"
-    store.atomic_write_text(index, report_markdown(report, tables_dir))
+    files.atomic_write_text(index, report_markdown(report, tables_dir))
     written += [document, summary, index]
     if echo:  # the per-benchmark metric details stay in their files
         print("\n" + "\n".join(t.to_markdown() for t in report.tables if not t.name.startswith("metrics_")))
@@ -523,7 +528,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    root = args.out or store.default_root()
+    root = args.out or record.default_root()
     if not (root / "runs").is_dir():
         print(f"error: no result files under {root / 'runs'}; run a sweep first, or pass --out <results root>")
         return 1

@@ -1,16 +1,17 @@
 """A sweep plan: benchmark × number of tasks × method × seed, each resolved to a ``RunConfig``.
 
-The plan is plain data; launchers (in-process here, SLURM in ``slurm/``) turn each planned run
+The plan is plain data; launchers (in-process here, SLURM in ``clbench.slurm``) turn each planned run
 into a call of ``run_job``, the one job entry point, which needs nothing but the run's
 configuration dictionary and the results root.
 
-Each run also has a status record, ``<out>/status/<key>.json``, for ``run_suite.py status``:
+Each run also has a status record, ``<out>/status/<key>.json``, for ``clbench status``:
 ``run_job`` writes its progress (state, task reached, time so far, who runs it) and the
 launcher's job wrapper writes a failure with its traceback (``record_failure``). Records are
 written atomically and never read by reports: results come from result files only.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import time
@@ -19,21 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunConfig, resolve_config
-from results import store
-
-# The paper's row order; methods registered later are appended in name order.
-PAPER_ORDER = ["full_ft", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "inflora",
-               "sdlora", "sdlora_rr", "sdlora_kd"]
-
-
-def method_rank(name: str) -> int:
-    """A method's place in the paper's row order; methods the paper lacks come after."""
-    return PAPER_ORDER.index(name) if name in PAPER_ORDER else len(PAPER_ORDER)
-
-
-def ordered_methods(names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: (method_rank(n), n))
+from clbench import files, record
+from clbench.benchmarks import get_benchmark
+from clbench.config import RunConfig, parse_set
+from clbench.errors import UserError
+from clbench.methods import METHODS, ordered_methods
+from clbench.protocol import run
+from clbench.recipes import resolve_config
 
 
 @dataclass
@@ -48,30 +41,37 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
          out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
          device: str = "auto", data_root: str | None = None) -> list[PlannedRun]:
     """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
-    ``methods=None`` every registered method."""
-    from benchmarks import get_benchmark
-    from methods import METHODS, get_method
-
+    ``methods=None`` every registered method, in the paper's row order."""
     method_names = ordered_methods(list(METHODS)) if not methods else methods
     runs: list[PlannedRun] = []
     for bench_name in benches:
         bench = get_benchmark(bench_name)
         for n in tasks or bench.default_tasks:
             for m in method_names:
-                method_cls = get_method(m)
                 for seed in seeds:
-                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device,
-                                         benchmark_defaults=bench.defaults, method_config_cls=method_cls.Config)
+                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device)
                     if data_root is not None:
                         cfg.data.root = data_root
-                    path = store.result_path(out_root, cfg.key)
+                    path = record.result_path(out_root, cfg.key)
                     runs.append(PlannedRun(cfg, cfg.key, path, path.exists()))
     return runs
 
 
-def config_key(config: dict[str, Any]) -> str:
-    """The run key of a configuration dictionary (``RunConfig.to_dict()``)."""
-    return RunConfig.from_dict(config).key
+def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
+    """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
+    results root."""
+    overrides = parse_set(args.overrides)
+    if args.backbone:
+        overrides.setdefault("backbone", {})["name"] = args.backbone
+    if args.pretrained_path:
+        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+    methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods or []:
+        if m not in METHODS:
+            raise KeyError(f"unknown method '{m}'; registered: {', '.join(sorted(METHODS))}")
+    out = args.out or record.default_root()
+    return plan(args.bench, args.tasks, methods, args.seeds, out, args.class_order_seed, overrides or None,
+                args.device, args.data_root), out
 
 
 def status_path(out_root: Path, key: str) -> Path:
@@ -81,14 +81,14 @@ def status_path(out_root: Path, key: str) -> Path:
 
 def read_status(out_root: Path, key: str) -> dict[str, Any] | None:
     """The run's status record, or None when there is none (or it cannot be read)."""
-    return store.read_json(status_path(out_root, key))
+    return files.read_json(status_path(out_root, key))
 
 
 def update_status(out_root: Path, key: str, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the run's status record (atomically) and return the record."""
     record = read_status(out_root, key) or {}
     record.update(fields, updated_at=time.time())
-    store.atomic_write_json(status_path(out_root, key), record)
+    files.atomic_write_json(status_path(out_root, key), record)
     return record
 
 
@@ -112,13 +112,11 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     """The job entry point of every launcher: run one configuration and return its metrics.
     A finished run (its result file exists) is not run again. While it runs, its status record
     says how far it got; ``attempts`` lists every start (``from_task`` > 0: resumed)."""
-    from harness.protocol import run
-
     cfg = RunConfig.from_dict(config)
     key = cfg.key
-    path = store.result_path(Path(out_root), key)
+    path = record.result_path(Path(out_root), key)
     if path.exists():
-        return store.read_result(path)["metrics"]
+        return record.read_result(path).metrics
     identity = job_identity()
     attempt: dict[str, Any] = {}
 
@@ -131,23 +129,19 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
         update_status(out_root, key, **fields)
 
     result = run(cfg, Path(out_root), progress, on_progress)
-    update_status(out_root, key, state="done", elapsed_s=result["wall_time_s"])
-    return result["metrics"]
+    update_status(out_root, key, state="done", elapsed_s=result.wall_time_s)
+    return result.metrics
 
 
 def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
     """Run the plan in this process, one run after the other. Returns the failures
     (run, traceback); a failing run does not stop the others."""
-    from benchmarks.base import DataError
-    from harness.backbones import PretrainedWeightsError
-    from harness.config import ConfigError
-
     failures = []
     for i, r in enumerate(runs):
         print(f"[{i + 1}/{len(runs)}] {r.key}", flush=True)
         try:
             run_job(r.config.to_dict(), str(out_root), progress)
-        except (DataError, PretrainedWeightsError, ConfigError):
+        except UserError:
             raise  # the user must fix these; every later run would fail the same way
         except Exception:  # keep going: one broken run must not cost the rest of the sweep
             failures.append((r, traceback.format_exc()))

@@ -1,14 +1,9 @@
-"""Where runs write, and how: one JSON file per finished run, written atomically.
+"""Files that are complete or absent: atomic writes, exclusive locks, forgiving reads.
 
-Layout under the results root (``--out``, default ``./results``)::
-
-    runs/<bench>/N<tasks>/<method>[+<tag>]/seed<seed>[-order<order_seed>].json   finished runs
-    checkpoints/<same path>.pt         the last finished task of an unfinished run
-    splits/                            splits a loader had to make (raw ImageNet-R's 80/20)
-    tables/, figures/                  written by ``run_suite.py report``
-
-A result file is complete or absent: it is written to a temporary file in the same folder,
-fsync-ed and renamed over the target, so a killed process never leaves half a file.
+Every file the harness writes goes through ``atomic_replace``: a temporary file in the same
+folder, fsync-ed and renamed over the target (then the folder is fsync-ed), so a killed process
+never leaves half a file and readers see the old file or the new one. Files are created
+readable by the group and others (mode 0644), so a results folder can be shared on a cluster.
 """
 from __future__ import annotations
 
@@ -19,28 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-SCHEMA_VERSION = 1
-
-
-def default_root() -> Path:
-    return Path(os.environ.get("CLBENCH_RESULTS", "results"))
-
-
-def run_key(benchmark: str, num_tasks: int, method: str, seed: int, class_order_seed: int,
-            tag: str = "") -> str:
-    """A run's identity, also its path relative to ``runs/`` (without suffix)."""
-    variant = f"{method}+{tag}" if tag else method
-    seed_part = f"seed{seed}" if class_order_seed == seed else f"seed{seed}-order{class_order_seed}"
-    return f"{benchmark}/N{num_tasks}/{variant}/{seed_part}"
-
-
-def result_path(root: Path, key: str) -> Path:
-    return Path(root) / "runs" / f"{key}.json"
-
-
-def checkpoint_path(root: Path, key: str) -> Path:
-    return Path(root) / "checkpoints" / f"{key}.pt"
 
 
 def atomic_replace(path: Path, write) -> None:
@@ -120,17 +93,3 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def read_result(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        result = json.load(f)
-    if result.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: result schema {result.get('schema')} is not {SCHEMA_VERSION}")
-    return result
-
-
-def iter_results(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every finished run under ``root/runs`` (any depth), in path order."""
-    for path in sorted((Path(root) / "runs").rglob("*.json")):
-        yield path, read_result(path)

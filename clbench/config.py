@@ -1,34 +1,20 @@
-"""Typed run configuration, resolved from YAML recipes plus command-line overrides.
+"""Typed run configuration: the dataclasses a run is described by, and their validation.
 
-A run's configuration is layered, later layers winning:
-
-1. dataclass defaults below (and the method's own ``Config`` dataclass);
-2. ``default:`` section of the method's recipe ``benchmarks/recipes/<method>.yaml``;
-3. the benchmark's own defaults (for example ``synth`` brings its small backbone);
-4. the recipe's ``<bench>:`` section, then ``<bench>@<N>:`` for an N-specific recipe;
-5. ``--backbone``/``--pretrained-path``/``--set key=value`` from the command line.
-
-Every key is validated against the dataclasses: an unknown key is an error that lists the
-valid ones, never a silent default.
+``RunConfig`` holds everything that decides one run's numbers, and its ``key`` is the run's
+identity (also its result path). Values from YAML and from the command line go through
+``update_dataclass``: an unknown key is an error that lists the valid ones, a value of the wrong
+type is an error that names the expected one, never a silent default. How a run's configuration
+is resolved from the recipes is ``clbench.recipes``.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from results.store import run_key
-
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes"
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message says how."""
+from clbench.errors import ConfigError
 
 
 @dataclass
@@ -108,8 +94,12 @@ class RunConfig:
 
     @property
     def key(self) -> str:
-        """The run's identity and result path (``results.store.run_key``)."""
-        return run_key(self.benchmark, self.num_tasks, self.method, self.seed, self.class_order_seed, self.tag)
+        """The run's identity, also its path below ``runs/`` without the suffix:
+        ``<bench>/N<tasks>/<method>[+<tag>]/seed<seed>[-order<class_order_seed>]``."""
+        variant = f"{self.method}+{self.tag}" if self.tag else self.method
+        seeds = f"seed{self.seed}" if self.class_order_seed == self.seed else \
+            f"seed{self.seed}-order{self.class_order_seed}"
+        return f"{self.benchmark}/N{self.num_tasks}/{variant}/{seeds}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,34 +183,7 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     return obj
 
 
-def valid_keys(run: RunConfig, method_config_cls: type | None) -> list[str]:
-    keys = [f"backbone.{f.name}" for f in fields(BackboneConfig)]
-    keys += [f"train.{f.name}" for f in fields(TrainConfig)]
-    keys += [f"data.{f.name}" for f in fields(DataConfig)]
-    if method_config_cls is not None:
-        keys += [f"method.{f.name}" for f in fields(method_config_cls)]
-    return keys
-
-
 # ----------------------------------------------------------------------------- recipes
-
-
-def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A method's recipe. ``extends: <method>`` starts from that method's recipe and merges this
-    file's sections over it (a variant states only what differs from its base)."""
-    path = RECIPE_DIR / f"{method}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no recipe for method '{method}': expected {path}")
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (default, <bench>, <bench>@<N>)")
-    base = recipe.pop("extends", None)
-    if base is None:
-        return recipe
-    if base in (method, *_chain):
-        raise ConfigError(f"{path}: 'extends: {base}' makes a cycle ({' -> '.join((*_chain, method, base))})")
-    return _merge(load_recipe(base, (*_chain, method)), recipe)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -240,52 +203,15 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``src`` into ``dst`` in place, mappings recursively, and return ``dst``."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+            deep_merge(dst[k], v)
         else:
             dst[k] = v
     return dst
 
 
+# The sections of a recipe layer and of ``--set`` keys.
 SECTIONS = ("backbone", "train", "data", "method")
-
-
-def resolve_config(
-    benchmark: str,
-    num_tasks: int,
-    method: str,
-    seed: int,
-    class_order_seed: int | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str = "auto",
-    benchmark_defaults: dict[str, Any] | None = None,
-    method_config_cls: type | None = None,
-) -> RunConfig:
-    """Resolve one run's full configuration (see the module docstring for the layering)."""
-    recipe = load_recipe(method)
-    layers = [recipe.get("default", {}), benchmark_defaults or {}, recipe.get(benchmark, {}),
-              recipe.get(f"{benchmark}@{num_tasks}", {}), overrides or {}]
-    merged: dict[str, Any] = {}
-    for i, layer in enumerate(layers):
-        for section in layer:
-            if section not in SECTIONS:
-                raise ConfigError(
-                    f"unknown section '{section}' in the configuration of {method} on {benchmark} "
-                    f"(layer {i}); valid sections: {', '.join(SECTIONS)}")
-        _merge(merged, json.loads(json.dumps(layer)))  # deep copy
-    run = RunConfig(benchmark=benchmark, num_tasks=num_tasks, method=method, seed=seed,
-                    class_order_seed=seed if class_order_seed is None else class_order_seed,
-                    device=device)
-    update_dataclass(run.backbone, merged.get("backbone", {}), "backbone")
-    update_dataclass(run.train, merged.get("train", {}), "train")
-    update_dataclass(run.data, merged.get("data", {}), "data")
-    method_args = merged.get("method", {})
-    if method_config_cls is not None:
-        # Validate now so a typo fails at planning time, before any job is launched.
-        method_args = dataclasses.asdict(build_dataclass(method_config_cls, method_args, "method"))
-    run.method_args = method_args
-    if overrides:
-        run.tag = "cfg" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
-    return run

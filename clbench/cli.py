@@ -1,0 +1,55 @@
+"""The command line of ``clbench``, ``python -m clbench`` and ``run_suite.py``.
+
+    clbench [--bench synth] [--tasks 5,10] [--methods all] [--seeds 0,1,2] ...   # a sweep
+    clbench report|status|collect|speed ...
+
+Each sub-command lives beside what it works on, in a module whose ``COMMANDS`` maps its name to
+``(add_arguments(parser), main(args))``; this module names them and imports only the one that
+runs, so that ``--help`` and ``report`` start without torch. The sweep's parser is built from ``clbench.options``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from clbench.errors import UserError
+from clbench.options import add_run_arguments, add_sweep_arguments
+
+# sub-command -> (the module whose COMMANDS holds it, one-line description)
+SUBCOMMANDS = {
+    "report": ("clbench.report.command", "tables and figures from the result files"),
+    "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
+    "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
+    "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
+}
+SWEEP_MODULE = "clbench.suite"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clbench",
+        description="Continual-learning sweeps with pre-trained ViTs (SD-LoRA, ICLR 2025, and its baselines).",
+        epilog="Sub-commands (clbench <cmd> --help): "
+               + "; ".join(f"{name}: {about}" for name, (_, about) in SUBCOMMANDS.items()))
+    add_sweep_arguments(parser)
+    add_run_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            module_name, about = SUBCOMMANDS[argv[0]]
+            add_arguments, command = importlib.import_module(module_name).COMMANDS[argv[0]]
+            sub = argparse.ArgumentParser(prog=f"clbench {argv[0]}", description=about)
+            add_arguments(sub)
+            return int(command(sub.parse_args(argv[1:])) or 0)
+        args = build_parser().parse_args(argv)
+        return int(importlib.import_module(SWEEP_MODULE).main(args) or 0)
+    except (UserError, KeyError) as err:
+        # Problems the user can fix get their message, not a traceback.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2

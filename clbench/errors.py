@@ -1,0 +1,20 @@
+"""Errors a user can fix. Each message names the problem and the fix; the command line prints it
+as one line (no traceback) and exits with status 2. Every layer raises these; one base class,
+``UserError``, lets the command line and the sweep catch them all."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's input or environment, with a message that says how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem: an unknown key, a value of the wrong type, a bad recipe."""
+
+
+class DataError(UserError, RuntimeError):
+    """Data missing or malformed; the message names the expected layout and the fix."""
+
+
+class PretrainedWeightsError(UserError, RuntimeError):
+    """Pretrained weights that cannot be found or loaded; the message names both ways to give them."""

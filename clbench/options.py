@@ -1,0 +1,72 @@
+"""The command line's options, defined without importing anything heavy, so that ``--help``
+answers at once: which runs a sweep holds (shared by the sweep, ``status`` and ``collect``),
+how it runs, and the SLURM launcher's options."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PROFILE_ENV = "CLBENCH_SLURM_PROFILE"
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list: {err}") from err
+    return parse
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say which runs a sweep holds (shared by run, status and collect)."""
+    p.add_argument("--bench", type=_csv(str), default=["synth"],
+                   help="benchmark(s): imr, ima, dn, c100, cub, synth (default synth)")
+    p.add_argument("--tasks", type=_csv(int), default=None,
+                   help="numbers of tasks, e.g. 5,10,20 (default: the benchmark's own)")
+    p.add_argument("--methods", type=str, default="all", help="comma-separated method names, or all")
+    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="training seeds (default 0,1,2)")
+    p.add_argument("--class-order-seed", type=int, default=None,
+                   help="fix the class order across seeds (default: each seed draws its own order, as PILOT)")
+    p.add_argument("--data-root", type=str, default=None, help="dataset root (default $CLBENCH_DATA or ./data)")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--backbone", type=str, default=None, help="timm model name, overrides every recipe")
+    p.add_argument("--pretrained-path", type=str, default=None, help="local weights file for the backbone")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any recipe key, e.g. --set train.lr=0.01 --set method.rank=8")
+    p.add_argument("--out", type=Path, default=None, help="results root (default $CLBENCH_RESULTS or ./results)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say how the sweep runs (the sweep command only)."""
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the recipe of each run")
+    p.add_argument("--force", action="store_true", help="rerun every planned run from its first task, even finished ones "
+                   "(a finished result is kept as <result>.json.prev)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
+                   help="where runs execute (default: in this process)")
+    add_launcher_arguments(p)
+
+
+def add_launcher_arguments(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
+    """Options of ``--launcher slurm`` and ``--launcher sbatch`` (added to the sweep's parser);
+    ``hidden``: accepted but not shown in ``--help``."""
+    g = parser.add_argument_group("SLURM (--launcher slurm | sbatch)")
+
+    def text(help_text: str) -> str:
+        return argparse.SUPPRESS if hidden else help_text
+
+    g.add_argument("--profile", default=None, help=text(
+        f"cluster profile: a name in slurm/profiles (gpu, local, ...) or a YAML path "
+        f"(default ${PROFILE_ENV}, else 'local')"))
+    g.add_argument("--slurm", dest="slurm_overrides", action="append", default=[], metavar="KEY=VALUE", help=text(
+        "override a profile key, e.g. --slurm partition=gpu --slurm time_min=600 "
+        "--slurm time_min_per_method.hide_prompt=2880"))
+    g.add_argument("--no-wait", action="store_true", help=text("submit and return (default: wait, with progress)"))
+    g.add_argument("--poll", type=float, default=15.0, help=text("seconds between checks while waiting (default 15)"))
+    g.add_argument("--wait-timeout", type=float, default=None, metavar="MINUTES", help=text(
+        "stop waiting after this long (the jobs keep running); default: no limit"))
+    g.add_argument("--retry-failed", action="store_true", help=text(
+        "resubmit runs that failed before (default: report them, do not resubmit)"))
+    g.add_argument("--emit", type=Path, default=None, metavar="DIR", help=text(
+        "--launcher sbatch: write DIR/array.sbatch and DIR/tasks.jsonl"))

@@ -1,0 +1,77 @@
+"""A run's configuration, resolved from the method's recipe, the benchmark and the command line.
+
+A run's configuration is layered, later layers winning:
+
+1. dataclass defaults (``clbench.config``, and the method's own ``Config`` dataclass);
+2. ``default:`` section of the method's recipe ``benchmarks/recipes/<method>.yaml``;
+3. the benchmark's own defaults (for example ``synth`` brings its small backbone);
+4. the recipe's ``<bench>:`` section, then ``<bench>@<N>:`` for an N-specific recipe;
+5. ``--backbone``/``--pretrained-path``/``--set key=value`` from the command line.
+
+Every key is validated against the dataclasses (the method's keys against its ``Config``) when
+the run is resolved, so a typo fails at planning time, before any job is launched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import clbench.benchmarks as benchmarks_package
+from clbench.benchmarks import get_benchmark
+from clbench.config import SECTIONS, RunConfig, build_dataclass, deep_merge, update_dataclass
+from clbench.errors import ConfigError
+from clbench.methods import get_method
+
+RECIPE_DIR = Path(benchmarks_package.__file__).resolve().parent / "recipes"  # data of the benchmarks package
+
+
+def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A method's recipe. ``extends: <method>`` starts from that method's recipe and merges this
+    file's sections over it (a variant states only what differs from its base)."""
+    path = RECIPE_DIR / f"{method}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no recipe for method '{method}': expected {path}")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (default, <bench>, <bench>@<N>)")
+    base = recipe.pop("extends", None)
+    if base is None:
+        return recipe
+    if base in (method, *_chain):
+        raise ConfigError(f"{path}: 'extends: {base}' makes a cycle ({' -> '.join((*_chain, method, base))})")
+    return deep_merge(load_recipe(base, (*_chain, method)), recipe)
+
+
+def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
+                   class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
+                   device: str = "auto") -> RunConfig:
+    """Resolve one run's full configuration (see the module docstring for the layering)."""
+    bench = get_benchmark(benchmark)
+    method_cls = get_method(method)
+    recipe = load_recipe(method)
+    layers = [recipe.get("default", {}), bench.defaults, recipe.get(benchmark, {}),
+              recipe.get(f"{benchmark}@{num_tasks}", {}), overrides or {}]
+    merged: dict[str, Any] = {}
+    for i, layer in enumerate(layers):
+        for section in layer:
+            if section not in SECTIONS:
+                raise ConfigError(
+                    f"unknown section '{section}' in the configuration of {method} on {benchmark} "
+                    f"(layer {i}); valid sections: {', '.join(SECTIONS)}")
+        deep_merge(merged, json.loads(json.dumps(layer)))  # deep copy
+    run = RunConfig(benchmark=benchmark, num_tasks=num_tasks, method=method, seed=seed,
+                    class_order_seed=seed if class_order_seed is None else class_order_seed,
+                    device=device)
+    update_dataclass(run.backbone, merged.get("backbone", {}), "backbone")
+    update_dataclass(run.train, merged.get("train", {}), "train")
+    update_dataclass(run.data, merged.get("data", {}), "data")
+    run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
+    if overrides:
+        run.tag = "cfg" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    return run

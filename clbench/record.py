@@ -1,0 +1,134 @@
+"""What a run leaves behind: the typed result record, and where each file of a run lives.
+
+Layout under the results root (``--out``, default ``$CLBENCH_RESULTS`` or ``./results``)::
+
+    runs/<bench>/N<tasks>/<method>[+<tag>]/seed<seed>[-order<order_seed>].json   finished runs
+    checkpoints/<same path>.pt         the last finished task of an unfinished run
+    status/<same path>.json            how far each run got (``clbench.sweep``), never read by reports
+    splits/                            splits a loader had to make (raw ImageNet-R's 80/20)
+    tables/, figures/                  written by ``clbench report``
+
+A result file is one ``RunResult`` as JSON, written by ``write_result`` and read by
+``read_result`` alone, with ``SCHEMA_VERSION``. Every metric a report shows is recomputed from
+its accuracy matrix of counts; the ``metrics`` it carries are for a reader of the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from clbench.files import atomic_write_json
+
+# 2: the method's and the benchmark's titles travel with the result (``method_info``, ``benchmark_title``),
+#    clbench's version and a dirty flag that counts untracked files are in ``environment``.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1 files read with the method's and benchmark's names as titles
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("CLBENCH_RESULTS", "results"))
+
+
+def result_path(root: Path, key: str) -> Path:
+    return Path(root) / "runs" / f"{key}.json"
+
+
+def checkpoint_path(root: Path, key: str) -> Path:
+    return Path(root) / "checkpoints" / f"{key}.pt"
+
+
+@dataclass
+class MethodInfo:
+    """A method's facts for tables and figures, given at its registration
+    (``@register_method(name, title=..., paper_row=..., magnitudes=...)``)."""
+
+    name: str
+    title: str = ""  # as the paper's tables write it; empty: the name
+    paper_row: int | None = None  # its row in the paper's tables; None: after the paper's methods
+    magnitudes: str | None = None  # the ``method_log`` key of learned magnitudes to plot (SD-LoRA's)
+
+    def __post_init__(self) -> None:
+        self.title = self.title or self.name
+
+
+@dataclass
+class TaskRecord:
+    """One finished task: its classes, time, memory, accuracy, cost and the method's own log."""
+
+    task: int
+    classes: list[int]
+    train_time_s: float
+    eval_time_s: float
+    accuracy: float  # over every class seen so far, in percent
+    cost: dict[str, Any]  # ``CostReport.to_dict()``
+    method_log: dict[str, Any] = field(default_factory=dict)
+    cpu_max_rss_mb: float | None = None
+    cuda_peak_allocated_mb: float | None = None
+
+
+@dataclass
+class RunResult:
+    """One finished run. ``accuracy_matrix`` holds counts: ``correct[t][i]`` and ``total[t][i]``
+    of task ``i``'s test images after training task ``t``."""
+
+    run_key: str
+    benchmark: str
+    num_tasks: int
+    method: str
+    seed: int
+    class_order_seed: int
+    class_order: list[int]
+    task_sizes: list[int]
+    config: dict[str, Any]  # ``RunConfig.to_dict()``
+    tasks: list[TaskRecord]
+    accuracy_matrix: dict[str, list[list[int]]]
+    metrics: dict[str, Any]
+    tag: str = ""
+    method_info: MethodInfo | None = None  # None: read from a schema-1 file, the name as its title
+    benchmark_title: str = ""
+    pretrained: str = ""
+    data: str = ""
+    environment: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    finished_at: str = ""
+    argv: list[str] = field(default_factory=list)
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.benchmark_title = self.benchmark_title or self.benchmark
+        self.method_info = self.method_info or MethodInfo(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunResult":
+        d = dict(d)
+        if isinstance(d.get("method_info"), dict):
+            d["method_info"] = MethodInfo(**d["method_info"])
+        d["tasks"] = [TaskRecord(**t) for t in d.get("tasks", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def write_result(path: Path, result: RunResult) -> None:
+    atomic_write_json(path, result.to_dict())
+
+
+def read_result(path: Path) -> RunResult:
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema") not in READABLE_SCHEMAS:
+        raise ValueError(f"{path}: result schema {data.get('schema')} is not one of {READABLE_SCHEMAS}")
+    return RunResult.from_dict(data)
+
+
+def iter_results(root: Path) -> Iterator[tuple[Path, RunResult]]:
+    """Every finished run under ``root/runs`` (any depth), in path order."""
+    for path in sorted((Path(root) / "runs").rglob("*.json")):
+        yield path, read_result(path)
