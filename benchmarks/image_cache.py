@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clbench.benchmarks.base import Benchmark, with_transform
 from clbench.errors import DataError
-from clbench.files import build_once
+from clbench.files import atomic_path, atomic_replace, atomic_write_json, build_once
 
 CACHE_FORMAT = 1  # bump when the stored bytes of a cache would change
 CACHE_FOLDER = ".clbench_cache"
@@ -362,10 +361,9 @@ class ImageCache:
         start = time.perf_counter()
         self.log(f"decoding {n} {where} images once into {folder / name}.npy ({transform!r})")
         loader = DataLoader(dataset, batch_size=64, shuffle=False, num_workers=self.workers, collate_fn=_stack)
-        tmp = folder / f".{name}.{os.getpid()}.tmp.npy"
         pixels: np.ndarray | None = None
         sizes = np.zeros((n, 2), dtype=np.int64)
-        try:
+        with atomic_path(folder / f"{name}.npy") as tmp:  # renamed last: the .npy existing means the cache is whole
             done = 0
             for x, size in loader:
                 if kind == "test":
@@ -383,16 +381,13 @@ class ImageCache:
                 raise DataError(f"{where}: no images to cache")
             pixels.flush()
             del pixels
-            np.save(folder / f"{name}.targets.npy", np.asarray(dataset.targets, dtype=np.int64))
+            targets = np.asarray(dataset.targets, dtype=np.int64)
+            atomic_replace(folder / f"{name}.targets.npy", lambda f: np.save(f, targets))
             if kind == "source":
-                np.save(folder / f"{name}.sizes.npy", sizes)
-            meta = {"format": CACHE_FORMAT, "kind": kind, "count": n, "transform": _stable_repr(transform),
-                    "provenance": getattr(dataset, "provenance", type(dataset).__name__)}
-            (folder / f"{name}.json").write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, folder / f"{name}.npy")  # last: the .npy existing means the cache is whole
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+                atomic_replace(folder / f"{name}.sizes.npy", lambda f: np.save(f, sizes))
+            atomic_write_json(folder / f"{name}.json", {
+                "format": CACHE_FORMAT, "kind": kind, "count": n, "transform": _stable_repr(transform),
+                "provenance": getattr(dataset, "provenance", type(dataset).__name__)})
         self.builds += 1
         self.log(f"cached {n} {where} images in {time.perf_counter() - start:.0f}s")
 

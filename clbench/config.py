@@ -8,6 +8,7 @@ is resolved from the recipes is ``clbench.recipes``.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
@@ -76,6 +77,29 @@ class DataConfig:
     cache_source_size: int | None = None  # side of the cached training images; None: 256 for 224
 
 
+# Keys that say how a run executes, not what it computes (the results are the same for any value;
+# a method's prediction for one image must not depend on the rest of its batch):
+# they stay out of a run's identity: its tag, the check that a checkpoint belongs to it, and
+# `collect`'s check that a result on another machine is the same run.
+EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"))
+
+
+def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a configuration dictionary (or of a layer of overrides) without the execution
+    settings; a section that held nothing else is dropped (``--set train.num_workers=2`` alone
+    changes no run's identity)."""
+    out = copy.deepcopy(config)
+    for *sections, key in EXECUTION_SETTINGS:
+        node = out
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+        if sections and out.get(sections[0]) == {} and config.get(sections[0]) != {}:
+            del out[sections[0]]
+    return out
+
+
 @dataclass
 class RunConfig:
     """Everything that decides one run's numbers; written whole into its result file."""
@@ -103,6 +127,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides this run's numbers: ``to_dict()`` without the execution
+        settings (``EXECUTION_SETTINGS``)."""
+        return without_execution_settings(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":

@@ -5,8 +5,9 @@ mixed precision on GPU, the epoch loop, progress bars, evaluation on every class
 checkpoints at task boundaries, timing, memory, the cost report and the result file.
 
 Resumption is exact on CPU: a checkpoint holds the method's state, the RNG states and the
-partial accuracy matrix after a finished task; data order is drawn from generators seeded by
-(seed, task, stage, epoch), so a resumed run sees the same batches as an uninterrupted one.
+partial accuracy matrix after a finished task; data order and augmentation are drawn from
+generators seeded by (seed, task, loader, epoch, sample), so a resumed run sees the same batches
+as an uninterrupted one, and the number of DataLoader workers does not change them.
 Optimizers are created afresh for every task and stage, so no optimizer state crosses a
 checkpoint.
 
@@ -42,8 +43,9 @@ from clbench.benchmarks import get_benchmark
 from clbench.benchmarks.base import with_transform
 from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
 from clbench.benchmarks.scenario import Scenario
-from clbench.config import RunConfig, TrainConfig, build_dataclass
+from clbench.config import RunConfig, TrainConfig, build_dataclass, without_execution_settings
 from clbench.files import atomic_torch_save
+from clbench.loading import seeded_loader
 from clbench.methods import get_method
 from clbench.methods.base import CLMethod
 from clbench.metrics import summarize
@@ -311,12 +313,14 @@ class Run:
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
                 seed: int | None) -> DataLoader:
+        """A training loader (``seed``: its stream) whose batches do not depend on the worker
+        count (``clbench.loading``), or, without a seed, an evaluation loader in order."""
         workers = self.config.train.num_workers
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, generator=generator,
-                          persistent_workers=workers > 0,  # no worker start-up at every epoch
-                          pin_memory=self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        if seed is not None:
+            return seeded_loader(dataset, seed, batch_size, shuffle, drop_last, workers, pin)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, num_workers=workers,
+                          persistent_workers=False, pin_memory=pin)
 
     def _task(self, t: int) -> Task:
         train_cfg = self.config.train.for_task(t)
@@ -399,7 +403,7 @@ class Run:
         first = 0
         if self.checkpoint_path.exists():
             ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-            if ckpt["config"] != cfg.to_dict():
+            if without_execution_settings(ckpt["config"]) != cfg.identity():
                 raise RuntimeError(f"{self.checkpoint_path} was written by a different configuration; "
                                    f"delete it or rerun with --force")
             first = ckpt["completed_tasks"]

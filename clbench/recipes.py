@@ -23,7 +23,14 @@ import yaml
 
 import clbench.benchmarks as benchmarks_package
 from clbench.benchmarks import get_benchmark
-from clbench.config import SECTIONS, RunConfig, build_dataclass, deep_merge, update_dataclass
+from clbench.config import (
+    SECTIONS,
+    RunConfig,
+    build_dataclass,
+    deep_merge,
+    update_dataclass,
+    without_execution_settings,
+)
 from clbench.errors import ConfigError
 from clbench.methods import get_method
 
@@ -72,6 +79,7 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
     update_dataclass(run.train, merged.get("train", {}), "train")
     update_dataclass(run.data, merged.get("data", {}), "data")
     run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
-    if overrides:
-        run.tag = "cfg" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    identity = without_execution_settings(overrides or {})
+    if identity:  # command-line overrides that change the numbers: a run of its own
+        run.tag = "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return run

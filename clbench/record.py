@@ -97,6 +97,7 @@ class RunResult:
     wall_time_s: float = 0.0
     finished_at: str = ""
     argv: list[str] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)  # values written as null, and what they were
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -63,6 +62,7 @@ from clbench.benchmarks import get_benchmark
 from clbench.benchmarks.scenario import task_sizes
 from clbench.config import RunConfig, parse_set
 from clbench.errors import ConfigError, DataError
+from clbench.files import atomic_write_json
 from clbench.methods import METHODS, ordered_methods
 from clbench.methods.base import CLMethod
 from clbench.protocol import (
@@ -786,9 +786,8 @@ def main(args: argparse.Namespace) -> int:
           "is over all the steps it ran beside the methods. run (proj.): a full run's training and evaluation "
           "at these rates (no data loading).")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"setting": env, "backbone": backbone_speed,
-                                         "methods": [dataclasses.asdict(r) for r in results.values()]}, indent=1))
+        atomic_write_json(args.json, {"setting": env, "backbone": backbone_speed,
+                                      "methods": [dataclasses.asdict(r) for r in results.values()]})
     return 1 if any(r.error for r in shown) else 0
 
 

@@ -58,7 +58,7 @@ import yaml
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 from clbench import files
-from clbench.config import RunConfig, build_dataclass, update_dataclass
+from clbench.config import RunConfig, build_dataclass, update_dataclass, without_execution_settings
 from clbench.errors import ConfigError
 from clbench.methods import METHODS
 from clbench.options import PROFILE_ENV, add_launcher_arguments, add_sweep_arguments
@@ -604,15 +604,9 @@ def _add_collect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _same_run(result: RunResult, run: PlannedRun) -> bool:
-    """The result was made by this run's configuration (where the data lives and the device
-    may differ between machines)."""
-    def comparable(config: dict[str, Any]) -> dict[str, Any]:
-        c = json.loads(json.dumps(config))
-        c.pop("device", None)
-        c.get("data", {}).pop("root", None)
-        return c
-
-    return result.run_key == run.key and comparable(result.config) == comparable(run.config.to_dict())
+    """The result was made by this run's configuration (its execution settings, such as where
+    the data lives, the device and the worker count, may differ between machines)."""
+    return result.run_key == run.key and without_execution_settings(result.config) == run.config.identity()
 
 
 def collect_main(args: argparse.Namespace) -> int:
@@ -645,8 +639,7 @@ def collect_main(args: argparse.Namespace) -> int:
     if args.csv:
         table = load_runs(out)
         table = table[table["path"].isin(only)] if not table.empty else table
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.csv, index=False)
+        files.atomic_write_text(args.csv, table.to_csv(index=False))
         print(f"[collect] wrote {args.csv} ({len(table)} runs)")
     return 1 if missing else 0
 

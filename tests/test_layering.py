@@ -4,7 +4,7 @@ cycle or a project import hidden inside a function fails here, not in a reviewer
     core                      clbench, errors, config, files, record, task, metrics, backbones,
                               options, paper (the paper's numbers)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
-    engine                    recipes, protocol, sweep, speed
+    engine                    loading, recipes, protocol, sweep, speed
     top                       clbench.slurm, clbench.report, suite, cli, __main__
 
 And ``report`` (and the command line's start-up) never imports torch.
@@ -27,7 +27,7 @@ LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
-    ("engine", ["clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.speed"]),
+    ("engine", ["clbench.loading", "clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.speed"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.suite", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other

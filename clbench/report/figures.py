@@ -19,6 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from clbench.files import atomic_replace
 from clbench.report.aggregate import Names
 
 SEABORN_ERRORBAR = {"std": "sd", "sem": "se"}  # same definitions as aggregate.spread_of (ddof=1)
@@ -28,8 +29,8 @@ METRIC_CURVES = {"acc": "acc_curve", "acc_task_avg": "acc_task_avg_curve"}
 def _save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    atomic_replace(paths[0], lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+    atomic_replace(paths[1], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"))
     return paths
 
 
