@@ -15,16 +15,17 @@ epoch without persistent workers, once per loader with them).
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 
 def sample_seed(stream: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one sample, mixed from its loader's stream, the pass and its index."""
-    return int(np.random.SeedSequence([stream, epoch, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """A 63-bit seed for one sample, hashed from its loader's stream, the pass and its index."""
+    key = b"".join(int(v).to_bytes(8, "little", signed=True) for v in (stream, epoch, index))
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 class EpochIndices(Sampler):
@@ -58,9 +59,13 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.stream, epoch, index))
+        rng = torch.default_generator  # what augmentations draw from; saved and restored around them
+        state = rng.get_state()
+        rng.manual_seed(sample_seed(self.stream, epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            rng.set_state(state)
 
 
 def seeded_loader(dataset: Dataset, stream: int, batch_size: int, shuffle: bool, drop_last: bool,
