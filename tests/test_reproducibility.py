@@ -56,6 +56,7 @@ def jpeg_tree(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # more than the cores
 def test_worker_count_and_evaluation_batch_change_no_number(jpeg_tree, tmp_path):
     """0, 2 and 4 workers, and another evaluation batch size: byte-identical accuracy matrices,
     and one run identity (no tag)."""
