@@ -18,3 +18,13 @@ class DataError(UserError, RuntimeError):
 
 class PretrainedWeightsError(UserError, RuntimeError):
     """Pretrained weights that cannot be found or loaded; the message names both ways to give them."""
+
+
+class PlanError(UserError):
+    """Everything wrong with a sweep's plan, found before any run starts: one message, one line
+    per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"the plan has {count}; nothing was run:\n" + "\n".join(f"  - {p}" for p in problems))
