@@ -11,7 +11,6 @@ tests' ``toy``) are left to the same checks run again on the full registry.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Collection, Mapping, Protocol
 import yaml
 
 from clbench.config import deep_merge, parse_set
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, did_you_mean
 from clbench.task import task_sizes
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit integers
@@ -84,12 +83,6 @@ def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     if base in (method, *_chain):
         raise ConfigError(f"{path}: 'extends: {base}' makes a cycle ({' -> '.join((*_chain, method, base))})")
     return deep_merge(load_recipe(base, (*_chain, method)), recipe)
-
-
-def did_you_mean(name: str, choices: Collection[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def unknown_name(kind: str, name: str, choices: Collection[str]) -> str:

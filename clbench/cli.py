@@ -13,8 +13,8 @@ import argparse
 import importlib
 import sys
 
-from clbench.catalog import BUILTIN_BENCHMARKS, check_args, did_you_mean, method_names
-from clbench.errors import PlanError, UserError
+from clbench.catalog import BUILTIN_BENCHMARKS, check_args, method_names
+from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.options import add_run_arguments, add_sweep_arguments
 
 # sub-command -> (the module whose COMMANDS holds it, one-line description)

@@ -25,9 +25,8 @@ import torch
 
 from clbench.backbones import weights_problem
 from clbench.benchmarks import get_benchmark
-from clbench.catalog import did_you_mean
 from clbench.config import RunConfig
-from clbench.errors import PlanError, UserError
+from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.sweep import PlannedRun
 
 

@@ -28,7 +28,7 @@ from clbench.config import (
     update_dataclass,
     without_execution_settings,
 )
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, did_you_mean
 from clbench.methods import get_method
 
 
@@ -46,7 +46,8 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
         for section in layer:
             if section not in SECTIONS:
                 raise ConfigError(
-                    f"unknown section '{section}' in the configuration of {method} on {benchmark} "
+                    f"unknown section '{section}'{did_you_mean(section, SECTIONS)} in the configuration "
+                    f"of {method} on {benchmark} "
                     f"(layer {i}); valid sections: {', '.join(SECTIONS)}")
         deep_merge(merged, json.loads(json.dumps(layer)))  # deep copy
     run = RunConfig(benchmark=benchmark, num_tasks=num_tasks, method=method, seed=seed,

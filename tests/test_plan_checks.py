@@ -137,3 +137,9 @@ def test_the_dry_run_shows_the_checks(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ok   backbone vit_toy_patch4_16 at 16px" in out and "ok   data of toy" in out
     assert not (tmp_path / "splits").exists()
+
+
+def test_a_set_key_typo_names_the_closest_key(tmp_path, capsys):
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train.epoch=3",
+                 "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "unknown key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
