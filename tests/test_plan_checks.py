@@ -17,6 +17,8 @@ from clbench import catalog
 from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main
 from clbench.methods import METHODS
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
 
 
 def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -143,3 +145,19 @@ def test_a_set_key_typo_names_the_closest_key(tmp_path, capsys):
     assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train.epoch=3",
                  "--dry-run", "--out", str(tmp_path)]) == 2
     assert "unknown key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+
+
+def test_help_lists_the_methods_benchmarks_and_sub_commands_at_once():
+    done, seconds = run_cli("--help")
+    assert done.returncode == 0
+    for name in [*catalog.method_names(), *catalog.BUILTIN_BENCHMARKS, "preflight", "status", "collect", "speed"]:
+        assert name in done.stdout
+    assert seconds < 2.0, f"took {seconds:.1f}s"
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    cfg = resolve_config("toy", 3, "full_ft", 0, device="cpu")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert Run(cfg, tmp_path, progress=True).progress is False  # a log file: one line per task
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert Run(cfg, tmp_path, progress=True).progress is True
