@@ -3,7 +3,7 @@
 
     python run_suite.py                                   # the offline synthetic suite
     python run_suite.py --bench imr --tasks 5,10,20 --data-root /data
-    python run_suite.py report | status | collect | speed
+    python run_suite.py report | status | collect | speed | preflight
 
 The same command line is installed as ``clbench`` and as ``python -m clbench``; see README.md.
 """

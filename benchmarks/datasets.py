@@ -53,6 +53,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.datasets.utils import check_integrity
 
 from clbench.benchmarks.base import Benchmark, register_benchmark
+from clbench.catalog import BUILTIN_BENCHMARKS
 from clbench.errors import DataError
 from clbench.files import atomic_write_json
 
@@ -713,14 +714,15 @@ def load_cub(data_dir: Path, train_transform: Callable, test_transform: Callable
 
 # ----------------------------------------------------------------------------- registry
 
-register_benchmark(Benchmark(name="imr", title="ImageNet-R", num_classes=200, default_tasks=[5, 10, 20],
-                             load=load_imagenet_r, folder=_IMR.folder, source=_IMR.source))
-register_benchmark(Benchmark(name="ima", title="ImageNet-A", num_classes=200, default_tasks=[10],
-                             load=load_imagenet_a, folder=_IMA.folder, source=_IMA.source))
-register_benchmark(Benchmark(name="dn", title="DomainNet", num_classes=345, default_tasks=[5],
-                             load=load_domainnet, folder=_DN.folder, source=_DN.source))
-register_benchmark(Benchmark(name="c100", title="CIFAR-100", num_classes=100, default_tasks=[10],
-                             load=load_cifar100, folder=_C100.folder, source=_C100.source,
-                             test_transform=cifar_test_transform))
-register_benchmark(Benchmark(name="cub", title="CUB-200", num_classes=200, default_tasks=[10],
-                             load=load_cub, folder=_CUB.folder, source=_CUB.source))
+# Names, titles, class counts and default task counts: clbench.catalog (the command line checks a
+# plan against them without importing torch).
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["imr"].fields(), load=load_imagenet_r, folder=_IMR.folder,
+                             source=_IMR.source))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["ima"].fields(), load=load_imagenet_a, folder=_IMA.folder,
+                             source=_IMA.source))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["dn"].fields(), load=load_domainnet, folder=_DN.folder,
+                             source=_DN.source))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["c100"].fields(), load=load_cifar100, folder=_C100.folder,
+                             source=_C100.source, test_transform=cifar_test_transform))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["cub"].fields(), load=load_cub, folder=_CUB.folder,
+                             source=_CUB.source))

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from clbench.task import task_classes
+from clbench.task import task_classes, task_sizes
 
 
 def class_order(num_classes: int, seed: int | None) -> list[int]:
@@ -24,23 +24,6 @@ def class_order(num_classes: int, seed: int | None) -> list[int]:
     if seed is None:
         return list(range(num_classes))
     return np.random.RandomState(seed).permutation(num_classes).tolist()
-
-
-def task_sizes(num_classes: int, num_tasks: int, initial: int | None = None,
-               increment: int | None = None) -> list[int]:
-    """Class counts per task: N equal tasks, or ``initial`` then ``increment`` per task."""
-    if initial is None and increment is None:
-        if num_classes % num_tasks:
-            raise ValueError(f"{num_classes} classes do not split into {num_tasks} equal tasks; "
-                             f"set data.initial_classes and data.increment")
-        return [num_classes // num_tasks] * num_tasks
-    initial = initial if initial is not None else increment
-    increment = increment if increment is not None else initial
-    sizes = [initial] + [increment] * (num_tasks - 1)
-    if sum(sizes) > num_classes:
-        raise ValueError(f"initial={initial} + {num_tasks - 1}×{increment} classes exceeds the "
-                         f"benchmark's {num_classes} classes")
-    return sizes
 
 
 class RemappedSubset(Dataset):

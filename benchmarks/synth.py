@@ -56,12 +56,13 @@ from torch.utils.data import Dataset
 
 from clbench.backbones import register_pretrained_builder
 from clbench.benchmarks.base import Benchmark, register_benchmark
+from clbench.catalog import BUILTIN_BENCHMARKS
 from clbench.files import atomic_replace, build_once
 
 GENERATOR_VERSION = 2
 DEFAULT_SEED = 0
-IMAGE_SIZE = 32
-NUM_CLASSES = 60  # divisible by 5, 10 and 20 tasks
+IMAGE_SIZE = BUILTIN_BENCHMARKS["synth"].image_size  # 32
+NUM_CLASSES = BUILTIN_BENCHMARKS["synth"].num_classes  # 60: divisible by 5, 10 and 20 tasks
 TRAIN_PER_CLASS = 40
 TEST_PER_CLASS = 15
 PRETRAIN_CLASSES = 100
@@ -637,8 +638,8 @@ def pretrained_weights(seed: int = DEFAULT_SEED, config: PretrainConfig = Pretra
 register_pretrained_builder(MODEL_NAME, pretrained_weights)
 
 SYNTH = register_benchmark(Benchmark(
-    name="synth", title="Synthetic", num_classes=NUM_CLASSES, default_tasks=[5, 10], load=load_synth,
-    folder="synth", source="built in: generated offline by benchmarks/synth.py", image_size=IMAGE_SIZE,
+    **BUILTIN_BENCHMARKS["synth"].fields(), load=load_synth,
+    folder="synth", source="built in: generated offline by benchmarks/synth.py",
     defaults={"backbone": {"name": MODEL_NAME, "pretrained": True},
               # in-memory tensors: worker processes would only add start-up time
               "train": {"num_workers": 0}},

@@ -13,7 +13,8 @@ import argparse
 import importlib
 import sys
 
-from clbench.errors import UserError
+from clbench.catalog import BUILTIN_BENCHMARKS, check_args, method_names
+from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.options import add_run_arguments, add_sweep_arguments
 
 # sub-command -> (the module whose COMMANDS holds it, one-line description)
@@ -22,6 +23,8 @@ SUBCOMMANDS = {
     "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
     "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
+    "preflight": ("clbench.suite", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
+                                   "forecast its GPU hours and memory against a SLURM profile"),
 }
 SWEEP_MODULE = "clbench.suite"
 
@@ -30,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clbench",
         description="Continual-learning sweeps with pre-trained ViTs (SD-LoRA, ICLR 2025, and its baselines).",
-        epilog="Sub-commands (clbench <cmd> --help): "
-               + "; ".join(f"{name}: {about}" for name, (_, about) in SUBCOMMANDS.items()))
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="methods:    " + ", ".join(method_names())
+               + "\nbenchmarks: " + ", ".join(f"{b.name} ({b.title}, {b.num_classes} classes)"
+                                              for b in BUILTIN_BENCHMARKS.values())
+               + "\n\nsub-commands (clbench <cmd> --help):\n"
+               + "\n".join(f"  {name:10s} {about}" for name, (_, about) in SUBCOMMANDS.items()))
     add_sweep_arguments(parser)
     add_run_arguments(parser)
     return parser
@@ -40,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+            # the sweep takes no positional argument: this was meant as a sub-command
+            raise UserError(f"unknown sub-command '{argv[0]}'{did_you_mean(argv[0], SUBCOMMANDS)}; "
+                            f"sub-commands: {', '.join(SUBCOMMANDS)} (none: a sweep)")
         if argv and argv[0] in SUBCOMMANDS:
             module_name, about = SUBCOMMANDS[argv[0]]
             add_arguments, command = importlib.import_module(module_name).COMMANDS[argv[0]]
@@ -47,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             add_arguments(sub)
             return int(command(sub.parse_args(argv[1:])) or 0)
         args = build_parser().parse_args(argv)
+        # What can be checked without torch fails here, before the ~5 s of importing it.
+        problems = check_args(args, BUILTIN_BENCHMARKS, method_names(), complete=False)
+        if problems:
+            raise PlanError(problems)
         return int(importlib.import_module(SWEEP_MODULE).main(args) or 0)
     except (UserError, KeyError) as err:
         # Problems the user can fix get their message, not a traceback.

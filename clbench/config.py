@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -197,7 +197,8 @@ def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
     for key, value in updates.items():
         if key not in valid:
             raise ConfigError(
-                f"unknown key '{where}.{key}'. Valid keys in '{where}': {', '.join(sorted(valid))}"
+                f"unknown key '{where}.{key}'{did_you_mean(key, valid)}. "
+                f"Valid keys in '{where}': {', '.join(sorted(valid))}"
             )
         current = getattr(obj, key)
         if is_dataclass(current) and isinstance(value, dict):

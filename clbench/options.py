@@ -42,10 +42,25 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the recipe of each run")
     p.add_argument("--force", action="store_true", help="rerun every planned run from its first task, even finished ones "
                    "(a finished result is kept as <result>.json.prev)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none unless stderr is a terminal: one line per task)")
     p.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
                    help="where runs execute (default: in this process)")
+    g = p.add_argument_group("parallel runs on this machine (--launcher local)")
+    g.add_argument("--jobs", type=int, default=1, metavar="K",
+                   help="run K runs at once, each in its own process on the runs' device (default 1: one after the other)")
+    g.add_argument("--devices", type=_devices, default=None, metavar="0,1,..",
+                   help="one worker process per device, each running one run at a time: GPU indices "
+                        "(cuda:N) or device names (cpu)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per run (torch.set_num_threads); default: torch's own for one run, "
+                        "the cores divided among the workers for several")
     add_launcher_arguments(p)
+
+
+def _devices(text: str) -> list[str]:
+    """``0,1`` -> ``['cuda:0', 'cuda:1']``; other names (``cpu``, ``cuda:2``) as given."""
+    return [f"cuda:{d}" if d.strip().isdigit() else d.strip() for d in text.split(",") if d.strip()]
 
 
 def add_launcher_arguments(parser: argparse.ArgumentParser, hidden: bool = False) -> None:
@@ -68,5 +83,16 @@ def add_launcher_arguments(parser: argparse.ArgumentParser, hidden: bool = False
         "stop waiting after this long (the jobs keep running); default: no limit"))
     g.add_argument("--retry-failed", action="store_true", help=text(
         "resubmit runs that failed before (default: report them, do not resubmit)"))
+    g.add_argument("--speed", type=Path, action="append", default=[], metavar="FILE", help=text(
+        "figures of `clbench speed --json FILE` (repeatable): `clbench preflight` forecasts each run's "
+        "hours and memory from them, and --launcher slurm submits no run that would not fit the profile"))
+    g.add_argument("--ignore-forecast", action="store_true", help=text(
+        "--launcher slurm: submit runs that the --speed figures say do not fit the profile"))
     g.add_argument("--emit", type=Path, default=None, metavar="DIR", help=text(
         "--launcher sbatch: write DIR/array.sbatch and DIR/tasks.jsonl"))
+
+
+def add_preflight_arguments(p: argparse.ArgumentParser) -> None:
+    """``clbench preflight``: the sweep's options and the SLURM profile's."""
+    add_sweep_arguments(p)
+    add_launcher_arguments(p)

@@ -277,7 +277,7 @@ class Run:
                  on_progress: Callable[[int, int, float], None] | None = None):
         self.config = config
         self.out_root = Path(out_root)
-        self.progress = progress
+        self.progress = progress and sys.stderr.isatty()  # no carriage-return frames in a log file
         self.on_progress = on_progress or (lambda tasks_done, num_tasks, elapsed_s: None)
         self.key = config.key
         self.result_path = record.result_path(self.out_root, self.key)

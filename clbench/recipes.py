@@ -16,13 +16,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-import clbench.benchmarks as benchmarks_package
 from clbench.benchmarks import get_benchmark
+from clbench.catalog import load_recipe
 from clbench.config import (
     SECTIONS,
     RunConfig,
@@ -31,28 +28,8 @@ from clbench.config import (
     update_dataclass,
     without_execution_settings,
 )
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, did_you_mean
 from clbench.methods import get_method
-
-RECIPE_DIR = Path(benchmarks_package.__file__).resolve().parent / "recipes"  # data of the benchmarks package
-
-
-def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A method's recipe. ``extends: <method>`` starts from that method's recipe and merges this
-    file's sections over it (a variant states only what differs from its base)."""
-    path = RECIPE_DIR / f"{method}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no recipe for method '{method}': expected {path}")
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (default, <bench>, <bench>@<N>)")
-    base = recipe.pop("extends", None)
-    if base is None:
-        return recipe
-    if base in (method, *_chain):
-        raise ConfigError(f"{path}: 'extends: {base}' makes a cycle ({' -> '.join((*_chain, method, base))})")
-    return deep_merge(load_recipe(base, (*_chain, method)), recipe)
 
 
 def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
@@ -69,7 +46,8 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
         for section in layer:
             if section not in SECTIONS:
                 raise ConfigError(
-                    f"unknown section '{section}' in the configuration of {method} on {benchmark} "
+                    f"unknown section '{section}'{did_you_mean(section, SECTIONS)} in the configuration "
+                    f"of {method} on {benchmark} "
                     f"(layer {i}); valid sections: {', '.join(SECTIONS)}")
         deep_merge(merged, json.loads(json.dumps(layer)))  # deep copy
     run = RunConfig(benchmark=benchmark, num_tasks=num_tasks, method=method, seed=seed,

@@ -786,7 +786,9 @@ def main(args: argparse.Namespace) -> int:
           "is over all the steps it ran beside the methods. run (proj.): a full run's training and evaluation "
           "at these rates (no data loading).")
     if args.json:
-        atomic_write_json(args.json, {"setting": env, "backbone": backbone_speed,
+        # bench, num_tasks and device: what `clbench preflight --speed FILE` matches runs by
+        atomic_write_json(args.json, {"setting": env, "bench": bench.name, "num_tasks": num_tasks,
+                                      "device": str(device), "backbone": backbone_speed,
                                       "methods": [dataclasses.asdict(r) for r in results.values()]})
     return 1 if any(r.error for r in shown) else 0
 

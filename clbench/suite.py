@@ -1,16 +1,35 @@
-"""The sweep command (``clbench`` with no sub-command): plan, then run here or on SLURM, then
-print the sweep's table and write the report."""
+"""The sweep command (``clbench`` with no sub-command): plan and check the plan
+(``clbench.preflight``), then run here (one run after the other, or several at once with
+``--jobs``/``--devices``) or on SLURM, then print the sweep's table and write the report; and
+``clbench preflight``: the same checks, plus a forecast against a SLURM profile."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import tempfile
 import time
+from pathlib import Path
+
+import torch
 
 from clbench import record
+from clbench.errors import PlanError
+from clbench.options import PROFILE_ENV, add_preflight_arguments
+from clbench.preflight import (
+    Check,
+    Forecast,
+    check_plan,
+    forecast,
+    format_checks,
+    format_forecast,
+    raise_problems,
+    read_speed_figures,
+)
 from clbench.report.aggregate import quick_table
 from clbench.report.command import write_report
 from clbench.slurm import launcher
-from clbench.sweep import PlannedRun, plan_from_args, run_local
+from clbench.sweep import PlannedRun, plan_from_args, run_local, run_parallel
 
 
 def print_plan(runs: list[PlannedRun]) -> None:
@@ -24,10 +43,61 @@ def print_plan(runs: list[PlannedRun]) -> None:
     print(f"{len(runs)} runs planned, {len(runs) - todo} already done, {todo} to run")
 
 
-def main(args: argparse.Namespace) -> int:
+def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list[Check]]:
+    """The plan, with every check of ``clbench.preflight`` passed (else one ``PlanError``). A split
+    that a loader has to write goes to ``<out>/splits``, or to a temporary folder under
+    ``--dry-run`` (which writes nothing)."""
     runs, out = plan_from_args(args)
+    with contextlib.ExitStack() as stack:
+        splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.dry_run else out / "splits"
+        checks = check_plan(runs, splits)
+    raise_problems(checks)
+    return runs, out, checks
+
+
+def forecast_for(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[launcher.SlurmProfile, list[Forecast]]:
+    """The profile the options name, and each unfinished run's forecast against it."""
+    profile = launcher.profile_from_args(args)
+    return profile, forecast(runs, read_speed_figures(args.speed), profile.time_limit, profile.memory_gib())
+
+
+def fit_or_refuse(runs: list[PlannedRun], args: argparse.Namespace) -> None:
+    """Before a SLURM submission: refuse (``PlanError``) runs that the ``--speed`` figures say
+    exceed the profile's time limit or memory, unless ``--ignore-forecast``."""
+    if not args.speed or args.ignore_forecast:
+        return
+    _, forecasts = forecast_for(runs, args)
+    unfit = [f for f in forecasts if f.fits is False]
+    if unfit:
+        raise PlanError([f"{f.key}: forecast {f.hours:.2f} h (limit {f.limit_hours:.2f} h)"
+                         + ("" if f.peak_gib is None else f", peak {f.peak_gib:.2f} GiB (of {f.memory_gib})")
+                         + "; raise the profile's limits (--slurm time_min=...), or --ignore-forecast"
+                         for f in unfit])
+
+
+def preflight_main(args: argparse.Namespace) -> int:
+    """``clbench preflight``: every check of the plan, and its forecast against the profile.
+    Exit 0: it passes and fits; 1: a run would not fit; 2: a check failed."""
+    runs, _ = plan_from_args(args)  # names, tasks and seeds: a problem there stops here
+    with tempfile.TemporaryDirectory() as splits:
+        checks = check_plan(runs, Path(splits))
+    todo = sum(not r.done for r in runs)
+    print(f"{len(runs)} runs planned, {todo} to run\nchecks:\n" + (format_checks(checks) or "(nothing to run)"))
+    profile, forecasts = forecast_for(runs, args)
+    print(f"forecast against profile {args.profile or os.environ.get(PROFILE_ENV) or 'local'} "
+          f"({profile.describe()}):\n{format_forecast(forecasts)}")
+    raise_problems(checks)
+    return 1 if any(f.fits is False for f in forecasts) else 0
+
+
+COMMANDS = {"preflight": (add_preflight_arguments, preflight_main)}
+
+
+def main(args: argparse.Namespace) -> int:
+    runs, out, checks = checked_plan(args)
     if args.dry_run:
         print_plan(runs)
+        print("checks:\n" + (format_checks(checks) or "(nothing to run)"))
         return 0
     if args.force:  # start every run afresh; a finished result is kept beside it as .json.prev
         for r in runs:
@@ -39,9 +109,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run "
           f"-> {out.resolve()}", flush=True)
     start = time.time()
-    if args.launcher == "local":
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.launcher == "local" and (args.jobs > 1 or args.devices):
+        failures = run_parallel(todo, out, args.jobs, args.devices, args.threads)
+    elif args.launcher == "local":
         failures = run_local(todo, out, progress=not args.no_progress)
     else:
+        fit_or_refuse(todo, args)
         failures = launcher.launch(todo, args, out)
         if failures is None:  # submitted or emitted without waiting
             return 0

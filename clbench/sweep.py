@@ -8,22 +8,34 @@ Each run also has a status record, ``<out>/status/<key>.json``, for ``clbench st
 ``run_job`` writes its progress (state, task reached, time so far, who runs it) and the
 launcher's job wrapper writes a failure with its traceback (``record_failure``). Records are
 written atomically and never read by reports: results come from result files only.
+
+A run is claimed before it trains (``claim``: a record lock on ``<out>/claims/<key>.lock``), so
+concurrent sweeps and jobs on one results root train each run once. ``run_parallel`` runs a plan
+in a process pool on this machine, one worker per device (or ``--jobs`` workers).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import multiprocessing
 import os
 import socket
+import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch
 
 from clbench import files, record
-from clbench.benchmarks import get_benchmark
+from clbench.benchmarks import BENCHMARKS, get_benchmark
+from clbench.catalog import check_args, requested_methods, unique_seeds
 from clbench.config import RunConfig, parse_set
-from clbench.errors import UserError
+from clbench.errors import PlanError, UserError
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import run
 from clbench.recipes import resolve_config
@@ -60,18 +72,21 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
     """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
     results root."""
+    problems = check_args(args, BENCHMARKS, METHODS, complete=True)
+    if problems:
+        raise PlanError(problems)
     overrides = parse_set(args.overrides)
     if args.backbone:
         overrides.setdefault("backbone", {})["name"] = args.backbone
     if args.pretrained_path:
         overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
-    methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods or []:
-        if m not in METHODS:
-            raise KeyError(f"unknown method '{m}'; registered: {', '.join(sorted(METHODS))}")
+    seeds, repeated = unique_seeds(args.seeds)
+    if repeated:
+        print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "
+              f"each run is planned once", file=sys.stderr)
     out = args.out or record.default_root()
-    return plan(args.bench, args.tasks, methods, args.seeds, out, args.class_order_seed, overrides or None,
-                args.device, args.data_root), out
+    return plan(args.bench, args.tasks, requested_methods(args), seeds, out, args.class_order_seed,
+                overrides or None, args.device, args.data_root), out
 
 
 def status_path(out_root: Path, key: str) -> Path:
@@ -108,15 +123,60 @@ def record_failure(out_root: Path, key: str, error: str) -> None:
     update_status(out_root, key, state="failed", error=error, **job_identity())
 
 
-def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any]:
+def claim_path(out_root: Path, key: str) -> Path:
+    """The run's claim: ``<out>/claims/<key>.lock``, locked by the process that trains it."""
+    return Path(out_root) / "claims" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def claim(out_root: Path, key: str) -> Iterator[bool]:
+    """Hold the run's claim while the block runs; yields False (and holds nothing) when a live
+    process holds it. A POSIX record lock (``fcntl.lockf``): NFS supports it across nodes, and the
+    kernel (or the NFS lock manager) releases it when its holder dies, so a dead holder's claim is
+    free to take. The lock file is never deleted: a deletion could race with another taker."""
+    path = claim_path(out_root, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:  # "a+": no truncation, the file is shared
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by a live process
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def holder(out_root: Path, key: str) -> str:
+    """Who trains the run, as its status record says."""
+    status = read_status(out_root, key) or {}
+    who = ", ".join(f"{k} {status[k]}" for k in ("job_id", "host", "pid") if status.get(k))
+    return who or "another process"
+
+
+def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any] | None:
     """The job entry point of every launcher: run one configuration and return its metrics.
-    A finished run (its result file exists) is not run again. While it runs, its status record
-    says how far it got; ``attempts`` lists every start (``from_task`` > 0: resumed)."""
+    A finished run (its result file exists) is not run again. The run is claimed first
+    (``claim``): while another live process trains it, this one says so and returns None. While
+    it runs, its status record says how far it got; ``attempts`` lists every start
+    (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died)."""
     cfg = RunConfig.from_dict(config)
     key = cfg.key
     path = record.result_path(Path(out_root), key)
     if path.exists():
         return record.read_result(path).metrics
+    with claim(Path(out_root), key) as claimed:
+        if not claimed:
+            print(f"[{key}] skipped: being trained by {holder(Path(out_root), key)}", flush=True)
+            return None
+        if path.exists():  # finished by the process that held the claim before us
+            return record.read_result(path).metrics
+        return _run_claimed(cfg, out_root, progress)
+
+
+def _run_claimed(cfg: RunConfig, out_root: str, progress: bool) -> dict[str, Any]:
+    key = cfg.key
     identity = job_identity()
     attempt: dict[str, Any] = {}
 
@@ -147,4 +207,70 @@ def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> 
             failures.append((r, traceback.format_exc()))
             record_failure(out_root, r.key, failures[-1][1])
             print(f"[{i + 1}/{len(runs)}] {r.key} FAILED:\n{failures[-1][1]}", flush=True)
+    return failures
+
+
+# ----------------------------------------------------------------------------- parallel
+
+
+_worker_device: str | None = None  # the device this pool worker runs on (None: the run's own)
+
+
+def _init_worker(devices: Any, threads: int) -> None:
+    """A pool worker's start: take one device from the queue (one worker per device) and use
+    ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them."""
+    global _worker_device
+    _worker_device = devices.get()
+    torch.set_num_threads(threads)
+
+
+def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]:
+    """One run in a pool worker, on the worker's device (an execution setting: the run's identity
+    and numbers do not change). Returns ``(outcome, detail)``: done, skipped (claimed elsewhere),
+    failed (with its traceback, recorded) or user_error (with its message)."""
+    if _worker_device is not None:
+        config = {**config, "device": _worker_device}
+    try:
+        metrics = run_job(config, out_root, progress=False)
+    except UserError as err:
+        return "user_error", str(err)
+    except Exception:  # recorded like a serial sweep's failure; the other runs go on
+        error = traceback.format_exc()
+        record_failure(Path(out_root), RunConfig.from_dict(config).key, error)
+        return "failed", error
+    return ("skipped", None) if metrics is None else ("done", None)
+
+
+def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices: list[str] | None = None,
+                 threads: int | None = None) -> list[tuple[PlannedRun, str]]:
+    """Run the plan in ``len(devices)`` worker processes, one per device, or in ``jobs`` workers
+    on the runs' own device: a ``ProcessPoolExecutor`` (spawn, so no CUDA state is forked) whose
+    workers each take one device. Each worker uses ``threads`` CPU threads (default: the cores
+    divided among the workers). Runs go through ``run_job`` as in a serial sweep: same claims,
+    status records and result files. Returns the failures (run, traceback)."""
+    workers = len(devices) if devices else jobs
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    for device in devices or [None] * workers:
+        queue.put(device)
+    failures: list[tuple[PlannedRun, str]] = []
+    user_errors: list[str] = []
+    print(f"{len(runs)} run(s) on {workers} worker(s)"
+          + (f" ({', '.join(devices)})" if devices else "") + f", {threads} thread(s) each", flush=True)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(queue, threads)) as pool:
+        futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
+        for i, future in enumerate(as_completed(futures)):
+            r = futures[future]
+            outcome, detail = future.result()
+            print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
+            if outcome == "failed":
+                failures.append((r, detail or "failed"))
+                print(detail, flush=True)
+            elif outcome == "user_error":
+                user_errors.append(f"{r.key}: {detail}")
+                pool.shutdown(cancel_futures=True)  # every later run would fail the same way
+    if user_errors:
+        raise UserError("\n".join(user_errors))
     return failures

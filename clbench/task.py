@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from clbench.config import TrainConfig
+from clbench.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -83,3 +84,25 @@ def task_classes(sizes: list[int], t: int) -> range:
     """The harness labels of task ``t`` in a scenario whose tasks have these ``sizes``."""
     start = sum(sizes[:t])
     return range(start, start + sizes[t])
+
+
+def task_sizes(num_classes: int, num_tasks: int, initial: int | None = None,
+               increment: int | None = None) -> list[int]:
+    """Class counts per task: N equal tasks, or ``initial`` then ``increment`` per task.
+    ``ConfigError`` (a ``ValueError``) says why a split is impossible and how to fix it."""
+    if num_tasks <= 0:
+        raise ConfigError(f"the number of tasks must be positive, got {num_tasks}")
+    if initial is None and increment is None:
+        if num_classes % num_tasks:
+            raise ConfigError(f"{num_classes} classes do not split into {num_tasks} equal tasks; "
+                              f"set data.initial_classes and data.increment")
+        return [num_classes // num_tasks] * num_tasks
+    initial = initial if initial is not None else increment
+    increment = increment if increment is not None else initial
+    if initial <= 0 or increment <= 0:
+        raise ConfigError(f"data.initial_classes ({initial}) and data.increment ({increment}) must be positive")
+    sizes = [initial] + [increment] * (num_tasks - 1)
+    if sum(sizes) > num_classes:
+        raise ConfigError(f"initial={initial} + {num_tasks - 1}×{increment} classes exceeds the "
+                          f"benchmark's {num_classes} classes")
+    return sizes

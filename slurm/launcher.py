@@ -98,6 +98,7 @@ class SlurmProfile:
     gpus_per_task: int = 0  # each element is one task on one node: sbatch --gpus-per-node
     cpus_per_task: int = 4  # also torch's thread count inside the job
     mem_gb: float | None = None  # None: the partition's default
+    gpu_mem_gb: float | None = None  # memory of one GPU, for `clbench preflight`'s forecast (None: not checked)
     time_min: int = 240  # time limit of a run whose method has no entry below
     time_min_per_method: dict[str, int] = field(default_factory=dict)
     constraint: str | None = None
@@ -109,6 +110,10 @@ class SlurmProfile:
 
     def time_limit(self, method: str) -> int:
         return int(self.time_min_per_method.get(method, self.time_min))
+
+    def memory_gib(self) -> float | None:
+        """What one run may use: a GPU's memory with a GPU, else the job's memory (None: not stated)."""
+        return self.gpu_mem_gb if self.gpus_per_task else self.mem_gb
 
     def extra_parameters(self) -> dict[str, Any]:
         """``sbatch_extra`` as submitit's ``additional_parameters`` ({"exclude": "node7"})."""
@@ -380,7 +385,7 @@ class SlurmRun(submitit.helpers.Checkpointable):
     def __init__(self, max_stalled_requeues: int = 3):
         self.max_stalled_requeues = max_stalled_requeues
 
-    def __call__(self, config: dict[str, Any], out_root: str) -> dict[str, Any]:
+    def __call__(self, config: dict[str, Any], out_root: str) -> dict[str, Any] | None:
         _limit_threads()
         try:
             return run_job(config, out_root, progress=False)
@@ -494,7 +499,7 @@ def emit_array(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path, em
     return path
 
 
-def run_task_file(tasks_file: Path, index: int) -> dict[str, Any]:
+def run_task_file(tasks_file: Path, index: int) -> dict[str, Any] | None:
     """One element of an emitted array: line ``index`` of ``tasks_file`` through ``run_job``.
     On the pre-time-out/preemption signal (USR2) the element requeues itself and later
     resumes from its last finished task."""

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from clbench import recipes
+from clbench import catalog
 from clbench.benchmarks import BENCHMARKS
 from clbench.config import TrainConfig, parse_set
 from clbench.errors import ConfigError
@@ -88,6 +88,6 @@ def test_a_variant_recipe_extends_its_base():
 def test_an_extends_cycle_is_named(tmp_path, monkeypatch):
     (tmp_path / "a.yaml").write_text("extends: b\n")
     (tmp_path / "b.yaml").write_text("extends: a\n")
-    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "RECIPE_DIR", tmp_path)
     with pytest.raises(ConfigError, match="a -> b -> a"):
         load_recipe("a")

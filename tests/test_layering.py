@@ -2,9 +2,9 @@
 cycle or a project import hidden inside a function fails here, not in a reviewer's head:
 
     core                      clbench, errors, config, files, record, task, metrics, backbones,
-                              options, paper (the paper's numbers)
+                              options, catalog (torch-free facts and checks), paper (the paper's numbers)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
-    engine                    loading, recipes, protocol, sweep, speed
+    engine                    loading, recipes, protocol, sweep, preflight, speed
     top                       clbench.slurm, clbench.report, suite, cli, __main__
 
 And ``report`` (and the command line's start-up) never imports torch.
@@ -25,9 +25,10 @@ PACKAGE_DIRS = {"clbench": ROOT / "clbench", "clbench.methods": ROOT / "methods"
                 "clbench.paper": ROOT / "results" / "paper"}
 LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
-              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.paper"]),
+              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
-    ("engine", ["clbench.loading", "clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.speed"]),
+    ("engine", ["clbench.loading", "clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.preflight",
+                "clbench.speed"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.suite", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other

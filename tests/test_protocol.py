@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clbench import files, recipes, record
+from clbench import catalog, files, record
 from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
 from clbench.cli import main
 from clbench.errors import DataError
@@ -162,7 +162,7 @@ def test_a_training_free_method_runs_with_no_optimizer(results_root, tmp_path, m
     recipes_dir = tmp_path / "recipes"
     recipes_dir.mkdir()
     (recipes_dir / "test_prototypes.yaml").write_text("default:\n  train:\n    epochs: 1\n")
-    monkeypatch.setattr(recipes, "RECIPE_DIR", recipes_dir)
+    monkeypatch.setattr(catalog, "RECIPE_DIR", recipes_dir)
     built = []
     monkeypatch.setattr(Prototypes, "begin_task", lambda self, task: built.append(self))
     args = ["--bench", "toy", "--methods", "test_prototypes", "--seeds", "0", "--no-progress", *extra]

@@ -53,6 +53,13 @@ def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, t
     paired = measured["methods"][0]["backbone_s_per_image"]
     assert len(paired) == 2 * 3  # beside the method at task 1 and task 3, 3 steps each
     assert measured["backbone"]["infer_images_per_s"] == pytest.approx(1 / statistics.median(paired))
+    assert (measured["bench"], measured["num_tasks"], measured["device"]) == ("synth", 3, "cpu")
+
+    # the figures as `clbench preflight --speed` reads them: a forecast for the same runs
+    assert main(["preflight", "--bench", "synth", "--tasks", "3", "--methods", "full_ft", "--seeds", "0",
+                 "--profile", "local", "--speed", str(report), "--out", str(tmp_path / "r")]) == 0
+    forecast = capsys.readouterr().out
+    assert "synth/N3/full_ft/seed0: " in forecast and " h of 0.50 h" in forecast and "1 of 1 run(s)" in forecast
 
 
 @pytest.mark.slow

@@ -1,0 +1,163 @@
+"""Plan-time validation: each bad plan fails once, with one message, before any run starts.
+
+The checks that need no torch run in a fresh process in well under 2 seconds (timed here, in a
+subprocess, as a user would start it); those that need torch (backbone, weights, data) run once
+for the whole plan after the imports, before any run or submission.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import huggingface_hub
+import pytest
+
+from clbench import catalog
+from clbench.benchmarks import BENCHMARKS
+from clbench.cli import main
+from clbench.methods import METHODS
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "clbench", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)
+    return done, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "0"], "the number of tasks must be positive"),
+    (["--tasks", "7"], "synth with 7 tasks: 60 classes do not split into 7 equal tasks"),
+    (["--bench", "imr", "--tasks", "7"], "imr with 7 tasks: 200 classes do not split into 7 equal tasks"),
+    (["--seeds", "-1"], "seed(s) -1 out of range"),
+    (["--seeds", "4294967296"], "seed(s) 4294967296 out of range"),
+    (["--methods", "sdlroa"], "unknown method 'sdlroa' (did you mean 'sdlora'?)"),
+    (["reprot"], "unknown sub-command 'reprot' (did you mean 'report'?)"),
+], ids=["tasks 0", "tasks 7 on 60 classes", "tasks 7 on 200 classes", "seed -1", "seed 2**32",
+        "method typo", "sub-command typo"])
+def test_a_bad_plan_fails_at_once_with_one_message(tmp_path, argv, message):
+    done, seconds = run_cli(*argv, "--out", str(tmp_path)) if argv[0] != "reprot" else run_cli(*argv)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
+    assert not (tmp_path / "runs").exists()
+    assert seconds < 2.0, f"took {seconds:.1f}s"
+
+
+def test_every_problem_is_listed_in_the_one_message(tmp_path):
+    done, _ = run_cli("--tasks", "0,7", "--seeds", "-1", "--methods", "sdlroa", "--out", str(tmp_path))
+    assert done.returncode == 2
+    assert "the plan has 4 problems" in done.stderr
+    for part in ("must be positive", "7 equal tasks", "out of range", "did you mean 'sdlora'"):
+        assert part in done.stderr
+
+
+def test_an_unknown_benchmark_is_named_with_the_closest(tmp_path, capsys):
+    # not among the built-in names: the full registry decides (it may hold benchmarks registered
+    # at run time), so this one pays for the imports first
+    assert main(["--bench", "imnr", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark 'imnr' (did you mean 'imr'?)" in capsys.readouterr().err
+
+
+def test_an_explicit_initial_size_and_increment_make_a_split_valid():
+    assert catalog.check_request(["synth"], [7], ["full_ft"], [0], {"data": {"initial_classes": 12,
+                                                                             "increment": 8}},
+                                 catalog.BUILTIN_BENCHMARKS, catalog.method_names(), complete=True) == []
+
+
+def test_repeated_seeds_are_planned_once_with_a_warning(tmp_path, capsys):
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0,0,1", "--dry-run",
+                 "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "seed(s) 0 given more than once" in captured.err
+    assert "2 runs planned" in captured.out
+
+
+def test_a_benchmark_registered_at_run_time_is_checked_on_the_full_registry(tmp_path, capsys):
+    assert "toy" not in catalog.BUILTIN_BENCHMARKS and "toy" in BENCHMARKS
+    assert main(["--bench", "toy", "--tasks", "5", "--methods", "full_ft", "--out", str(tmp_path)]) == 2
+    assert "toy with 5 tasks: 12 classes do not split into 5 equal tasks" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_builtin_facts_are_the_registered_benchmarks():
+    for name, facts in catalog.BUILTIN_BENCHMARKS.items():
+        bench = BENCHMARKS[name]
+        assert (bench.title, bench.num_classes, bench.default_tasks, bench.image_size) == \
+            (facts.title, facts.num_classes, facts.default_tasks, facts.image_size)
+    assert set(catalog.method_names()) == set(METHODS)  # every method has a recipe
+
+
+def _timed_main(argv: list[str]) -> float:
+    start = time.perf_counter()
+    assert main(argv) == 2
+    return time.perf_counter() - start
+
+
+def test_a_backbone_that_does_not_take_the_image_size_fails_before_any_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    seconds = _timed_main(["--bench", "synth", "--tasks", "5", "--backbone", "vit_small_patch16_224",
+                           "--pretrained-path", str(tmp_path), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert "backbone 'vit_small_patch16_224' does not take the benchmark's 32px images" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r" / "runs").exists()
+    assert seconds < 2.0, f"the checks took {seconds:.1f}s after the imports"
+
+
+def test_missing_pretrained_weights_offline_fail_once_without_retries(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    seconds = _timed_main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0,1",
+                           "--set", "backbone.pretrained=true", "--set", "backbone.name=vit_tiny_patch16_224",
+                           "--set", "data.image_size=224", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert "could not load pretrained weights for 'vit_tiny_patch16_224'" in err and "--pretrained-path" in err
+    assert "Retrying" not in err and err.count("error:") == 1
+    assert seconds < 2.0, f"the checks took {seconds:.1f}s after the imports"
+
+
+def test_missing_data_fails_before_any_run_or_submission(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for launcher in ("local", "slurm"):
+        seconds = _timed_main(["--bench", "cub", "--tasks", "10", "--methods", "full_ft", "--seeds", "0",
+                               "--pretrained-path", str(tmp_path), "--backbone", "vit_tiny_patch16_224",
+                               "--data-root", str(tmp_path / "nodata"), "--launcher", launcher,
+                               "--out", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert "data of cub" in err and "CUB-200" in err and "Accepted layouts" in err
+        assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "r" / "slurm").exists()
+        assert seconds < 2.0, f"the checks took {seconds:.1f}s after the imports"
+
+
+def test_the_dry_run_shows_the_checks(tmp_path, capsys):
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok   backbone vit_toy_patch4_16 at 16px" in out and "ok   data of toy" in out
+    assert not (tmp_path / "splits").exists()
+
+
+def test_a_set_key_typo_names_the_closest_key(tmp_path, capsys):
+    assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train.epoch=3",
+                 "--dry-run", "--out", str(tmp_path)]) == 2
+    assert "unknown key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+
+
+def test_help_lists_the_methods_benchmarks_and_sub_commands_at_once():
+    done, seconds = run_cli("--help")
+    assert done.returncode == 0
+    for name in [*catalog.method_names(), *catalog.BUILTIN_BENCHMARKS, "preflight", "status", "collect", "speed"]:
+        assert name in done.stdout
+    assert seconds < 2.0, f"took {seconds:.1f}s"
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
+    cfg = resolve_config("toy", 3, "full_ft", 0, device="cpu")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert Run(cfg, tmp_path, progress=True).progress is False  # a log file: one line per task
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert Run(cfg, tmp_path, progress=True).progress is True
