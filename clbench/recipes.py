@@ -70,6 +70,7 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
                     device=device)
     update_dataclass(run.backbone, merged.get("backbone", {}), "backbone")
     update_dataclass(run.train, merged.get("train", {}), "train")
+    run.train.validate()
     update_dataclass(run.data, merged.get("data", {}), "data")
     run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
     if overrides:

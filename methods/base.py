@@ -51,7 +51,7 @@ from clbench.config import TrainConfig
 from clbench.record import MethodInfo
 from clbench.task import CostReport, Stage, Task
 
-__all__ = ["CLMethod", "CostReport", "ExpandingLinear", "METHODS", "Stage", "Task", "build_optimizer",
+__all__ = ["CLMethod", "CostReport", "ExpandingLinear", "LaggedSchedule", "METHODS", "Stage", "Task", "build_optimizer",
            "masked_cross_entropy", "register_method"]
 
 
@@ -218,8 +218,36 @@ def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, task: Task,
     raise ValueError(f"unknown loss mask '{mode}' (expected 'current' or 'seen')")
 
 
+class LaggedSchedule:
+    """A per-epoch scheduler held back ``offset`` epochs: its first ``offset`` ``step()`` calls are
+    ignored, so epoch ``e`` trains at the wrapped schedule's ``lr(max(e - offset, 0))``.
+
+    This is how the official codes' schedulers behave with ``offset=1``: CODA-Prompt's
+    ``CosineSchedule`` (also InfLoRA's and PILOT's copies) calls ``step(0)`` in its constructor and
+    then resets ``last_epoch`` to -1, so its first ``step()`` sets lr(0) again; timm's schedulers,
+    stepped with ``step(epoch)`` after epoch ``epoch`` (HiDe-Prompt), set lr(epoch) for epoch
+    ``epoch + 1``. Either way the first two epochs train at lr(0).
+    """
+
+    def __init__(self, scheduler: Any, offset: int):
+        self.scheduler = scheduler
+        self.offset = offset
+        self.skipped = 0
+
+    def step(self) -> None:
+        if self.skipped < self.offset:
+            self.skipped += 1
+        else:
+            self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+
 def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: int):
-    """The optimizer and per-epoch scheduler a recipe names. Groups may carry their own ``lr``."""
+    """The optimizer and per-epoch scheduler a recipe names. Groups may carry their own ``lr``.
+    The scheduler is stepped once after every epoch; ``train.schedule_offset`` holds it back
+    (``LaggedSchedule``). No schedule (``constant``) gives ``None``."""
     name = train.optimizer.lower()
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
@@ -243,6 +271,8 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: in
             opt, lambda e: math.cos(99 * math.pi * e / (200 * (k - 1))))
     else:
         raise ValueError(f"unknown schedule '{train.schedule}' (constant, multistep, cosine, coda_cosine)")
+    if scheduler is not None and train.schedule_offset:
+        scheduler = LaggedSchedule(scheduler, train.schedule_offset)
     return opt, scheduler
 
 
