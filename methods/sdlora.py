@@ -128,10 +128,15 @@ class SDLoRA(LoRAMethod):
                   else ((b_cur.t() @ b_cur) * (a_cur @ a_cur.t())).sum())
         return old_scale, safe_norm(cur_sq).reciprocal()
 
+    def layer_magnitudes(self, layer: LoRAQKV, p: str) -> torch.Tensor:
+        """The magnitudes ``[tasks]`` that projection ``p`` of ``layer`` applies: the shared
+        ``magnitude_vector`` (SD-LoRA-KD's per-projection folds add to it)."""
+        return self.magnitude_vector()
+
     def direction_coefficients(self, layer: LoRAQKV, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha_k / n_k`` for every frozen rank row and for the current pair: what
         ``LoRAQKV`` multiplies the columns of ``B`` by."""
-        magnitudes = self.magnitude_vector()
+        magnitudes = self.layer_magnitudes(layer, p)
         old_scale, cur_scale = self.direction_scales(layer, p)
         return magnitudes[layer.frozen_task] * old_scale, magnitudes[layer.num_tasks - 1] * cur_scale
 
