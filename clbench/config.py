@@ -38,7 +38,8 @@ class TrainConfig:
     batch_size: int = 128  # the global batch: one optimizer step per batch
     # Split each batch into micro-batches of this size, one backward each, the losses averaged
     # with equal weight: what DDP computes with batch_size / micro_batch_size devices, on one
-    # device. None: the whole batch at once. batch_size must be a multiple of it.
+    # device. None (or a value >= batch_size): the whole batch at once; a smaller one must
+    # divide batch_size.
     micro_batch_size: int | None = None
     eval_batch_size: int = 256
     optimizer: str = "sgd"  # sgd | adam | adamw
@@ -72,9 +73,9 @@ class TrainConfig:
             raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
                               f"got {self.schedule_offset}")
         micro = self.micro_batch_size
-        if micro is not None and (micro < 1 or self.batch_size % micro):
+        if micro is not None and (micro < 1 or (micro < self.batch_size and self.batch_size % micro)):
             raise ConfigError(f"train.micro_batch_size={micro} must be >= 1 and divide "
-                              f"train.batch_size={self.batch_size}")
+                              f"train.batch_size={self.batch_size} (or be at least it: no split)")
 
     def for_task(self, task_index: int) -> "TrainConfig":
         """This recipe with the task-0 overrides applied when ``task_index == 0``."""

@@ -57,6 +57,7 @@ class DualPrompt(PromptMethod):
         test_batchwise_selection: bool = False  # PILOT's batch majority vote at test: leaks labels
         pool_size: int | None = 10  # E-prompts at most (the ports' size); None: one per task, always
         train_batchwise_selection: bool = True  # past the pool: the ports' batch vote in training
+        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)

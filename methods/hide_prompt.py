@@ -121,6 +121,7 @@ class HiDePrompt(PromptMethod):
         tap_batch: int = 120  # samples per cluster per epoch and batch size (official 5 x batch)
         # -- prompt pool
         pool_size: int | None = None  # None: one prompt per task; an int must be >= the task count
+        head_init: str = "trunc_normal"  # both heads: timm's ViT head; see methods.base.HEAD_INITS
 
     # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the gradient
     # of other tasks' rows at zero during the prompt stage).
@@ -142,7 +143,7 @@ class HiDePrompt(PromptMethod):
                 f"prompt per task, the official run with --size {num_tasks})")
         d = self.feature_dim
         self.tii_mlp = ResidualMLP(d, cfg.tii_mlp_ratio, cfg.tii_dropout)
-        self.tii_head = ExpandingLinear(d)
+        self.tii_head = ExpandingLinear(d, init=cfg.head_init)
         self.tii_stats = ClassGaussians(d, cfg.num_centroids)  # uninstructed: frozen features
         self.prompt_stats = ClassGaussians(d, cfg.num_centroids)  # instructed: own task's prompt
         # One prompt per task: [layers, 2 (key, value), length, D].

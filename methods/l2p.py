@@ -46,6 +46,7 @@ class L2P(PromptMethod):
         train_batchwise_selection: bool = True  # the ports' batch majority vote while training
         test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
         prompt_mode: str = "input"  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
+        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)

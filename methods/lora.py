@@ -345,7 +345,7 @@ class LoRAMethod(CLMethod):
             self.layers: list[LoRAQKV] = attach_lora(backbone, projections)
         except ValueError as err:
             raise ConfigError(f"method.projections / backbone: {err}") from err
-        self.head = ExpandingLinear(self.feature_dim)
+        self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
         self._cache: dict[str, Any] = {}
 
     def grow(self, task: Task) -> None:

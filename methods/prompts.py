@@ -268,7 +268,7 @@ class PromptMethod(CLMethod):
         super().__init__(backbone, config, num_classes, num_tasks)
         check_vit(backbone)
         self.freeze_backbone()
-        self.head = ExpandingLinear(self.feature_dim)
+        self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
 
     @property
     def embed_dim(self) -> int:

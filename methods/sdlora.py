@@ -84,6 +84,7 @@ class SDLoRA(LoRAMethod):
         projections: list[str] = field(default_factory=lambda: ["q", "v"])  # slices of timm's fused qkv
         init_magnitude: float | None = None  # None: the variant's (0.8 official, 1.0 paper)
         paper_lr: float = 0.008  # Adam's lr under variant: paper (Sec. 4.1)
+        head_init: str = "kaiming_linear"  # PILOT's SimpleLinear (backbone/linears.py); see HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         if config.variant not in VARIANTS:
