@@ -28,6 +28,7 @@ class BackboneConfig:
 
 
 SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
+TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
 
 
 @dataclass
@@ -99,6 +100,14 @@ class DataConfig:
     image_size: int | None = None  # None: the benchmark's default
     image_cache: bool = False  # decode once to a uint8 memmap, augment on the device (benchmarks/image_cache.py)
     cache_source_size: int | None = None  # side of the cached training images; None: 256 for 224
+    # Order of the test images within each task: "dataset" (its own order) or "class_sorted"
+    # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
+    # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
+    test_order: str = "dataset"
+
+    def validate(self) -> None:
+        if self.test_order not in TEST_ORDERS:
+            raise ConfigError(f"data.test_order '{self.test_order}' is unknown; use one of {', '.join(TEST_ORDERS)}")
 
 
 @dataclass

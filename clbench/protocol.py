@@ -384,7 +384,8 @@ class Run:
         self.method.eval()
         sizes = self.scenario.sizes
         bounds = np.cumsum(sizes[: t + 1])
-        test = ConcatDataset([self.scenario.test_subset(i) for i in range(t + 1)])
+        class_sorted = self.config.data.test_order == "class_sorted"
+        test = ConcatDataset([self.scenario.test_subset(i, class_sorted) for i in range(t + 1)])
         loader = self._loader(test, self.config.train.eval_batch_size, False, False, None)
         correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)

@@ -72,6 +72,7 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
     update_dataclass(run.train, merged.get("train", {}), "train")
     run.train.validate()
     update_dataclass(run.data, merged.get("data", {}), "data")
+    run.data.validate()
     run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
     if overrides:
         run.tag = "cfg" + hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]

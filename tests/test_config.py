@@ -52,6 +52,8 @@ def test_class_order_seed_is_its_own_knob(resolve):
     ("optim.lr=1", "unknown section 'optim'"),
     ("train.epochs=abc", "expected an integer"),
     ("train.lr", "expects key=value"),
+    ("data.test_order=sorted", "data.test_order 'sorted' is unknown; use one of dataset, class_sorted"),
+    ("train.schedule=cos", "train.schedule 'cos' is unknown; use one of constant, multistep"),
 ])
 def test_bad_overrides_name_the_problem(resolve, item, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -182,6 +182,30 @@ def test_batchwise_selection_flag_makes_the_batch_matter(name):
     assert not torch.allclose(together, alone, atol=1e-4)
 
 
+def test_l2p_votes_over_its_test_vote_batch_as_the_ports_vote_over_their_test_batches():
+    """With test_vote_batch = 8, a batch of 16 gets what the ports would predict for two test
+    batches of 8 (whole-batch vote each); the 16-image vote differs (keys split the halves)."""
+    method = make_method("l2p", test_batchwise_selection=True, test_vote_batch=8)
+    train_task(method, 0)
+    train_task(method, 1)
+    x = torch.cat([data(0)[0], data(1)[0]])
+    d = method.embed_dim
+    first, second = torch.eye(d)[0], torch.eye(d)[1]  # the two halves' queries, orthogonal
+
+    def query(images: torch.Tensor) -> torch.Tensor:  # by image: task 0's images query `first`
+        from_first = (images.flatten(1)[:, None] == x[:8].flatten(1)[None]).all(-1).any(1)
+        return torch.where(from_first[:, None], first, second)
+
+    method.query = query
+    with torch.no_grad():  # first half votes prompts 0-4, second half 5-9: over 16 a tie, won by 0-4
+        method.keys.copy_(torch.cat([first.expand(5, -1), second.expand(5, -1)]) + 1e-3 * torch.randn(10, d))
+    ports = copy.deepcopy(method)
+    ports.config.test_vote_batch = None  # the ports: one vote per test batch
+    expected = torch.cat([ports.predict(x[:8]), ports.predict(x[8:])])
+    torch.testing.assert_close(method.predict(x), expected)
+    assert not torch.allclose(ports.predict(x), expected, atol=1e-4)
+
+
 def test_l2p_prompts_go_in_at_the_input_and_the_head_reads_their_mean():
     method = make_method("l2p", top_k=3)
     train_task(method, 0)
