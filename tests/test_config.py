@@ -76,7 +76,7 @@ def test_first_task_overrides():
 def test_yaml_values_are_typed(resolve):
     cfg = resolve(parse_set(["train.lr=1e-3", "train.grad_clip=1", "method.mask_old_logits=true"]))
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 1.0
-    assert cfg.method_args == {"mask_old_logits": True}
+    assert cfg.method_args == {"mask_old_logits": True, "head_init": "torch_linear"}
 
 
 def test_a_variant_recipe_extends_its_base():
