@@ -157,13 +157,20 @@ class Prototypes(CLMethod):
         return F.normalize(self.backbone(x), dim=1) @ F.normalize(self.means[: self.num_seen], dim=1).T
 
 
-if "test_prototypes" not in METHODS:
+@pytest.fixture
+def prototypes_registered():
+    """``test_prototypes``, registered for one test only: it has no recipe, so the tests that
+    run every registered method (test_resume, test_speed) must never see it, whatever order
+    pytest imports the test modules in."""
     register_method("test_prototypes", title="Prototypes (test)")(Prototypes)
+    yield
+    METHODS.pop("test_prototypes")
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "method.stages=true", "--set", "train.epochs=0"]],
                          ids=["no stages", "epochs 0"])
-def test_a_training_free_method_runs_with_no_optimizer(results_root, tmp_path, monkeypatch, extra):
+def test_a_training_free_method_runs_with_no_optimizer(results_root, tmp_path, monkeypatch, extra,
+                                                       prototypes_registered):
     recipes_dir = tmp_path / "recipes"
     recipes_dir.mkdir()
     (recipes_dir / "test_prototypes.yaml").write_text("default:\n  train:\n    epochs: 1\n")
