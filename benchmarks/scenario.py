@@ -29,11 +29,17 @@ def class_order(num_classes: int, seed: int | None) -> list[int]:
 class RemappedSubset(Dataset):
     """The samples of ``base`` whose label is in ``keep``, with labels mapped through ``remap``."""
 
-    def __init__(self, base: Dataset, targets: np.ndarray, keep: Sequence[int], remap: np.ndarray):
+    def __init__(self, base: Dataset, targets: np.ndarray, keep: Sequence[int], remap: np.ndarray,
+                 class_sorted: bool = False):
+        """``class_sorted``: order the samples by their new label (stable: the dataset's order
+        within a class), as PILOT's data manager concatenates its test set class by class."""
         self.base = base
         mask = np.isin(targets, np.asarray(keep))
         self.indices = np.flatnonzero(mask)
         self.targets = remap[targets[self.indices]]
+        if class_sorted:
+            by_class = np.argsort(self.targets, kind="stable")
+            self.indices, self.targets = self.indices[by_class], self.targets[by_class]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -82,5 +88,6 @@ class Scenario:
     def train_subset(self, t: int) -> RemappedSubset:
         return RemappedSubset(self.train, self.train_targets, self.original_classes(t), self.remap)
 
-    def test_subset(self, t: int) -> RemappedSubset:
-        return RemappedSubset(self.test, self.test_targets, self.original_classes(t), self.remap)
+    def test_subset(self, t: int, class_sorted: bool = False) -> RemappedSubset:
+        """Task ``t``'s test samples, in the dataset's order or (``class_sorted``) class by class."""
+        return RemappedSubset(self.test, self.test_targets, self.original_classes(t), self.remap, class_sorted)

@@ -28,22 +28,36 @@ class BackboneConfig:
     normalize: bool = False  # the official repositories all feed [0, 1] inputs
 
 
+SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
+TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
+
+
 @dataclass
 class TrainConfig:
     """The per-task optimisation recipe. ``first_task_*`` override the values for task 0."""
 
     epochs: int = 20
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: one optimizer step per batch
+    # Split each batch into micro-batches of this size, one backward each, the losses averaged
+    # with equal weight: what DDP computes with batch_size / micro_batch_size devices, on one
+    # device. None (or a value >= batch_size): the whole batch at once; a smaller one must
+    # divide batch_size.
+    micro_batch_size: int | None = None
     eval_batch_size: int = 256
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
     momentum: float = 0.9  # SGD momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | multistep | cosine | coda_cosine
+    schedule: str = "constant"  # one of SCHEDULES
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     lr_decay: float = 0.1  # multistep factor
     min_lr: float = 0.0  # cosine floor
+    # Epochs the official code's scheduler lags behind the epoch it trains: epoch e trains at
+    # lr(max(e - schedule_offset, 0)). 0: lr(e) in epoch e (a torch scheduler stepped after each
+    # epoch). 1: CODA's CosineSchedule (InfLoRA, CODA, PILOT's CODA port) and timm's
+    # step(epoch) (HiDe-Prompt), which train the first two epochs at lr(0).
+    schedule_offset: int = 0
     first_task_epochs: int | None = None
     first_task_lr: float | None = None
     first_task_milestones: list[int] | None = None
@@ -52,6 +66,18 @@ class TrainConfig:
     drop_last: bool = False
     num_workers: int = 4  # DataLoader workers for image-file datasets
     compile: bool = False  # torch.compile each transformer block (regional); pays off on GPU
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for values no run could use (checked when a run is resolved)."""
+        if self.schedule.lower() not in SCHEDULES:
+            raise ConfigError(f"train.schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.schedule_offset < 0:
+            raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
+                              f"got {self.schedule_offset}")
+        micro = self.micro_batch_size
+        if micro is not None and (micro < 1 or (micro < self.batch_size and self.batch_size % micro)):
+            raise ConfigError(f"train.micro_batch_size={micro} must be >= 1 and divide "
+                              f"train.batch_size={self.batch_size} (or be at least it: no split)")
 
     def for_task(self, task_index: int) -> "TrainConfig":
         """This recipe with the task-0 overrides applied when ``task_index == 0``."""
@@ -75,6 +101,14 @@ class DataConfig:
     image_size: int | None = None  # None: the benchmark's default
     image_cache: bool = False  # decode once to a uint8 memmap, augment on the device (benchmarks/image_cache.py)
     cache_source_size: int | None = None  # side of the cached training images; None: 256 for 224
+    # Order of the test images within each task: "dataset" (its own order) or "class_sorted"
+    # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
+    # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
+    test_order: str = "dataset"
+
+    def validate(self) -> None:
+        if self.test_order not in TEST_ORDERS:
+            raise ConfigError(f"data.test_order '{self.test_order}' is unknown; use one of {', '.join(TEST_ORDERS)}")
 
 
 # Keys that say how a run executes, not what it computes (the results are the same for any value;

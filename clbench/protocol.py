@@ -145,11 +145,29 @@ def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: 
                       autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
     """One step of the training loop (also what ``clbench speed`` times): the method's loss
     under ``autocast``, backward, gradient clipping, optimizer step. Returns the detached loss,
-    still on the device: nothing here waits for the device."""
-    with autocast():
-        loss = method.training_step(x, y, task, stage)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    still on the device: nothing here waits for the device.
+
+    With ``train.micro_batch_size`` the batch is split into ``batch_size / micro_batch_size``
+    groups (fewer if the batch is shorter), each group's loss is back-propagated with weight
+    1 / groups, and one step follows: the gradient that DDP with one group per device computes
+    (each device's mean loss, the gradients averaged), also for losses that are not a mean over
+    samples (HiDe-Prompt's contrastive term). A short last batch is split as evenly as
+    ``torch.tensor_split`` does, as a DistributedSampler shards it over the devices."""
+    micro = task.train.micro_batch_size
+    if micro is None or len(x) <= micro:
+        with autocast():
+            loss = method.training_step(x, y, task, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        groups = min(task.train.batch_size // micro, len(x))
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=x.device)
+        for xg, yg in zip(torch.tensor_split(x, groups), torch.tensor_split(y, groups)):
+            with autocast():
+                part = method.training_step(xg, yg, task, stage) / groups
+            part.backward()
+            loss = loss + part.detach()
     if task.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, task.train.grad_clip)
     optimizer.step()
@@ -370,7 +388,8 @@ class Run:
         self.method.eval()
         sizes = self.scenario.sizes
         bounds = np.cumsum(sizes[: t + 1])
-        test = ConcatDataset([self.scenario.test_subset(i) for i in range(t + 1)])
+        class_sorted = self.config.data.test_order == "class_sorted"
+        test = ConcatDataset([self.scenario.test_subset(i, class_sorted) for i in range(t + 1)])
         loader = self._loader(test, self.config.train.eval_batch_size, False, False, None)
         correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)

@@ -37,8 +37,11 @@ def print_plan(runs: list[PlannedRun]) -> None:
         c = r.config
         t = c.train
         state = "done" if r.done else "todo"
-        print(f"{state:5s} {r.key:48s} backbone={c.backbone.name} epochs={t.epochs} bs={t.batch_size} "
-              f"{t.optimizer} lr={t.lr:g} {t.schedule} method={c.method_args}")
+        batch = f"{t.batch_size}" if t.micro_batch_size is None else f"{t.batch_size}(micro {t.micro_batch_size})"
+        schedule = t.schedule + (f"(lag {t.schedule_offset})" if t.schedule_offset else "")
+        test_order = f" test_order={c.data.test_order}" if c.data.test_order != "dataset" else ""
+        print(f"{state:5s} {r.key:48s} backbone={c.backbone.name} epochs={t.epochs} bs={batch} "
+              f"{t.optimizer} lr={t.lr:g} {schedule} drop_last={t.drop_last}{test_order} method={c.method_args}")
     todo = sum(not r.done for r in runs)
     print(f"{len(runs)} runs planned, {len(runs) - todo} already done, {todo} to run")
 

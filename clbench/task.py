@@ -33,6 +33,7 @@ class CostReport:
     stored_features: int = 0  # floats of data statistics kept (HiDe-Prompt's class centroids)
     backbone_passes: int = 1  # full ViT forwards per test image
     flops_per_image: int | None = None  # measured by the protocol with torch's FLOP counter
+    dropped_tasks: int | None = None  # tasks whose new parameters were discarded (SD-LoRA-KD); None: never
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -46,12 +46,14 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import trunc_normal_ as timm_trunc_normal_
 
 from clbench.config import TrainConfig
+from clbench.errors import ConfigError
 from clbench.record import MethodInfo
 from clbench.task import CostReport, Stage, Task
 
-__all__ = ["CLMethod", "CostReport", "ExpandingLinear", "METHODS", "Stage", "Task", "build_optimizer",
+__all__ = ["CLMethod", "CostReport", "ExpandingLinear", "HEAD_INITS", "LaggedSchedule", "METHODS", "Stage", "Task", "build_optimizer",
            "masked_cross_entropy", "register_method"]
 
 
@@ -166,18 +168,56 @@ class CLMethod(nn.Module):
 # ------------------------------------------------------------------------------ shared pieces
 
 
+HEAD_INITS = ("kaiming_linear", "trunc_normal", "torch_linear")
+
+
+def init_head_rows(weight: torch.Tensor, bias: torch.Tensor | None, init: str) -> None:
+    """Initialise new head rows in place as an official code's head starts (``HEAD_INITS``):
+
+    * ``kaiming_linear``: PILOT's ``SimpleLinear`` (SD-LoRA): kaiming-uniform weights with
+      ``nonlinearity='linear'``, zero bias;
+    * ``trunc_normal``: timm's ViT head (``init_weights_vit_timm``; the L2P, DualPrompt and
+      HiDe-Prompt codes): timm's ``trunc_normal_(std=0.02)``, whose bounds of +-2 are absolute
+      (so in effect a normal with std 0.02), zero bias;
+    * ``torch_linear``: ``nn.Linear``'s own ``reset_parameters`` (CODA-Prompt's ``last``,
+      PILOT's CODA port, InfLoRA's ``classifier_pool``): kaiming-uniform with ``a = sqrt(5)``,
+      bias uniform in ``+-1/sqrt(fan_in)``.
+
+    Rows are drawn independently in every scheme, so a head grown task by task has the
+    distribution of the official head created whole."""
+    if init == "kaiming_linear":
+        nn.init.kaiming_uniform_(weight, nonlinearity="linear")
+        if bias is not None:
+            nn.init.zeros_(bias)
+    elif init == "trunc_normal":
+        timm_trunc_normal_(weight, std=0.02)  # timm's draw; its bounds are +-2 absolute, 100 std
+        if bias is not None:
+            nn.init.zeros_(bias)
+    elif init == "torch_linear":
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if bias is not None:
+            bound = 1 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(bias, -bound, bound)
+    else:
+        raise ConfigError(f"method.head_init '{init}' is unknown; use one of {list(HEAD_INITS)}")
+
+
 class ExpandingLinear(nn.Module):
     """A linear classifier that gains rows as tasks arrive (PILOT's ``SimpleLinear``/``update_fc``).
 
-    Rows of earlier tasks are kept; new rows get timm/PILOT's init (kaiming-uniform weights with
-    ``nonlinearity='linear'``, zero bias). Stored as one parameter per task so that old rows can
-    be frozen or left out of the optimizer without masking gradients.
+    Rows of earlier tasks are kept; new rows are initialised by ``init`` (``init_head_rows``; by
+    default PILOT's: kaiming-uniform weights with ``nonlinearity='linear'``, zero bias). Stored
+    as one parameter per task so that old rows can be frozen or left out of the optimizer
+    without masking gradients.
     """
 
-    def __init__(self, in_features: int, bias: bool = True):
+    def __init__(self, in_features: int, bias: bool = True, init: str = "kaiming_linear"):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ConfigError(f"method.head_init '{init}' is unknown; use one of {list(HEAD_INITS)}")
         self.in_features = in_features
         self.use_bias = bias
+        self.init = init
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
 
@@ -193,10 +233,11 @@ class ExpandingLinear(nn.Module):
         w = torch.empty(num_new, self.in_features,
                         device=ref.device if ref is not None else None,
                         dtype=ref.dtype if ref is not None else None)
-        nn.init.kaiming_uniform_(w, nonlinearity="linear")
+        b = torch.empty(num_new, device=w.device, dtype=w.dtype) if self.use_bias else None
+        init_head_rows(w, b, self.init)
         self.weights.append(nn.Parameter(w))
-        if self.use_bias:
-            self.biases.append(nn.Parameter(torch.zeros(num_new, device=w.device, dtype=w.dtype)))
+        if b is not None:
+            self.biases.append(nn.Parameter(b))
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         return [self.weights[t]] + ([self.biases[t]] if self.use_bias else [])
@@ -218,8 +259,36 @@ def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, task: Task,
     raise ValueError(f"unknown loss mask '{mode}' (expected 'current' or 'seen')")
 
 
+class LaggedSchedule:
+    """A per-epoch scheduler held back ``offset`` epochs: its first ``offset`` ``step()`` calls are
+    ignored, so epoch ``e`` trains at the wrapped schedule's ``lr(max(e - offset, 0))``.
+
+    This is how the official codes' schedulers behave with ``offset=1``: CODA-Prompt's
+    ``CosineSchedule`` (also InfLoRA's and PILOT's copies) calls ``step(0)`` in its constructor and
+    then resets ``last_epoch`` to -1, so its first ``step()`` sets lr(0) again; timm's schedulers,
+    stepped with ``step(epoch)`` after epoch ``epoch`` (HiDe-Prompt), set lr(epoch) for epoch
+    ``epoch + 1``. Either way the first two epochs train at lr(0).
+    """
+
+    def __init__(self, scheduler: Any, offset: int):
+        self.scheduler = scheduler
+        self.offset = offset
+        self.skipped = 0
+
+    def step(self) -> None:
+        if self.skipped < self.offset:
+            self.skipped += 1
+        else:
+            self.scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+
 def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: int):
-    """The optimizer and per-epoch scheduler a recipe names. Groups may carry their own ``lr``."""
+    """The optimizer and per-epoch scheduler a recipe names. Groups may carry their own ``lr``.
+    The scheduler is stepped once after every epoch; ``train.schedule_offset`` holds it back
+    (``LaggedSchedule``). No schedule (``constant``) gives ``None``."""
     name = train.optimizer.lower()
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
@@ -243,6 +312,8 @@ def build_optimizer(groups: list[dict[str, Any]], train: TrainConfig, epochs: in
             opt, lambda e: math.cos(99 * math.pi * e / (200 * (k - 1))))
     else:
         raise ValueError(f"unknown schedule '{train.schedule}' (constant, multistep, cosine, coda_cosine)")
+    if scheduler is not None and train.schedule_offset:
+        scheduler = LaggedSchedule(scheduler, train.schedule_offset)
     return opt, scheduler
 
 

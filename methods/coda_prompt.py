@@ -120,6 +120,7 @@ class CodaPrompt(PromptMethod):
         layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
         ortho_weight: float = 0.0  # current official code 0; the paper's code 0.1 x 1e-6 = 1e-7
         init: str = "gram_schmidt"  # gram_schmidt (current code) | orthogonal (the paper's code)
+        head_init: str = "torch_linear"  # CODA's and PILOT's nn.Linear head; see methods.base.HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)

@@ -19,9 +19,16 @@ The head reads the final [CLS]. Specs: baselines.md §2 (``JH-LEE-KR/dualprompt-
   (dualprompt-pytorch issue #8) gives the first half of a training batch the K-prefix as both
   K and V, the second half the V-prefix, and at test mixes prompts across images. Mammoth's
   maintainers report no measurable score difference; this is the intended computation.
-* The E-pool holds one prompt per task *seen so far* (the ports allocate ``size`` = 10 slots at
-  once; untrained slots' random keys then take part in the test-time match). Pool size is
-  therefore the number of tasks, which is also what 20-task runs need.
+* The E-pool holds one prompt per task *seen so far*, up to ``pool_size`` (10, the ports'
+  ``size``); the ports allocate all 10 slots at once, so untrained slots' random keys take part
+  in their test-time match, which they do not here.
+* Past the pool (task t >= ``pool_size``, N = 20) the ports' behaviour is kept: their task mask
+  ``arange(t * top_k, (t + 1) * top_k)`` is dropped once it runs past the pool (PILOT
+  backbone/vision_transformer_dual_prompt.py:571-577) and the prompt copy is skipped
+  (models/dualprompt.py:133), so the task trains whichever of the existing prompts its
+  images' queries select, top-1 by key cosine with the batch majority vote
+  (``train_batchwise_selection``, backbone/prompt.py:300-317), pulling the selected key; no
+  prompt is added. ``pool_size: null`` grows one prompt per task instead.
 * Test selection is per image by default; ``test_batchwise_selection: true`` restores PILOT's
   batch majority vote (which leaks labels on class-sorted test data).
 """
@@ -48,6 +55,9 @@ class DualPrompt(PromptMethod):
         pull_coefficient: float = 0.1  # PILOT 0.1; the official port 1.0
         copy_previous_prompt: bool = True  # task t's E-prompt starts from task t-1's
         test_batchwise_selection: bool = False  # PILOT's batch majority vote at test: leaks labels
+        pool_size: int | None = 10  # E-prompts at most (the ports' size); None: one per task, always
+        train_batchwise_selection: bool = True  # past the pool: the ports' batch vote in training
+        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
@@ -56,6 +66,8 @@ class DualPrompt(PromptMethod):
         if config.g_layers and config.g_length < 1 or config.e_layers and config.e_length < 1:
             raise ValueError("dualprompt: a prompt with layers needs a length of at least 1 "
                              "(to switch one off, give it no layers: g_layers=[])")
+        if config.pool_size is not None and config.pool_size < 1:
+            raise ValueError(f"dualprompt: pool_size={config.pool_size} must be at least 1 (or null: one per task)")
         d = self.embed_dim
         # [layer, key/value, token, D], the ports' 'uniform' initialiser U(-1, 1)
         self.g_prompt = nn.Parameter(torch.empty(len(config.g_layers), 2, config.g_length, d).uniform_(-1, 1))
@@ -63,8 +75,17 @@ class DualPrompt(PromptMethod):
         self.e_keys = nn.ParameterList()  # one [D] per task
         self.routing_accuracy: float | None = None  # set by end_task, written by task_log
 
+    def owns_prompt(self, task: Task) -> bool:
+        """Whether the task gets a prompt of its own (False past the pool)."""
+        return self.config.pool_size is None or task.index < self.config.pool_size
+
     def grow(self, task: Task) -> None:
         super().grow(task)
+        if not self.owns_prompt(task):  # the ports: every slot stays trainable, the selected ones learn
+            for prompt, key in zip(self.e_prompts, self.e_keys):
+                prompt.requires_grad_(True)
+                key.requires_grad_(True)
+            return
         c, d = self.config, self.embed_dim
         ref = self.g_prompt
         self.e_prompts.append(nn.Parameter(
@@ -75,7 +96,7 @@ class DualPrompt(PromptMethod):
             self.e_keys[t].requires_grad_(False)
 
     def begin_task(self, task: Task) -> None:
-        if task.index > 0 and self.config.copy_previous_prompt:
+        if task.index > 0 and self.config.copy_previous_prompt and self.owns_prompt(task):
             with torch.no_grad():
                 self.e_prompts[task.index].copy_(self.e_prompts[task.index - 1])
 
@@ -83,6 +104,9 @@ class DualPrompt(PromptMethod):
     def end_task(self, task: Task) -> None:
         # How often this task's own (un-augmented) training images pick its E-prompt: the
         # task-identification the test-time prompt choice rests on, for the result file.
+        if not self.owns_prompt(task):
+            self.routing_accuracy = None
+            return
         hits = total = 0
         for x, _ in task.batches():
             hits += int((self.selected_tasks(x) == task.index).sum())
@@ -104,15 +128,22 @@ class DualPrompt(PromptMethod):
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage) -> torch.Tensor:
         query = self.query(x)
-        key = self.e_keys[task.index]
-        pull = cosine_similarity(query, key.unsqueeze(0)).sum() / x.shape[0]
-        out = prompted_forward(self.backbone, x, prefixes=self._prefixes(self.e_prompts[task.index]))
+        if self.owns_prompt(task):
+            key = self.e_keys[task.index]
+            pull = cosine_similarity(query, key.unsqueeze(0)).sum() / x.shape[0]
+            e_prompt = self.e_prompts[task.index]
+        else:  # past the pool: the selected prompt of each image, and its key pulled
+            similarity = cosine_similarity(query, torch.stack(list(self.e_keys)))
+            chosen = select_prompts(similarity.detach(), 1, self.config.train_batchwise_selection)  # [B, 1]
+            pull = similarity.gather(1, chosen).sum() / x.shape[0]
+            e_prompt = torch.stack(list(self.e_prompts))[chosen[:, 0]]
+        out = prompted_forward(self.backbone, x, prefixes=self._prefixes(e_prompt))
         logits = self.head(out.cls)
         return masked_cross_entropy(logits, y, task, "current") - self.config.pull_coefficient * pull
 
     @torch.no_grad()
     def selected_tasks(self, x: torch.Tensor) -> torch.Tensor:
-        """The task whose E-prompt each image gets at test, ``[B]``."""
+        """The E-prompt each image gets at test, ``[B]`` (prompt t is task t's, for t < pool_size)."""
         similarity = cosine_similarity(self.query(x), torch.stack(list(self.e_keys)))
         return select_prompts(similarity, 1, self.config.test_batchwise_selection)[:, 0]
 

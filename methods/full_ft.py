@@ -19,10 +19,11 @@ class FullFineTuning(CLMethod):
     @dataclass
     class Config:
         mask_old_logits: bool = False  # CODA-Prompt's FT++: CE over the current task's logits only
+        head_init: str = "torch_linear"  # CODA's nn.Linear head (models/zoo.py:374); see HEAD_INITS
 
     def __init__(self, backbone, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
-        self.head = ExpandingLinear(self.feature_dim)
+        self.head = ExpandingLinear(self.feature_dim, init=config.head_init)
 
     def grow(self, task: Task) -> None:
         super().grow(task)

@@ -35,6 +35,10 @@ Choices (see also ``benchmarks/recipes/hide_prompt.yaml``):
 * Prefix attention is :mod:`methods.prompts`' correct one; the official code inherits the
   DualPrompt port's reshape without a permute (baselines.md §2), which mammoth's maintainers
   report makes no measurable difference.
+* One prompt per task at any N (``pool_size: null``). The official pool holds ``--size`` 10
+  prompts, and past it the code indexes the pool with TII's predicted task id, which fails
+  from the 11th task on; an N = 20 run needs ``--size 20``, which is what one prompt per task
+  is. A ``pool_size`` below the task count is refused with that explanation.
 * ``predict`` returns logits over the seen classes (the harness contract); the official
   prompted model takes the argmax over all classes, untrained future rows included.
 * The two Gaussian re-trainings run inside ``end_task`` with their own SGD optimizer: they
@@ -52,6 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clbench.config import TrainConfig
+from clbench.errors import ConfigError
 from clbench.methods.base import ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
@@ -114,6 +119,9 @@ class HiDePrompt(PromptMethod):
         tap_epochs: int = 30  # official crct_epochs
         tap_lr: float = 0.005  # SGD; official ca_lr, not scaled by the prompt trainer
         tap_batch: int = 120  # samples per cluster per epoch and batch size (official 5 x batch)
+        # -- prompt pool
+        pool_size: int | None = None  # None: one prompt per task; an int must be >= the task count
+        head_init: str = "trunc_normal"  # both heads: timm's ViT head; see methods.base.HEAD_INITS
 
     # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the gradient
     # of other tasks' rows at zero during the prompt stage).
@@ -126,9 +134,16 @@ class HiDePrompt(PromptMethod):
         for key in ("tii_align_batch", "tap_batch", "prompt_length", "tii_mlp_ratio"):
             if getattr(cfg, key) < 1:
                 raise ValueError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")
+        if cfg.pool_size is not None and cfg.pool_size < num_tasks:
+            raise ConfigError(
+                f"hide_prompt: pool_size={cfg.pool_size} holds fewer prompts than the {num_tasks} tasks. The official "
+                f"code has no behaviour past its pool: it indexes the pool by the task id that TII predicts "
+                f"(vits/hide_prompt_vision_transformer.py:587-601, peft/prompt/hide_prompt.py:79-115), which runs "
+                f"past --size {cfg.pool_size} from task {cfg.pool_size + 1} on; use method.pool_size=null (one "
+                f"prompt per task, the official run with --size {num_tasks})")
         d = self.feature_dim
         self.tii_mlp = ResidualMLP(d, cfg.tii_mlp_ratio, cfg.tii_dropout)
-        self.tii_head = ExpandingLinear(d)
+        self.tii_head = ExpandingLinear(d, init=cfg.head_init)
         self.tii_stats = ClassGaussians(d, cfg.num_centroids)  # uninstructed: frozen features
         self.prompt_stats = ClassGaussians(d, cfg.num_centroids)  # instructed: own task's prompt
         # One prompt per task: [layers, 2 (key, value), length, D].

@@ -132,6 +132,7 @@ class InfLoRA(LoRAMethod):
         lambda_end: float = 1.0  # lame
         subspace: str = "dualgpm"  # dualgpm | gpm (official DomainNet variant) | none (ablation)
         head_lr: float | None = None  # own lr for the head (DomainNet: fc_lrate 0.01); None: train.lr
+        head_init: str = "torch_linear"  # the official classifier_pool of nn.Linear; see HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         if config.subspace not in SUBSPACES:
@@ -148,10 +149,6 @@ class InfLoRA(LoRAMethod):
         super().grow(task)
         for layer in self.layers:  # A is designed in begin_task and never trained
             layer.add_task(self.config.rank, train_down=False)
-        with torch.no_grad():  # the official per-task heads are plain nn.Linear
-            w, b = self.head.task_parameters(task.index)
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            nn.init.uniform_(b, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
 
     def threshold(self, t: int) -> float:
         c = self.config

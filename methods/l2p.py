@@ -13,14 +13,21 @@ default). Deviation from both, on purpose: the ports choose prompts **batchwise*
 (the majority vote of the batch serves every image), which makes an image's prediction depend
 on the rest of its batch and leaks labels on class-sorted test data. Here the test selection is
 per image by default; ``test_batchwise_selection: true`` restores the ports' behaviour (and is
-written into the result file). Training keeps the ports' batchwise vote
-(``train_batchwise_selection``).
+written into the result file), voting over groups of ``test_vote_batch`` images (PILOT's test
+batch is 32, its test set class-sorted: ``data.test_order: class_sorted``; the protocol's
+evaluation batch of 256 is a multiple of 32, so the groups are the ports' batches). Training
+keeps the ports' batchwise vote (``train_batchwise_selection``).
 
 ``prompt_mode: prefix`` is CODA-Prompt's "L2P++" (baselines.md §1): the chosen prompts become a
 prefix of block 0 instead of input tokens (each prompt's first half its key tokens, the second
 half its value tokens) and the head reads the final [CLS]. CODA runs it with pool 30, length 20,
-top-5 and its own recipe; its pull term is ``sum(1 - cos)`` over the batch, where this one keeps
-``pull_coefficient`` x mean summed cosine. SD-LoRA's Table 5 counts 0.48 M learnable parameters
+top-5 per image and its own recipe. Two parts of CODA's L2P are not reproduced: its pull term
+``(1.0 - cos_sim[:, k_idx]).sum()`` (GT-RIPL/CODA-Prompt models/zoo.py:267) indexes the
+``[B, pool]`` cosines with the ``[B, k]`` chosen ids, a ``[B, B, k]`` block (every image's cosine
+with every image's chosen keys), summed without dividing by B; and its prompts and keys start
+U(0, 1) (``tensor_prompt``, :342-351). Here ``prompt_mode: prefix`` keeps this module's pull
+term (``pull_coefficient`` x each image's summed cosine with its own chosen keys, averaged over
+the batch) and the ports' U(-1, 1). SD-LoRA's Table 5 counts 0.48 M learnable parameters
 and 70.14 GFLOPs for L2P, which fit this variant (30 x 20 x 768 prompts + 30 keys = 0.48 M; no
 extra input tokens) and not the input-prompted one (0.05 M; 25 more tokens in the second pass).
 """
@@ -45,7 +52,9 @@ class L2P(PromptMethod):
         pull_coefficient: float = 0.1  # weight of the query-key cosine in the loss
         train_batchwise_selection: bool = True  # the ports' batch majority vote while training
         test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
+        test_vote_batch: int | None = None  # the test vote's group of images (PILOT: its test batch, 32)
         prompt_mode: str = "input"  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
+        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
@@ -53,6 +62,8 @@ class L2P(PromptMethod):
             raise ValueError(f"l2p: top_k={config.top_k} must be between 1 and pool_size={config.pool_size}")
         if config.prompt_mode not in ("input", "prefix"):
             raise ValueError(f"l2p: prompt_mode='{config.prompt_mode}' is not one of input, prefix")
+        if config.test_vote_batch is not None and config.test_vote_batch < 1:
+            raise ValueError(f"l2p: test_vote_batch={config.test_vote_batch} must be at least 1 (or null)")
         if config.prompt_length < 1:
             raise ValueError(f"l2p: prompt_length must be at least 1, got {config.prompt_length}")
         if config.prompt_mode == "prefix" and config.prompt_length % 2:
@@ -63,10 +74,11 @@ class L2P(PromptMethod):
         self.prompts = nn.Parameter(torch.empty(config.pool_size, config.prompt_length, d).uniform_(-1, 1))
         self.keys = nn.Parameter(torch.empty(config.pool_size, d).uniform_(-1, 1))
 
-    def _forward(self, x: torch.Tensor, batchwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor, batchwise: bool,
+                 vote_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits over the classes grown so far, and the summed query-key cosine per image."""
         similarity = cosine_similarity(self.query(x), self.keys)  # the query carries no gradient
-        chosen = select_prompts(similarity.detach(), self.config.top_k, batchwise)  # [B, k]
+        chosen = select_prompts(similarity.detach(), self.config.top_k, batchwise, vote_batch)  # [B, k]
         prompts = self.prompts[chosen]  # [B, k, length, D]
         pull = similarity.gather(1, chosen).sum() / x.shape[0]
         if self.config.prompt_mode == "prefix":
@@ -82,4 +94,4 @@ class L2P(PromptMethod):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, self.config.test_batchwise_selection)[0]
+        return self._forward(x, self.config.test_batchwise_selection, self.config.test_vote_batch)[0]

@@ -247,23 +247,30 @@ def safe_norm(sq_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(sq_norm > 0, sq_norm, torch.ones_like(sq_norm)).sqrt()
 
 
+def projection_gram(layer: LoRAQKV, p: str, scales: Coefficients, num_tasks: int,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``G[j, k] = <D_j, D_k>`` for one projection ``p`` of one layer, where ``D_k`` =
+    ``sum over task k's rows of row_scale * B_row A_row`` (``scales`` gives the row scales of
+    the frozen rows and of the current pair). From r x r blocks, never forming the matrices."""
+    a, b, tasks = (t.detach() for t in layer.factors(p))
+    s_old, s_cur = (s.detach().to(dtype) for s in scales(layer, p))
+    b = b.to(dtype) * torch.cat([s_old, s_cur.expand(layer.current_rank)])
+    a = a.to(dtype)
+    rows = (b.t() @ b) * (a @ a.t())  # [R, R]: <b_i a_i^T, b_j a_j^T>
+    onehot = F.one_hot(tasks, num_tasks).to(dtype)  # [R, T]
+    return onehot.t() @ rows @ onehot
+
+
 def direction_gram(layers: Sequence[LoRAQKV], scales: Coefficients, num_tasks: int,
                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``G[j, k] = <D_j, D_k>`` where ``D_k`` is task k's update over all adapted projections of
-    all layers, flattened into one vector, with ``D_k`` per projection = ``sum over k's rows of
-    row_scale * B_row A_row``. Computed from r x r blocks, never forming the vectors: for
-    ViT-B with 20 tasks the explicit matrix would be 20 x 14M floats. In float64, so that
-    residuals down to ~1e-7 of the norm survive the cancellation in ``|T|^2 - 2 x.b + x.Gx``."""
+    all layers, flattened into one vector: the sum of every ``projection_gram``. For ViT-B with
+    20 tasks the explicit matrix would be 20 x 14M floats. In float64, so that residuals down
+    to ~1e-7 of the norm survive the cancellation in ``|T|^2 - 2 x.b + x.Gx``."""
     gram = torch.zeros(num_tasks, num_tasks, dtype=dtype, device=layers[0].weight.device)
     for layer in layers:
         for p in layer.projections:
-            a, b, tasks = (t.detach() for t in layer.factors(p))
-            s_old, s_cur = (s.detach().to(dtype) for s in scales(layer, p))
-            b = b.to(dtype) * torch.cat([s_old, s_cur.expand(layer.current_rank)])
-            a = a.to(dtype)
-            rows = (b.t() @ b) * (a @ a.t())  # [R, R]: <b_i a_i^T, b_j a_j^T>
-            onehot = F.one_hot(tasks, num_tasks).to(dtype)  # [R, T]
-            gram += onehot.t() @ rows @ onehot
+            gram += projection_gram(layer, p, scales, num_tasks, dtype)
     return gram
 
 
@@ -338,7 +345,7 @@ class LoRAMethod(CLMethod):
             self.layers: list[LoRAQKV] = attach_lora(backbone, projections)
         except ValueError as err:
             raise ConfigError(f"method.projections / backbone: {err}") from err
-        self.head = ExpandingLinear(self.feature_dim)
+        self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
         self._cache: dict[str, Any] = {}
 
     def grow(self, task: Task) -> None:

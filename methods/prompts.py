@@ -235,12 +235,15 @@ def cosine_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return q @ k.t()
 
 
-def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool = False) -> torch.Tensor:
+def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool = False,
+                   vote_batch: int | None = None) -> torch.Tensor:
     """Indices ``[B, top_k]`` of the prompts each sample uses.
 
     Per sample (default): its own ``top_k`` most similar keys. ``batchwise=True`` is the
     L2P/DualPrompt ports' majority vote: the ``top_k`` ids chosen most often over the batch
     (ties to the lower id) serve every sample, so one image's prompt depends on the others.
+    ``vote_batch`` votes within consecutive groups of that many rows instead of the whole
+    batch: the ports' vote over their own (smaller) test batches.
     """
     pool = similarity.shape[1]
     if not 1 <= top_k <= pool:
@@ -248,6 +251,8 @@ def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool = False
     idx = similarity.topk(top_k, dim=1).indices
     if not batchwise:
         return idx
+    if vote_batch is not None and vote_batch < similarity.shape[0]:
+        return torch.cat([select_prompts(part, top_k, True) for part in similarity.split(vote_batch)])
     votes = torch.bincount(idx.flatten(), minlength=pool)
     # stable sort on -votes keeps the lower id first among equals
     majority = torch.sort(-votes, stable=True).indices[:top_k]
@@ -268,7 +273,7 @@ class PromptMethod(CLMethod):
         super().__init__(backbone, config, num_classes, num_tasks)
         check_vit(backbone)
         self.freeze_backbone()
-        self.head = ExpandingLinear(self.feature_dim)
+        self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
 
     @property
     def embed_dim(self) -> int:

@@ -84,6 +84,7 @@ class SDLoRA(LoRAMethod):
         projections: list[str] = field(default_factory=lambda: ["q", "v"])  # slices of timm's fused qkv
         init_magnitude: float | None = None  # None: the variant's (0.8 official, 1.0 paper)
         paper_lr: float = 0.008  # Adam's lr under variant: paper (Sec. 4.1)
+        head_init: str = "kaiming_linear"  # PILOT's SimpleLinear (backbone/linears.py); see HEAD_INITS
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         if config.variant not in VARIANTS:
@@ -128,10 +129,15 @@ class SDLoRA(LoRAMethod):
                   else ((b_cur.t() @ b_cur) * (a_cur @ a_cur.t())).sum())
         return old_scale, safe_norm(cur_sq).reciprocal()
 
+    def layer_magnitudes(self, layer: LoRAQKV, p: str) -> torch.Tensor:
+        """The magnitudes ``[tasks]`` that projection ``p`` of ``layer`` applies: the shared
+        ``magnitude_vector`` (SD-LoRA-KD's per-projection folds add to it)."""
+        return self.magnitude_vector()
+
     def direction_coefficients(self, layer: LoRAQKV, p: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``alpha_k / n_k`` for every frozen rank row and for the current pair: what
         ``LoRAQKV`` multiplies the columns of ``B`` by."""
-        magnitudes = self.magnitude_vector()
+        magnitudes = self.layer_magnitudes(layer, p)
         old_scale, cur_scale = self.direction_scales(layer, p)
         return magnitudes[layer.frozen_task] * old_scale, magnitudes[layer.num_tasks - 1] * cur_scale
 

@@ -52,6 +52,8 @@ def test_class_order_seed_is_its_own_knob(resolve):
     ("optim.lr=1", "unknown section 'optim'"),
     ("train.epochs=abc", "expected an integer"),
     ("train.lr", "expects key=value"),
+    ("data.test_order=sorted", "data.test_order 'sorted' is unknown; use one of dataset, class_sorted"),
+    ("train.schedule=cos", "train.schedule 'cos' is unknown; use one of constant, multistep"),
 ])
 def test_bad_overrides_name_the_problem(resolve, item, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -74,7 +76,7 @@ def test_first_task_overrides():
 def test_yaml_values_are_typed(resolve):
     cfg = resolve(parse_set(["train.lr=1e-3", "train.grad_clip=1", "method.mask_old_logits=true"]))
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.grad_clip == 1.0
-    assert cfg.method_args == {"mask_old_logits": True}
+    assert cfg.method_args == {"mask_old_logits": True, "head_init": "torch_linear"}
 
 
 def test_a_variant_recipe_extends_its_base():

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import clbench.methods.hide_prompt as hide_module
 from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
 from clbench.config import TrainConfig
+from clbench.errors import ConfigError
 from clbench.methods.base import Task
 from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
 from clbench.methods.hide_prompt import HiDePrompt, contrastive_term
@@ -153,6 +154,15 @@ def toy_task(index: int, per_task: int = 4) -> Task:
 def test_invalid_prompt_layers_name_the_key_and_the_fix():
     with pytest.raises(ValueError, match=r"method.prompt_layers=\[0, 9\].*0\.\.5"):
         make_method(prompt_layers=[0, 9])
+
+
+def test_a_pool_smaller_than_the_task_count_is_refused_with_the_official_reason():
+    with pytest.raises(ConfigError, match=r"pool_size=2 .* 3 tasks.*pool_size=null"):
+        make_method(pool_size=2)
+    method = make_method(pool_size=3)  # a pool that holds every task is one prompt per task
+    for t in range(3):
+        method.grow(toy_task(t))
+    assert len(method.prompts) == 3
 
 
 def test_prompt_momentum_and_initialisation_from_the_previous_task():

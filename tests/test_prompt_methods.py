@@ -7,6 +7,7 @@ Unit tests use the synth backbone's architecture (``vit_synth_patch8_32``: width
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -181,6 +182,30 @@ def test_batchwise_selection_flag_makes_the_batch_matter(name):
     assert not torch.allclose(together, alone, atol=1e-4)
 
 
+def test_l2p_votes_over_its_test_vote_batch_as_the_ports_vote_over_their_test_batches():
+    """With test_vote_batch = 8, a batch of 16 gets what the ports would predict for two test
+    batches of 8 (whole-batch vote each); the 16-image vote differs (keys split the halves)."""
+    method = make_method("l2p", test_batchwise_selection=True, test_vote_batch=8)
+    train_task(method, 0)
+    train_task(method, 1)
+    x = torch.cat([data(0)[0], data(1)[0]])
+    d = method.embed_dim
+    first, second = torch.eye(d)[0], torch.eye(d)[1]  # the two halves' queries, orthogonal
+
+    def query(images: torch.Tensor) -> torch.Tensor:  # by image: task 0's images query `first`
+        from_first = (images.flatten(1)[:, None] == x[:8].flatten(1)[None]).all(-1).any(1)
+        return torch.where(from_first[:, None], first, second)
+
+    method.query = query
+    with torch.no_grad():  # first half votes prompts 0-4, second half 5-9: over 16 a tie, won by 0-4
+        method.keys.copy_(torch.cat([first.expand(5, -1), second.expand(5, -1)]) + 1e-3 * torch.randn(10, d))
+    ports = copy.deepcopy(method)
+    ports.config.test_vote_batch = None  # the ports: one vote per test batch
+    expected = torch.cat([ports.predict(x[:8]), ports.predict(x[8:])])
+    torch.testing.assert_close(method.predict(x), expected)
+    assert not torch.allclose(ports.predict(x), expected, atol=1e-4)
+
+
 def test_l2p_prompts_go_in_at_the_input_and_the_head_reads_their_mean():
     method = make_method("l2p", top_k=3)
     train_task(method, 0)
@@ -235,6 +260,62 @@ def test_dualprompt_trains_the_task_prompt_copied_from_the_previous_one():
         method.e_keys[1].copy_(-method.query(x).mean(0))
     method.end_task(make_task(0))
     assert method.task_log(make_task(0)) == {"train_prompt_routing_accuracy": 1.0}
+
+
+def dualprompt_after(tasks: int, **overrides):
+    """DualPrompt grown through ``tasks`` tasks (structure and copies only, no training)."""
+    cls = get_method("dualprompt")
+    torch.manual_seed(1)
+    method = cls(make_backbone(), cls.Config(**overrides), num_classes=CLASSES_PER_TASK * 12, num_tasks=12)
+    for t in range(tasks):
+        task = dataclasses.replace(make_task(t), num_tasks=12)
+        method.grow(task)
+        method.begin_task(task)
+    return method, task
+
+
+@pytest.mark.parametrize("batchwise", [True, False])
+def test_dualprompt_past_its_pool_of_10_tasks_select_and_train_existing_prompts(batchwise):
+    method, _ = dualprompt_after(10, train_batchwise_selection=batchwise)
+    with torch.no_grad():
+        method.e_prompts[9].uniform_(-1, 1)  # as if task 9 had trained
+    before = [p.detach().clone() for p in method.e_prompts]
+    task = dataclasses.replace(make_task(10), num_tasks=12)
+    method.grow(task)
+    method.begin_task(task)
+    assert len(method.e_prompts) == len(method.e_keys) == 10  # no 11th prompt, no copy
+    assert all(torch.equal(p, b) for p, b in zip(method.e_prompts, before))
+    assert all(p.requires_grad for p in method.e_prompts) and all(k.requires_grad for k in method.e_keys)
+    with torch.no_grad():
+        for k in method.e_keys:
+            k.uniform_(-1, 1)
+    x, y = data(10)
+    # the ports' choice, written directly: top-1 cosine per image, then the batch's majority
+    query = F.normalize(method.query(x), dim=1)
+    per_image = (query @ F.normalize(torch.stack(list(method.e_keys)), dim=1).t()).argmax(1).tolist()
+    counts = {i: per_image.count(i) for i in set(per_image)}
+    majority = min(i for i in counts if counts[i] == max(counts.values()))
+    chosen = [majority] * len(per_image) if batchwise else per_image
+    assert len(set(per_image)) > 1  # the vote has something to decide
+    method.train()
+    loss = method.training_step(x, y, task, Stage())
+    loss.backward()
+    trained = {i for i, p in enumerate(method.e_prompts) if p.grad is not None and p.grad.abs().sum() > 0}
+    pulled = {i for i, k in enumerate(method.e_keys) if k.grad is not None and k.grad.abs().sum() > 0}
+    assert trained == pulled == set(chosen)
+    # the loss is CE over the current classes minus 0.1 x the summed cosine of the chosen keys
+    keys = F.normalize(torch.stack([method.e_keys[i] for i in chosen]).detach(), dim=1)
+    pull = (query * keys).sum() / len(chosen)
+    e_prompt = torch.stack(list(method.e_prompts)).detach()[chosen]
+    logits = method.head(prompted_forward(method.backbone, x, prefixes=method._prefixes(e_prompt)).cls)
+    ce = F.cross_entropy(logits[:, task.known:task.num_seen], y - task.known)
+    assert float(loss) == pytest.approx(float(ce - 0.1 * pull), rel=1e-5)
+
+
+def test_dualprompt_pool_size_null_grows_a_prompt_per_task_and_copies_past_10():
+    method, _ = dualprompt_after(11, pool_size=None)
+    assert len(method.e_prompts) == 11 and torch.equal(method.e_prompts[10], method.e_prompts[9])
+    assert [p.requires_grad for p in method.e_prompts] == [False] * 10 + [True]
 
 
 def test_coda_components_weights_and_orthogonality():

@@ -147,6 +147,17 @@ def test_prompted_forward_rejects_bad_layers_and_backbones(images):
                                     class_token=False, global_pool="avg"))
 
 
+def test_batchwise_vote_within_groups_of_vote_batch_rows():
+    torch.manual_seed(0)
+    similarity = torch.randn(70, 10)
+    chosen = select_prompts(similarity, 3, batchwise=True, vote_batch=32)
+    for start in (0, 32, 64):  # the ports' vote, one group at a time: the 3 most chosen ids
+        group = similarity[start:start + 32].topk(3, dim=1).indices.flatten().tolist()
+        counts = sorted(set(group), key=lambda i: (-group.count(i), i))[:3]
+        assert (chosen[start:start + 32] == torch.tensor(counts)).all(), start
+    assert torch.equal(select_prompts(similarity, 3, True, vote_batch=70), select_prompts(similarity, 3, True))
+
+
 def test_cosine_similarity_and_selection():
     q = torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]])
     keys = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

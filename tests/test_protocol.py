@@ -75,6 +75,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(results_root, capsys):
     assert not results_root.exists()
 
 
+def test_dry_run_shows_batches_schedule_lags_and_method_keys(results_root, capsys):
+    assert main(["--bench", "imr", "--tasks", "10", "--methods", "hide_prompt,coda_prompt,sdlora_kd",
+                 "--seeds", "0", "--dry-run", "--set", "data.test_order=class_sorted"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    hide, coda, kd = (next(line for line in lines if f"/{m}+" in line) for m in ("hide_prompt", "coda_prompt", "sdlora_kd"))
+    assert "bs=192(micro 24)" in hide and "cosine(lag 1)" in hide and "'head_init': 'trunc_normal'" in hide
+    assert "coda_cosine(lag 1) drop_last=True test_order=class_sorted" in coda
+    assert "'kd_residual': 'raw_squared'" in kd and "'kd_scope': 'per_projection'" in kd
+
+
 def test_cli_errors_are_messages_not_tracebacks(results_root, capsys):
     assert main(RUN + ["--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
@@ -149,7 +159,9 @@ class Prototypes(CLMethod):
 
 @pytest.fixture
 def prototypes_registered():
-    """The test method, registered for this test only (a sweep over every method must not meet it)."""
+    """``test_prototypes``, registered for one test only: it has no recipe, so the tests that
+    run every registered method (test_resume, test_speed) must never see it, whatever order
+    pytest imports the test modules in."""
     register_method("test_prototypes", title="Prototypes (test)")(Prototypes)
     yield
     METHODS.pop("test_prototypes")

@@ -228,6 +228,18 @@ def test_cost_table_from_result_files(toy_root):
     assert by_column["stored params (M)"] == "0.005"
     assert by_column["train time/run"] == "10.0 (0.0) s"
     assert by_column["peak memory"] == "0.50 GB RSS"
+    assert by_column["dropped tasks"] == "–"  # a method that never discards a task
+
+
+def test_cost_table_counts_the_tasks_sd_lora_kd_dropped(tmp_path):
+    """Mean over seeds of the last task's ``dropped_tasks`` (SD-LoRA-KD's cost report)."""
+    for seed, dropped in ((0, 2), (1, 3)):
+        path = write_run(tmp_path, "toy", "sdlora_kd", seed, [50.0, 25.0])
+        result = record.read_result(path)
+        result.cost["dropped_tasks"] = dropped
+        record.write_result(path, result)
+    table = next(t for t in build_report(tmp_path, ReportOptions(figures=False)).tables if t.name == "cost")
+    assert dict(zip(table.columns, (c.text for c in table.rows[0])))["dropped tasks"] == "2.5"
 
 
 def test_cost_comparison_with_the_papers_table_5(tmp_path):

@@ -22,6 +22,25 @@ def test_class_order_leaves_global_numpy_rng_alone():
     assert np.random.rand() == expected
 
 
+def test_class_sorted_test_subsets_run_class_by_class_in_dataset_order_within_a_class():
+    class Labelled(torch.utils.data.Dataset):
+        def __init__(self, targets):
+            self.targets = targets
+
+        def __len__(self):
+            return len(self.targets)
+
+        def __getitem__(self, i):
+            return i, self.targets[i]  # the "image" is its index in the dataset
+
+    targets = [3, 1, 0, 3, 2, 1, 0, 2, 3, 0]
+    scenario = Scenario.build(Labelled(targets), Labelled(targets), 4, 2, order_seed=None)
+    plain = [scenario.test_subset(0)[i] for i in range(len(scenario.test_subset(0)))]
+    assert plain == [(1, 1), (2, 0), (5, 1), (6, 0), (9, 0)]  # the dataset's order
+    subset = scenario.test_subset(0, class_sorted=True)
+    assert [subset[i] for i in range(len(subset))] == [(2, 0), (6, 0), (9, 0), (1, 1), (5, 1)]
+
+
 def test_task_sizes():
     assert task_sizes(200, 10) == [20] * 10
     assert task_sizes(345, 5) == [69] * 5

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import mean_final_acc
+from conftest import mean_final_acc, synth_result
 
 from clbench.config import TrainConfig
 from clbench.errors import ConfigError
@@ -208,12 +208,14 @@ def test_bad_configuration_names_the_key_and_the_choices():
 # ------------------------------------------------------------------------------ SD-LoRA-KD
 
 
-def kd_after_two_tasks(variant: str = "official", fold: str = "scaled"):
+def kd_after_two_tasks(variant: str = "official", fold: str = "scaled", residual: str = "relative",
+                       scope: str = "joint"):
     """Two finished tasks of rank 2, task 2 (rank 4) started. The old pairs' A rows are
     orthonormal, so in every layer dir_0 and dir_1 are orthogonal (what makes a combination
     with one coefficient per task exactly representable after per-layer normalisation)."""
     torch.manual_seed(3)
-    method = build("sdlora_kd", variant=variant, kd_fold=fold, rank_schedule=[[0, 2], [2, 4]])
+    method = build("sdlora_kd", variant=variant, kd_fold=fold, kd_residual=residual, kd_scope=scope,
+                   rank_schedule=[[0, 2], [2, 4]])
     for t in range(2):
         start_task(method, t, 4)
         randomise_current(method.layers)
@@ -301,7 +303,7 @@ def test_kd_round_trip_restores_the_dropped_structure_and_the_records():
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
     state = method.state_dict()
 
-    restored = build("sdlora_kd", rank_schedule=[[0, 2], [2, 4]])
+    restored = build("sdlora_kd", kd_residual="relative", kd_scope="joint", rank_schedule=[[0, 2], [2, 4]])
     for t in range(4):
         restored.grow(make_task(t, 4))  # the replay knows nothing of the drop...
     restored.double().load_state_dict(state)  # ...the checkpoint sizes the stacks
@@ -310,6 +312,114 @@ def test_kd_round_trip_restores_the_dropped_structure_and_the_records():
     assert restored.layers[0].frozen_task.tolist() == method.layers[0].frozen_task.tolist()
     assert torch.equal(restored.predict(x), method.predict(x))
     assert restored.task_log(next_task)["kd_dropped_tasks"] == [2]
+
+
+def stored_norm(method, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The normaliser a stored pair is divided by: ||B A|| (paper), ||B|| ||A|| (official)."""
+    if method.config.variant == "paper":
+        return torch.linalg.matrix_norm(b @ a)
+    return torch.linalg.matrix_norm(b) * torch.linalg.matrix_norm(a)
+
+
+def dense_fit(old: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares on the explicit flattened matrices: the coefficients and the residual."""
+    delta = torch.linalg.lstsq(old, target[:, None], driver="gelsd").solution[:, 0]
+    return delta, target - old @ delta
+
+
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_kd_residuals_in_every_reading_match_a_direct_least_squares(variant):
+    method, task = kd_after_two_tasks(variant, residual="raw_squared", scope="per_projection")
+    randomise_current(method.layers, scale=0.05)
+    expected, joint = [], {"old": [], "applied": [], "stored": []}
+    for layer in method.layers:
+        for p in layer.projections:
+            pairs = [(a.detach(), b.detach()) for a, b in per_task_pairs(layer, p)]
+            old = torch.stack([(b @ a).flatten() / stored_norm(method, a, b) for a, b in pairs[:2]], 1)
+            a, b = pairs[2]
+            stored = (b @ a).flatten() / stored_norm(method, a, b)  # dir_t
+            applied = stored if variant == "paper" else (b @ a).flatten()  # official: raw while current
+            _, r_applied = dense_fit(old, applied)
+            _, r_stored = dense_fit(old, stored)  # LibContinual's lstsq(prev_dirs, last_dir)
+            expected.append({"relative": float(r_applied.norm() / applied.norm()), "raw": float(r_applied.norm()),
+                             "raw_squared": float(r_applied.pow(2).sum()), "normalised": float(r_stored.norm()),
+                             "normalised_squared": float(r_stored.pow(2).sum())})
+            for key, value in (("old", old), ("applied", applied), ("stored", stored)):
+                joint[key].append(value)
+    method.end_task(task)
+    record = method.kd_records[-1]
+    for entry, want in zip(record["per_projection"], expected, strict=True):
+        assert {k: entry[k] for k in want} == pytest.approx(want, rel=1e-6)
+    old = torch.cat(joint["old"])  # one coefficient per old task over every projection
+    applied, stored = torch.cat(joint["applied"]), torch.cat(joint["stored"])
+    _, r_applied = dense_fit(old, applied)
+    _, r_stored = dense_fit(old, stored)
+    assert record["joint"]["relative"] == pytest.approx(float(r_applied.norm() / applied.norm()), rel=1e-6)
+    assert record["joint"]["raw_squared"] == pytest.approx(float(r_applied.pow(2).sum()), rel=1e-6)
+    assert record["joint"]["normalised_squared"] == pytest.approx(float(r_stored.pow(2).sum()), rel=1e-6)
+    assert record["residual"] == pytest.approx(max(e["raw_squared"] for e in expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("residual, scope, dropped", [
+    ("relative", "joint", False), ("relative", "per_projection", False),
+    ("normalised_squared", "per_projection", False),  # ~1/rank: the normalised pair is not small
+    ("raw_squared", "per_projection", True), ("raw_squared", "joint", True), ("raw", "joint", True)])
+def test_kd_a_small_new_update_is_dropped_only_by_the_raw_readings(residual, scope, dropped):
+    """A new pair orthogonal to the old ones (relative residual 1) whose applied term is small:
+    ||B_2 A_2|| = 1e-4 per projection. Only a residual in the applied term's units is below tau."""
+    method, task = kd_after_two_tasks("official", residual=residual, scope=scope)
+    with torch.no_grad():
+        for layer in method.layers:
+            for p in layer.projections:
+                old_a = layer.frozen_A(p)
+                q, _ = torch.linalg.qr(torch.cat([old_a.t(), torch.randn(old_a.shape[1], 4, dtype=old_a.dtype)], 1))
+                layer.current_A[p].copy_(q[:, old_a.shape[0]:old_a.shape[0] + 4].t())
+                b = torch.randn_like(layer.current_B[p])
+                layer.current_B[p].copy_(1e-4 * b / torch.linalg.matrix_norm(b))  # orthonormal A: ||BA|| = ||B||
+    method.end_task(task)
+    record = method.kd_records[-1]
+    assert record["dropped"] is dropped
+    assert record["joint"]["relative"] == pytest.approx(1.0, abs=1e-9)
+    per_projection = len(method.layers) * len(method.layers[0].projections)
+    assert record["joint"]["raw_squared"] == pytest.approx(per_projection * 1e-8, rel=1e-6)
+    assert method.cost_report(task, 0).dropped_tasks == int(dropped)
+
+
+def test_kd_per_projection_drops_one_projection_and_keeps_the_task():
+    method, task = kd_after_two_tasks("official", residual="raw_squared", scope="per_projection")
+    first, p0 = method.layers[0], method.layers[0].projections[0]
+    with torch.no_grad():
+        for layer in method.layers:
+            for p in layer.projections:
+                old_a = layer.frozen_A(p)  # far from the old span, and large: kept
+                q, _ = torch.linalg.qr(torch.cat([old_a.t(), torch.randn(old_a.shape[1], 4, dtype=old_a.dtype)], 1))
+                layer.current_A[p].copy_(q[:, old_a.shape[0]:old_a.shape[0] + 4].t())
+                layer.current_B[p].normal_()
+        (a0, b0), (a1, b1) = per_task_pairs(first, p0)[:2]  # one projection: 0.7 dir_0 - 1.3 dir_1
+        first.current_A[p0].copy_(torch.cat([a0, a1]))
+        first.current_B[p0].copy_(torch.cat([0.7 / stored_norm(method, a0, b0) * b0,
+                                             -1.3 / stored_norm(method, a1, b1) * b1], 1))
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    before = method.predict_unmerged(x)
+    alpha_2 = float(method.magnitude_vector()[2])
+    method.end_task(task)
+    record = method.kd_records[-1]
+    assert record["dropped_projections"] == 1 and not record["dropped"]
+    assert [e["dropped"] for e in record["per_projection"]] == [True] + [False] * (len(record["per_projection"]) - 1)
+    torch.testing.assert_close(method.projection_offsets[0, 0, :2].double(),
+                               torch.tensor([0.7, -1.3], dtype=torch.float64) * alpha_2)  # the scaled fold
+    assert torch.count_nonzero(method.projection_offsets[:, :, :2]) == 2  # nowhere else
+    assert torch.count_nonzero(first.current_B[p0]) == 0
+    torch.testing.assert_close(method.predict_unmerged(x), before, rtol=0, atol=1e-9)  # function kept
+    start_task(method, 3, 4)
+    assert sorted(set(first.frozen_task.tolist())) == [0, 1, 2]  # the task stays for its other projections
+
+
+def test_kd_bad_reading_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="method.kd_residual 'rel'.*raw_squared"):
+        build("sdlora_kd", kd_residual="rel")
+    with pytest.raises(ConfigError, match="method.kd_scope 'layer'.*per_projection"):
+        build("sdlora_kd", kd_scope="layer")
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -321,3 +431,15 @@ def test_sdlora_beats_full_fine_tuning_on_synth_with_10_tasks(synth_results):
     final = {name: mean_final_acc(name, synth_results) for name in ("sdlora", "full_ft")}
     assert final["sdlora"] > final["full_ft"], final
     assert math.isfinite(final["sdlora"])
+
+
+@pytest.mark.slow
+def test_kd_drops_directions_on_synth_and_its_accuracy_differs_from_sdlora(synth_results):
+    """The recipe's reading (raw squared residual, per projection) on synth N=10, seed 0: KD
+    drops whole tasks, and its accuracy matrix is no longer SD-LoRA's."""
+    kd = synth_result("sdlora_kd", synth_results, 10, 0)
+    plain = synth_result("sdlora", synth_results, 10, 0)
+    records = [t.method_log["kd"] for t in kd.tasks]
+    assert kd.cost["dropped_tasks"] == sum(r["dropped"] for r in records) > 0
+    assert all(r["joint"]["relative"] > 0.9 for r in records[1:])  # no scale-free reading would fire
+    assert kd.accuracy_matrix["correct"] != plain.accuracy_matrix["correct"]

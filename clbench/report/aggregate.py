@@ -25,7 +25,7 @@ HIGHER_IS_BETTER = {"acc": True, "aaa": True, "acc_task_avg": True, "aaa_task_av
                     "forgetting_max": False, "forgetting_consecutive": False}
 # Per-run cost columns; the deterministic ones (FLOPs, parameters) are the same for every seed.
 COSTS = ["flops_per_image", "backbone_passes", "trainable_params_per_task", "trainable_params_last",
-         "stored_params", "stored_features", "train_time_s", "wall_time_s", "peak_cuda_mb", "peak_rss_mb"]
+         "stored_params", "stored_features", "dropped_tasks", "train_time_s", "wall_time_s", "peak_cuda_mb", "peak_rss_mb"]
 SPREADS = {"std": "standard deviation", "sem": "standard error"}
 
 
@@ -112,6 +112,7 @@ def run_row(path: Path, r: RunResult) -> dict[str, Any]:
         "trainable_params_last": per_task_trainable[-1] if per_task_trainable else None,
         "stored_params": cost.get("stored_params"),
         "stored_features": cost.get("stored_features"),
+        "dropped_tasks": cost.get("dropped_tasks"),
         "train_time_s": sum(t.train_time_s for t in tasks),
         "wall_time_s": r.wall_time_s,
         "peak_cuda_mb": max(cuda_peaks) if cuda_peaks else None,

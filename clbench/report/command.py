@@ -306,6 +306,13 @@ def _millions(x: Any) -> str:
     return f"{x / 1e6:.3g}"
 
 
+def _count(x: Any) -> str:
+    """A count, mean over seeds: ``3``, ``2.33``; ``–`` where the runs have none."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.3g}"
+
+
 def duration(mean: float, spread: float) -> str:
     """Seconds as ``mean (spread) unit``, in s, min or h by size."""
     if mean is None or math.isnan(mean):
@@ -338,19 +345,21 @@ def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
                      Cell(names.label(r["method"], r["tag"])), Cell(_gflops(r.get("flops_per_image"))),
                      Cell(_number(r.get("backbone_passes"), 0)), Cell(_millions(r.get("trainable_params_per_task"))),
                      Cell(_millions(r.get("stored_params"))), Cell(_millions(r.get("stored_features"))),
-                     Cell(duration(r.get("train_time_s"), r.get("train_time_s_spread"))), Cell(_memory(r))])
+                     Cell(_count(r.get("dropped_tasks"))), Cell(duration(r.get("train_time_s"), r.get("train_time_s_spread"))), Cell(_memory(r))])
     caption = ("Cost, measured from the result files (the paper's Table 5 quotes some of these for ImageNet-R "
                "N=20). GFLOPs/img: forward FLOPs of one test image through the model after the last task, counted "
                "by torch's FlopCounterMode (2 FLOPs per multiply-add, as the paper's 35.12 for ViT-B/16); passes: "
                "full backbone forwards per test image; trainable/task: parameters the optimizers updated, mean over "
                "tasks; stored params: parameters kept beyond the frozen pretrained backbone after the last task; "
-               "stored feat.: floats of data statistics kept; train time/run: training time summed over tasks, "
+               "stored feat.: floats of data statistics kept; dropped tasks: tasks whose new direction "
+               "SD-LoRA-KD folded into the old ones and discarded, mean over seeds (– for methods that never "
+               "discard); train time/run: training time summed over tasks, "
                f"{_spread_caption(opts, _expected(groups))}; peak memory: the largest peak over tasks, of GPU "
                "memory allocated by torch where the run had a GPU, else of the process's resident memory (mean "
                "over seeds).")
     return Table(name="cost", caption=caption,
                  columns=["Benchmark", "N", "Method", "GFLOPs/img", "passes", "trainable/task (M)",
-                          "stored params (M)", "stored feat. (M)", "train time/run", "peak memory"],
+                          "stored params (M)", "stored feat. (M)", "dropped tasks", "train time/run", "peak memory"],
                  rows=rows, label_columns=3, rules_before=rules, notes=_tag_notes(groups))
 
 
