@@ -10,6 +10,8 @@ from typing import Any, Callable
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from clbench.catalog import data_dir
+
 # load(data_dir, train_transform, test_transform, splits_dir) -> (train, test).
 # Both datasets yield (image tensor, original label) and expose ``.targets`` (original labels).
 # ``splits_dir`` is where a loader may write a split it had to make (raw ImageNet-R's 80/20).
@@ -33,8 +35,7 @@ class Benchmark:
 
     def data_dir(self, root: str | os.PathLike | None) -> Path:
         """The benchmark's folder: ``root/folder`` when that exists, else ``root`` itself."""
-        root = Path(root or os.environ.get("CLBENCH_DATA", "data")).expanduser()
-        return root / self.folder if (root / self.folder).exists() else root
+        return data_dir(self.folder, root)
 
     def transforms(self, image_size: int | None = None) -> tuple[Callable, Callable]:
         size = image_size or self.image_size

@@ -53,7 +53,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from torchvision.datasets.utils import check_integrity
 
 from clbench.benchmarks.base import Benchmark, register_benchmark
-from clbench.catalog import BUILTIN_BENCHMARKS
+from clbench.catalog import BUILTIN_BENCHMARKS, BenchmarkFacts, missing_data_message
 from clbench.errors import DataError
 from clbench.files import atomic_write_json
 
@@ -147,17 +147,9 @@ class _Info:
     source: str  # where the data is published
 
 
-def _missing(info: _Info, data_dir: Path, why: str) -> DataError:
-    """The one message for 'no usable data here': what was looked at, what is accepted, where to get it."""
-    where = str(data_dir)
-    if data_dir.name != info.folder and not (data_dir / info.folder).exists():
-        where += f" (the data root itself: it has no {info.folder}/ folder)"
-    return DataError(
-        f"{info.title} ({info.name}): no usable data in {where}: {why}.\n"
-        f"Accepted layouts:\n{info.layouts}\n"
-        f"Where to get it: {info.source}\n"
-        f"Point the harness at the folder that holds {info.folder}/ with --data-root DIR or "
-        f"$CLBENCH_DATA=DIR (default: ./data).")
+def _missing(info: _Info | BenchmarkFacts, data_dir: Path, why: str) -> DataError:
+    """The one message for 'no usable data here' (``clbench.catalog.missing_data_message``)."""
+    return DataError(missing_data_message(info, data_dir, why))
 
 
 def _few(names: Sequence[Any]) -> str:
@@ -480,20 +472,7 @@ def split_raw_folder(data_dir: Path, classes: Sequence[str], splits_dir: Path,
 
 # ----------------------------------------------------------------------------- ImageNet-R
 
-_IMR = _Info(
-    name="imr", title="ImageNet-R", folder="imagenet-r",
-    layouts="""\
-  (1) pre-split archive (PILOT/APER; what SD-LoRA reads)
-        imagenet-r/train/<wnid>/*.jpg      200 class folders, e.g. n01443537
-        imagenet-r/test/<wnid>/*.jpg       the same 200
-  (2) split lists (CODA-Prompt style) next to the images
-        imagenet-r/imagenet-r_train.yaml   {data: [paths], targets: [ints]}, or *_train.txt
-        imagenet-r/imagenet-r_test.yaml    lines '<path> <label>'; may also sit in imagenet-r/splits/
-        imagenet-r/<wnid>/*.jpg
-  (3) the raw release: split 80/20 once, written to the splits folder, reused afterwards
-        imagenet-r/<wnid>/*.jpg            200 class folders""",
-    source="https://github.com/hendrycks/imagenet-r (raw release), or the pre-split archive linked "
-           "from the LAMDA-PILOT README (https://github.com/sun-hailong/LAMDA-PILOT)")
+_IMR = BUILTIN_BENCHMARKS["imr"]  # folder, accepted layouts, source: clbench.catalog
 
 
 def load_imagenet_r(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -525,15 +504,7 @@ def load_imagenet_r(data_dir: Path, train_transform: Callable, test_transform: C
 
 # ----------------------------------------------------------------------------- ImageNet-A
 
-_IMA = _Info(
-    name="ima", title="ImageNet-A", folder="imagenet-a",
-    layouts="""\
-  pre-split archive (PILOT/APER; what SD-LoRA and InfLoRA read)
-        imagenet-a/train/<wnid>/*.jpg      200 class folders, e.g. n01498041
-        imagenet-a/test/<wnid>/*.jpg       the same 200""",
-    source="https://github.com/hendrycks/natural-adv-examples (raw release); the train/test split "
-           "SD-LoRA uses is the pre-split archive linked from the LAMDA-PILOT README "
-           "(https://github.com/sun-hailong/LAMDA-PILOT)")
+_IMA = BUILTIN_BENCHMARKS["ima"]  # folder, accepted layouts, source: clbench.catalog
 
 
 def load_imagenet_a(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -556,20 +527,7 @@ def load_imagenet_a(data_dir: Path, train_transform: Callable, test_transform: C
 
 # ----------------------------------------------------------------------------- DomainNet
 
-_DN = _Info(
-    name="dn", title="DomainNet", folder="domainnet",
-    layouts="""\
-  images of the six domains, plus split lists (concatenated per side; YAML wins over txt)
-        domainnet/clipart/<class>/*.jpg    … infograph/ painting/ quickdraw/ real/ sketch/
-        domainnet/domainnet_train.yaml     CODA-Prompt/InfLoRA: {data: [paths], targets: [ints]};
-        domainnet/domainnet_test.yaml      a path prefix such as data/domainnet/ is dropped
-      or
-        domainnet/clipart_train.txt        DomainNet's own lists: '<domain>/<class>/<file>.jpg <label>'
-        domainnet/clipart_test.txt         … one pair per domain
-  lists may also sit in domainnet/splits/; labels are 0..344""",
-    source="http://ai.bu.edu/M3SDA/ (images and <domain>_{train,test}.txt lists); the split used by "
-           "CODA-Prompt and InfLoRA is dataloaders/splits/domainnet_{train,test}.yaml in "
-           "https://github.com/GT-RIPL/CODA-Prompt or https://github.com/liangyanshuo/InfLoRA")
+_DN = BUILTIN_BENCHMARKS["dn"]  # folder, accepted layouts, source: clbench.catalog
 
 
 def load_domainnet(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -589,13 +547,7 @@ def load_domainnet(data_dir: Path, train_transform: Callable, test_transform: Ca
 
 # ----------------------------------------------------------------------------- CIFAR-100
 
-_C100 = _Info(
-    name="c100", title="CIFAR-100", folder="cifar100",
-    layouts="""\
-  torchvision's extracted archive (cifar-100-python.tar.gz)
-        cifar100/cifar-100-python/{train,test,meta}   or <data root>/cifar-100-python/""",
-    source="https://www.cs.toronto.edu/~kriz/cifar.html, or torchvision.datasets.CIFAR100(DIR, "
-           "download=True) on a machine with internet, then copy DIR")
+_C100 = BUILTIN_BENCHMARKS["c100"]  # folder, accepted layouts, source: clbench.catalog
 
 
 def cifar_test_transform(size: int) -> Callable:
@@ -632,17 +584,7 @@ def load_cifar100(data_dir: Path, train_transform: Callable, test_transform: Cal
 
 # ----------------------------------------------------------------------------- CUB-200
 
-_CUB = _Info(
-    name="cub", title="CUB-200", folder="cub",
-    layouts="""\
-  (1) pre-split archive (APER/PILOT)
-        cub/train/<class>/*.jpg            200 class folders, e.g. 001.Black_footed_Albatross
-        cub/test/<class>/*.jpg             the same 200
-  (2) the original release (CUB_200_2011.tgz extracted into cub/, or cub/ being that folder)
-        cub/CUB_200_2011/images.txt, image_class_labels.txt, train_test_split.txt
-        cub/CUB_200_2011/images/<class>/*.jpg""",
-    source="https://www.vision.caltech.edu/datasets/cub_200_2011/ (original release); the pre-split "
-           "archive is linked from the LAMDA-PILOT README (https://github.com/sun-hailong/LAMDA-PILOT)")
+_CUB = BUILTIN_BENCHMARKS["cub"]  # folder, accepted layouts, source: clbench.catalog
 
 
 def _read_id_table(path: Path) -> dict[int, tuple[str, str]]:
@@ -716,13 +658,8 @@ def load_cub(data_dir: Path, train_transform: Callable, test_transform: Callable
 
 # Names, titles, class counts and default task counts: clbench.catalog (the command line checks a
 # plan against them without importing torch).
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["imr"].fields(), load=load_imagenet_r, folder=_IMR.folder,
-                             source=_IMR.source))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["ima"].fields(), load=load_imagenet_a, folder=_IMA.folder,
-                             source=_IMA.source))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["dn"].fields(), load=load_domainnet, folder=_DN.folder,
-                             source=_DN.source))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["c100"].fields(), load=load_cifar100, folder=_C100.folder,
-                             source=_C100.source, test_transform=cifar_test_transform))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["cub"].fields(), load=load_cub, folder=_CUB.folder,
-                             source=_CUB.source))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["imr"].fields(), load=load_imagenet_r))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["ima"].fields(), load=load_imagenet_a))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["dn"].fields(), load=load_domainnet))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["c100"].fields(), load=load_cifar100, test_transform=cifar_test_transform))
+register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["cub"].fields(), load=load_cub))

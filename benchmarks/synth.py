@@ -66,7 +66,7 @@ NUM_CLASSES = BUILTIN_BENCHMARKS["synth"].num_classes  # 60: divisible by 5, 10 
 TRAIN_PER_CLASS = 40
 TEST_PER_CLASS = 15
 PRETRAIN_CLASSES = 100
-MODEL_NAME = "vit_synth_patch8_32"
+MODEL_NAME = BUILTIN_BENCHMARKS["synth"].backbone
 
 STYLES = ("photo", "sketch", "inverted", "grayscale", "cartoon", "noisy")
 SHAPES = ("ellipse", "polygon", "ring", "stroke", "cross")
@@ -639,7 +639,6 @@ register_pretrained_builder(MODEL_NAME, pretrained_weights)
 
 SYNTH = register_benchmark(Benchmark(
     **BUILTIN_BENCHMARKS["synth"].fields(), load=load_synth,
-    folder="synth", source="built in: generated offline by benchmarks/synth.py",
     defaults={"backbone": {"name": MODEL_NAME, "pretrained": True},
               # in-memory tensors: worker processes would only add start-up time
               "train": {"num_workers": 0}},

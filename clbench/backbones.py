@@ -15,9 +15,9 @@ from typing import Callable
 import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import try_to_load_from_cache
 from timm.models import get_pretrained_cfg
 
+from clbench.catalog import WEIGHT_FILES, hub_cached_file, missing_weights_message, no_hub_reason
 from clbench.config import BackboneConfig
 from clbench.errors import PretrainedWeightsError
 
@@ -74,18 +74,14 @@ def create_backbone(cfg: BackboneConfig) -> tuple[nn.Module, str]:
                 f"is it a checkpoint of that architecture?")
         return model, f"{name} from {path} (sha1:{file_digest(path)})"
 
-    if offline() and find_cached_weights(name) is None:  # fail now: timm would retry the hub for a minute
-        raise PretrainedWeightsError(missing_weights_message(name, "offline (HF_HUB_OFFLINE), not in the cache"))
+    why = no_hub_reason() if find_cached_weights(name) is None else None
+    if why:  # fail now: timm would retry the hub for a minute
+        raise PretrainedWeightsError(missing_weights_message(name, why))
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # network, hub or cache errors all end here
         raise PretrainedWeightsError(missing_weights_message(name, f"{type(err).__name__}: {err}")) from err
     return model, f"{name} (timm pretrained)"
-
-
-def offline() -> bool:
-    """Whether the Hugging Face hub must not be asked (``HF_HUB_OFFLINE`` set to a true value)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def find_cached_weights(name: str) -> Path | None:
@@ -95,12 +91,9 @@ def find_cached_weights(name: str) -> Path | None:
     if cfg is None:
         return None
     if cfg.hf_hub_id:
-        repo, _, revision = cfg.hf_hub_id.partition("@")
-        for file_name in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin",
-                                       "open_clip_pytorch_model.bin", "open_clip_model.safetensors")):
-            found = try_to_load_from_cache(repo, file_name, revision=revision or None)
-            if isinstance(found, str):
-                return Path(found)
+        found = hub_cached_file(cfg.hf_hub_id, (cfg.hf_hub_filename, *WEIGHT_FILES))
+        if found is not None:
+            return found
     if cfg.url:
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url.split("?")[0])
         if path.exists():
@@ -119,22 +112,8 @@ def weights_problem(cfg: BackboneConfig) -> str | None:
         return None if path.exists() else f"backbone.pretrained_path '{path}' does not exist"
     if cfg.name in PRETRAINED_BUILDERS or cfg.name.split(".")[0] in PRETRAINED_BUILDERS:
         return None
-    if offline() and find_cached_weights(cfg.name) is None:
-        return missing_weights_message(cfg.name, "offline (HF_HUB_OFFLINE), not in the cache")
-    return None
-
-
-def missing_weights_message(name: str, why: str) -> str:
-    """What to do when ``name``'s pretrained weights cannot be loaded: both ways to provide them."""
-    base_name = name.split(".")[0]
-    return (f"could not load pretrained weights for '{name}' ({why}).\n"
-            f"Provide them in one of two ways:\n"
-            f"  1. put them in the timm / Hugging Face cache on a machine with internet:\n"
-            f"       python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
-            f"     (cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}; copy it over and set "
-            f"HF_HUB_OFFLINE=1), or\n"
-            f"  2. pass a local weights file (.safetensors, .pth or .bin):\n"
-            f"       --pretrained-path /path/to/{base_name}.safetensors")
+    why = no_hub_reason() if find_cached_weights(cfg.name) is None else None
+    return None if why is None else missing_weights_message(cfg.name, why)
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -11,14 +11,19 @@ tests' ``toy``) are left to the same checks run again on the full registry.
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import functools
 import importlib.util
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Mapping, Protocol
 
 import yaml
 
-from clbench.config import deep_merge, parse_set
+from clbench.config import BackboneConfig, deep_merge, parse_set
 from clbench.errors import ConfigError, did_you_mean
 from clbench.task import task_sizes
 
@@ -27,33 +32,222 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit integers
 
 @dataclass(frozen=True)
 class BenchmarkFacts:
-    """A benchmark's torch-free facts: what a plan is checked against."""
+    """A benchmark's torch-free facts: what a plan is checked against, and what its error
+    messages say about it (folder, accepted layouts, where the data is published)."""
 
     name: str  # short name used on the command line
     title: str  # as the paper's tables write it
     num_classes: int
     default_tasks: list[int]
     image_size: int = 224
+    folder: str = ""  # default sub-folder of the data root
+    layouts: str = ""  # tree diagram of the accepted layouts
+    source: str = ""  # where the data is published; shown when it is missing
+    # Entries of the benchmark's folder of which at least one is there in every accepted layout
+    # (fnmatch patterns; a trailing "/" matches a folder): the torch-free check that data is
+    # there at all. None: no data on disk (generated).
+    markers: tuple[str, ...] | None = None
+    backbone: str | None = None  # the benchmark's own backbone (a configuration layer before the recipe's)
 
     def fields(self) -> dict[str, Any]:
         """These facts as ``Benchmark`` keyword arguments."""
         return {"name": self.name, "title": self.title, "num_classes": self.num_classes,
-                "default_tasks": list(self.default_tasks), "image_size": self.image_size}
+                "default_tasks": list(self.default_tasks), "image_size": self.image_size,
+                "folder": self.folder, "source": self.source}
 
 
 BUILTIN_BENCHMARKS: dict[str, BenchmarkFacts] = {b.name: b for b in (
-    BenchmarkFacts("imr", "ImageNet-R", 200, [5, 10, 20]),
-    BenchmarkFacts("ima", "ImageNet-A", 200, [10]),
-    BenchmarkFacts("dn", "DomainNet", 345, [5]),
-    BenchmarkFacts("c100", "CIFAR-100", 100, [10]),
-    BenchmarkFacts("cub", "CUB-200", 200, [10]),
-    BenchmarkFacts("synth", "Synthetic", 60, [5, 10], image_size=32),  # 60 classes: 5, 10 or 20 tasks
+    BenchmarkFacts(
+        "imr", "ImageNet-R", 200, [5, 10, 20], folder="imagenet-r", markers=("*/", "*train.*", "*test.*"),
+        layouts="""\
+  (1) pre-split archive (PILOT/APER; what SD-LoRA reads)
+        imagenet-r/train/<wnid>/*.jpg      200 class folders, e.g. n01443537
+        imagenet-r/test/<wnid>/*.jpg       the same 200
+  (2) split lists (CODA-Prompt style) next to the images
+        imagenet-r/imagenet-r_train.yaml   {data: [paths], targets: [ints]}, or *_train.txt
+        imagenet-r/imagenet-r_test.yaml    lines '<path> <label>'; may also sit in imagenet-r/splits/
+        imagenet-r/<wnid>/*.jpg
+  (3) the raw release: split 80/20 once, written to the splits folder, reused afterwards
+        imagenet-r/<wnid>/*.jpg            200 class folders""",
+        source="https://github.com/hendrycks/imagenet-r (raw release), or the pre-split archive linked "
+               "from the LAMDA-PILOT README (https://github.com/sun-hailong/LAMDA-PILOT)"),
+    BenchmarkFacts(
+        "ima", "ImageNet-A", 200, [10], folder="imagenet-a", markers=("train/", "test/"),
+        layouts="""\
+  pre-split archive (PILOT/APER; what SD-LoRA and InfLoRA read)
+        imagenet-a/train/<wnid>/*.jpg      200 class folders, e.g. n01498041
+        imagenet-a/test/<wnid>/*.jpg       the same 200""",
+        source="https://github.com/hendrycks/natural-adv-examples (raw release); the train/test split "
+               "SD-LoRA uses is the pre-split archive linked from the LAMDA-PILOT README "
+               "(https://github.com/sun-hailong/LAMDA-PILOT)"),
+    BenchmarkFacts(
+        "dn", "DomainNet", 345, [5], folder="domainnet", markers=("*train.*", "*test.*", "splits/"),
+        layouts="""\
+  images of the six domains, plus split lists (concatenated per side; YAML wins over txt)
+        domainnet/clipart/<class>/*.jpg    … infograph/ painting/ quickdraw/ real/ sketch/
+        domainnet/domainnet_train.yaml     CODA-Prompt/InfLoRA: {data: [paths], targets: [ints]};
+        domainnet/domainnet_test.yaml      a path prefix such as data/domainnet/ is dropped
+      or
+        domainnet/clipart_train.txt        DomainNet's own lists: '<domain>/<class>/<file>.jpg <label>'
+        domainnet/clipart_test.txt         … one pair per domain
+  lists may also sit in domainnet/splits/; labels are 0..344""",
+        source="http://ai.bu.edu/M3SDA/ (images and <domain>_{train,test}.txt lists); the split used by "
+               "CODA-Prompt and InfLoRA is dataloaders/splits/domainnet_{train,test}.yaml in "
+               "https://github.com/GT-RIPL/CODA-Prompt or https://github.com/liangyanshuo/InfLoRA"),
+    BenchmarkFacts(
+        "c100", "CIFAR-100", 100, [10], folder="cifar100", markers=("cifar-100-python/", "train"),
+        layouts="""\
+  torchvision's extracted archive (cifar-100-python.tar.gz)
+        cifar100/cifar-100-python/{train,test,meta}   or <data root>/cifar-100-python/""",
+        source="https://www.cs.toronto.edu/~kriz/cifar.html, or torchvision.datasets.CIFAR100(DIR, "
+               "download=True) on a machine with internet, then copy DIR"),
+    BenchmarkFacts(
+        "cub", "CUB-200", 200, [10], folder="cub", markers=("train/", "test/", "CUB_200_2011/", "images.txt"),
+        layouts="""\
+  (1) pre-split archive (APER/PILOT)
+        cub/train/<class>/*.jpg            200 class folders, e.g. 001.Black_footed_Albatross
+        cub/test/<class>/*.jpg             the same 200
+  (2) the original release (CUB_200_2011.tgz extracted into cub/, or cub/ being that folder)
+        cub/CUB_200_2011/images.txt, image_class_labels.txt, train_test_split.txt
+        cub/CUB_200_2011/images/<class>/*.jpg""",
+        source="https://www.vision.caltech.edu/datasets/cub_200_2011/ (original release); the pre-split "
+               "archive is linked from the LAMDA-PILOT README (https://github.com/sun-hailong/LAMDA-PILOT)"),
+    # 60 classes: 5, 10 or 20 tasks
+    BenchmarkFacts("synth", "Synthetic", 60, [5, 10], image_size=32, folder="synth",
+                   source="built in: generated offline by benchmarks/synth.py", backbone="vit_synth_patch8_32"),
 )}
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """A timm backbone's torch-free facts (checked against timm by ``tests/test_plan_checks.py``)."""
+
+    name: str  # as a recipe or --backbone names it (an untagged name means timm's default tag)
+    image_size: int  # the one input size the model takes
+    hf_hub_id: str | None  # where timm downloads its pretrained weights; None: a registered builder
+
+
+BUILTIN_BACKBONES: dict[str, BackboneFacts] = {b.name: b for b in (
+    # SD-LoRA's (the default), InfLoRA's and L2P/DualPrompt/HiDe-Prompt's ViT-B/16 checkpoints
+    BackboneFacts("vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    BackboneFacts("vit_base_patch16_224.augreg_in21k", 224, "timm/vit_base_patch16_224.augreg_in21k"),
+    BackboneFacts("vit_base_patch16_224.orig_in21k", 224, "timm/vit_base_patch16_224.orig_in21k"),
+    BackboneFacts("vit_base_patch16_224", 224, "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    BackboneFacts("vit_small_patch16_224", 224, "timm/vit_small_patch16_224.augreg_in21k_ft_in1k"),
+    BackboneFacts("vit_tiny_patch16_224", 224, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    BackboneFacts("vit_large_patch16_224", 224, "timm/vit_large_patch16_224.augreg_in21k_ft_in1k"),
+    BackboneFacts("vit_synth_patch8_32", 32, None),  # synth's own, pretrained by benchmarks/synth.py
+)}
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+
+
+def data_dir(folder: str, root: str | os.PathLike | None) -> Path:
+    """A benchmark's folder: ``root/folder`` when that exists, else ``root`` itself (``root``:
+    ``--data-root``, else ``$CLBENCH_DATA``, else ``./data``)."""
+    root = Path(root or os.environ.get("CLBENCH_DATA", "data")).expanduser()
+    return root / folder if (root / folder).exists() else root
+
+
+def missing_data_message(facts: Any, where: Path, why: str) -> str:
+    """The one message for 'no usable data here': what was looked at, what is accepted, where to
+    get it. ``facts``: anything with ``name``, ``title``, ``folder``, ``layouts`` and ``source``."""
+    place = str(where)
+    if where.name != facts.folder and not (where / facts.folder).exists():
+        place += f" (the data root itself: it has no {facts.folder}/ folder)"
+    return (f"{facts.title} ({facts.name}): no usable data in {place}: {why}.\n"
+            f"Accepted layouts:\n{facts.layouts}\n"
+            f"Where to get it: {facts.source}\n"
+            f"Point the harness at the folder that holds {facts.folder}/ with --data-root DIR or "
+            f"$CLBENCH_DATA=DIR (default: ./data).")
+
+
+def data_presence_problem(facts: BenchmarkFacts, root: str | os.PathLike | None) -> str | None:
+    """Why ``facts``'s data cannot be in ``root`` in any accepted layout (its folder is missing, or
+    holds none of the entries every layout has), or None. The benchmark's loader checks the rest
+    (the layout itself, the class count) once torch is imported."""
+    if facts.markers is None:
+        return None
+    where = data_dir(facts.folder, root)
+    if not where.is_dir():
+        return missing_data_message(facts, where, "the folder does not exist")
+    try:
+        entries = [(e.name, e.is_dir()) for e in os.scandir(where) if not e.name.startswith(".")]
+    except OSError as err:
+        return missing_data_message(facts, where, f"it cannot be read ({err.strerror})")
+    for pattern in facts.markers:
+        want_dir, pattern = pattern.endswith("/"), pattern.rstrip("/")
+        if any(fnmatch.fnmatch(name, pattern) and (is_dir or not want_dir) for name, is_dir in entries):
+            return None
+    shown = ", ".join(m for m in facts.markers)
+    return missing_data_message(facts, where, f"nothing in it belongs to an accepted layout (none of {shown})"
+                                if entries else "it is empty")
+
+
+def offline() -> bool:
+    """Whether the Hugging Face hub must not be asked (``HF_HUB_OFFLINE`` set to a true value)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout_s`` (True behind a
+    proxy, which a direct connection cannot tell): a quick check instead of a minute of retries."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_cached_file(hf_hub_id: str, file_names: Collection[str | None] = WEIGHT_FILES) -> Path | None:
+    """The first of ``file_names`` of the hub repository ``hf_hub_id`` (``repo[@revision]``) in
+    the Hugging Face cache, or None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache  # torch-free, 0.2 s: only when a checkpoint is looked up
+
+    repo, _, revision = hf_hub_id.partition("@")
+    for file_name in filter(None, file_names):
+        found = try_to_load_from_cache(repo, file_name, revision=revision or None)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def missing_weights_message(name: str, why: str) -> str:
+    """What to do when ``name``'s pretrained weights cannot be loaded: both ways to provide them."""
+    base_name = name.split(".")[0]
+    return (f"could not load pretrained weights for '{name}' ({why}).\n"
+            f"Provide them in one of two ways:\n"
+            f"  1. put them in the timm / Hugging Face cache on a machine with internet:\n"
+            f"       python -c \"import timm; timm.create_model('{name}', pretrained=True)\"\n"
+            f"     (cache: {os.environ.get('HF_HOME', '~/.cache/huggingface')}; copy it over and set "
+            f"HF_HUB_OFFLINE=1), or\n"
+            f"  2. pass a local weights file (.safetensors, .pth or .bin):\n"
+            f"       --pretrained-path /path/to/{base_name}.safetensors")
+
+
+def no_hub_reason() -> str | None:
+    """Why the hub cannot be asked for a checkpoint (offline, or not reachable), or None."""
+    if offline():
+        return "offline (HF_HUB_OFFLINE), not in the cache"
+    if not hub_reachable():
+        return "the Hugging Face hub is not reachable from here, and it is not in the cache"
+    return None
+
+
+def backbone_size_message(name: str, image_size: int, detail: str) -> str:
+    return (f"backbone '{name}' does not take the benchmark's {image_size}px images ({detail}); "
+            f"choose a backbone made for {image_size}px or set data.image_size")
 
 
 class HasBenchmarkFacts(Protocol):
     """``BenchmarkFacts`` or a registered ``Benchmark``: what the checks read."""
 
+    name: str
     num_classes: int
     default_tasks: list[int]
 
@@ -99,18 +293,28 @@ def unique_seeds(seeds: list[int]) -> tuple[list[int], list[int]]:
     return kept, repeated
 
 
-def _data_section(methods: list[str], bench: str, num_tasks: int,
+def _section(method: str | None, bench: HasBenchmarkFacts, num_tasks: int, overrides: Mapping[str, Any],
+             section: str) -> dict[str, Any]:
+    """One section of a run's configuration as the layers of ``clbench.recipes.resolve_config``
+    give it (recipe default, the benchmark's own backbone, recipe ``<bench>`` and ``<bench>@<N>``,
+    ``--set``), without the dataclass defaults; ``method=None``: ``--set`` alone."""
+    # no recipe for an unknown method: resolving the run says so
+    recipe = load_recipe(method) if method and (RECIPE_DIR / f"{method}.yaml").exists() else {}
+    own_backbone = getattr(bench, "backbone", None)  # a registered Benchmark has it in its defaults
+    own = {"backbone": {"name": own_backbone}} if own_backbone else {}
+    merged: dict[str, Any] = {}
+    for layer in (recipe.get("default", {}), own, recipe.get(bench.name, {}),
+                  recipe.get(f"{bench.name}@{num_tasks}", {}), overrides):
+        merged.update((layer or {}).get(section, {}) or {})
+    return merged
+
+
+def _data_section(methods: list[str], bench: HasBenchmarkFacts, num_tasks: int,
                   overrides: Mapping[str, Any]) -> dict[str | None, tuple[Any, Any]]:
-    """``data.initial_classes``/``data.increment`` as the recipes and ``--set`` give them, per method
-    (``None`` where nothing sets them): the layers of ``clbench.recipes.resolve_config``. With no
-    method, ``--set`` alone (under the key None)."""
+    """``data.initial_classes``/``data.increment`` per method (``None`` where nothing sets them)."""
     data: dict[str | None, tuple[Any, Any]] = {}
     for m in methods or [None]:
-        recipe = load_recipe(m) if m and (RECIPE_DIR / f"{m}.yaml").exists() else {}  # none: resolving says so
-        merged: dict[str, Any] = {}
-        for layer in (recipe.get("default", {}), recipe.get(bench, {}), recipe.get(f"{bench}@{num_tasks}", {}),
-                      overrides):
-            merged.update((layer or {}).get("data", {}) or {})
+        merged = _section(m, bench, num_tasks, overrides, "data")
         data[m] = (merged.get("initial_classes"), merged.get("increment"))
     return data
 
@@ -150,7 +354,7 @@ def check_request(benches: list[str], tasks: list[int] | None, methods: list[str
         facts = benchmarks[bench]
         for n in [n for n in tasks or facts.default_tasks if n > 0]:
             splits: dict[tuple[Any, Any], list[str | None]] = {}
-            for m, sizes in _data_section(method_list, bench, n, overrides or {}).items():
+            for m, sizes in _data_section(method_list, facts, n, overrides or {}).items():
                 splits.setdefault(sizes, []).append(m)
             for (initial, increment), who in splits.items():
                 try:
@@ -161,11 +365,68 @@ def check_request(benches: list[str], tasks: list[int] | None, methods: list[str
     return problems
 
 
+def check_resources(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
+                    overrides: Mapping[str, Any] | None, data_root: str | None) -> list[str]:
+    """What the built-in facts show about a request's backbones, weights and data, each distinct
+    setting once: a backbone of ``BUILTIN_BACKBONES`` against the benchmark's image size, a
+    ``pretrained_path`` that does not exist, a hub checkpoint not in the cache when the hub
+    cannot be asked (offline or unreachable), a built-in benchmark's folder without data
+    (``data_presence_problem``). Whatever these facts do not know (another timm model, the
+    layout's details) is checked again with torch (``clbench.preflight``)."""
+    default = BackboneConfig()
+    backbones: dict[tuple[str, int], None] = {}
+    weights: dict[tuple[str, bool, str | None], None] = {}
+    data: dict[str, None] = {}
+    for bench in benches:
+        facts = BUILTIN_BENCHMARKS.get(bench)
+        if facts is None:
+            continue  # registered at run time: left to the checks with torch
+        data[bench] = None
+        for n in tasks or facts.default_tasks:
+            for m in methods or method_names():
+                b = _section(m, facts, n, overrides or {}, "backbone")
+                size = _section(m, facts, n, overrides or {}, "data").get("image_size") or facts.image_size
+                name = b.get("name", default.name)
+                backbones[(name, size)] = None
+                weights[(name, b.get("pretrained", default.pretrained), b.get("pretrained_path"))] = None
+    problems = []
+    for name, size in backbones:
+        known = BUILTIN_BACKBONES.get(name)
+        if known is not None and known.image_size != size:
+            problems.append(backbone_size_message(name, size, f"it takes {known.image_size}px images"))
+    for name, pretrained, path in weights:
+        known = BUILTIN_BACKBONES.get(name)
+        if not pretrained:
+            continue
+        if path:
+            if not Path(path).expanduser().exists():
+                problems.append(f"backbone.pretrained_path '{Path(path).expanduser()}' does not exist")
+        elif known is not None and known.hf_hub_id is not None and hub_cached_file(known.hf_hub_id) is None:
+            why = no_hub_reason()
+            if why:
+                problems.append(missing_weights_message(name, why))
+    for bench in data:
+        problem = data_presence_problem(BUILTIN_BENCHMARKS[bench], data_root)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def requested_methods(args: argparse.Namespace) -> list[str] | None:
     """``--methods`` as a list, or None for ``all``."""
     if args.methods == "all":
         return None
     return [m.strip() for m in args.methods.split(",") if m.strip()]
+
+
+def request_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The configuration layer the sweep options give: ``--set``, ``--backbone`` and ``--pretrained-path``."""
+    overrides = parse_set(args.overrides)
+    if args.backbone:
+        overrides.setdefault("backbone", {})["name"] = args.backbone
+    if args.pretrained_path:
+        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+    return overrides
 
 
 def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFacts],
@@ -174,4 +435,9 @@ def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFa
     problems = [f"--{name} {getattr(args, name)}: must be at least 1" for name in ("jobs", "threads")
                 if getattr(args, name, None) is not None and getattr(args, name) < 1]
     return problems + check_request(args.bench, args.tasks, requested_methods(args), args.seeds,
-                                    parse_set(args.overrides), benchmarks, known_methods, complete)
+                                    request_overrides(args), benchmarks, known_methods, complete)
+
+
+def check_args_resources(args: argparse.Namespace) -> list[str]:
+    """``check_resources`` for the sweep options."""
+    return check_resources(args.bench, args.tasks, requested_methods(args), request_overrides(args), args.data_root)

@@ -25,6 +25,7 @@ import torch
 
 from clbench.backbones import weights_problem
 from clbench.benchmarks import get_benchmark
+from clbench.catalog import backbone_size_message
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.sweep import PlannedRun
@@ -48,9 +49,7 @@ def backbone_problem(name: str, image_size: int) -> str | None:
         try:
             model(torch.empty(1, 3, image_size, image_size))
         except Exception as err:  # noqa: BLE001 - whatever the model says is the message
-            return (f"backbone '{name}' does not take the benchmark's {image_size}px images "
-                    f"({type(err).__name__}: {err}); choose a backbone made for {image_size}px "
-                    f"or set data.image_size")
+            return backbone_size_message(name, image_size, f"{type(err).__name__}: {err}")
     return None
 
 

@@ -33,8 +33,8 @@ import torch
 
 from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import check_args, requested_methods, unique_seeds
-from clbench.config import RunConfig, parse_set
+from clbench.catalog import check_args, request_overrides, requested_methods, unique_seeds
+from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import run
@@ -75,11 +75,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
     problems = check_args(args, BENCHMARKS, METHODS, complete=True)
     if problems:
         raise PlanError(problems)
-    overrides = parse_set(args.overrides)
-    if args.backbone:
-        overrides.setdefault("backbone", {})["name"] = args.backbone
-    if args.pretrained_path:
-        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+    overrides = request_overrides(args)
     seeds, repeated = unique_seeds(args.seeds)
     if repeated:
         print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "

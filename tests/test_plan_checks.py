@@ -6,17 +6,26 @@ for the whole plan after the imports, before any run or submission.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import huggingface_hub
 import pytest
+import timm
+import torch
+import torchvision
+import yaml
+from test_datasets import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100
+from timm.models import get_pretrained_cfg
 
 from clbench import catalog
 from clbench.benchmarks import BENCHMARKS
+from clbench.benchmarks import datasets as D
 from clbench.cli import main
 from clbench.methods import METHODS
+from clbench.preflight import backbone_problem
 from clbench.protocol import Run
 from clbench.recipes import resolve_config
 
@@ -45,6 +54,132 @@ def test_a_bad_plan_fails_at_once_with_one_message(tmp_path, argv, message):
     assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
     assert not (tmp_path / "runs").exists()
     assert seconds < 2.0, f"took {seconds:.1f}s"
+
+
+def offline_env(tmp_path) -> dict[str, str]:
+    """The environment of a machine without the hub: offline, with an empty Hugging Face cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty_hf_cache")}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "vit_small_patch16_224", "--pretrained-path", "{file}"],
+     "backbone 'vit_small_patch16_224' does not take the benchmark's 32px images (it takes 224px images)"),
+    (["--bench", "imr", "--tasks", "10", "--data-root", "{presplit}"],
+     "could not load pretrained weights for 'vit_base_patch16_224.augreg2_in21k_ft_in1k' (offline"),
+    (["--bench", "ima", "--tasks", "10", "--pretrained-path", "{file}", "--data-root", "{empty}"],
+     "ImageNet-A (ima): no usable data in"),
+    (["--pretrained-path", "{empty}/model.safetensors"], "backbone.pretrained_path '{empty}/model.safetensors' does not exist"),
+], ids=["backbone vs image size", "weights missing offline", "data missing", "pretrained path missing"])
+def test_backbone_weights_and_data_of_builtin_benchmarks_fail_at_once(tmp_path, argv, message):
+    """What the built-in facts know about backbones, weights and data is checked before torch is
+    imported: one message, in a fresh process, in well under 2 seconds."""
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    class_tree(tmp_path / "imagenet-r" / "train", WNIDS, 1)
+    class_tree(tmp_path / "imagenet-r" / "test", WNIDS, 1)
+    fill = {"file": str(weights), "empty": str(tmp_path / "empty"), "presplit": str(tmp_path)}
+    argv = [a.format(**fill) for a in argv]
+    done, seconds = run_cli(*argv, "--methods", "sdlora", "--out", str(tmp_path / "r"), env=offline_env(tmp_path))
+    assert done.returncode == 2, done.stderr
+    assert message.format(**fill) in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
+    assert not (tmp_path / "r").exists()
+    assert seconds < 2.0, f"took {seconds:.1f}s"
+
+
+def test_the_builtin_backbone_facts_are_timm_s(monkeypatch):
+    """``catalog.BUILTIN_BACKBONES`` (used before torch is imported) says what timm says: the
+    model's one input size and the hub repository of its weights; the torch-side check agrees."""
+    for name, facts in catalog.BUILTIN_BACKBONES.items():
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        assert tuple(model.patch_embed.img_size) == (facts.image_size, facts.image_size), name
+        cfg = get_pretrained_cfg(name)
+        assert (cfg.hf_hub_id if cfg is not None else None) == facts.hf_hub_id, name
+        other = 32 if facts.image_size != 32 else 224
+        assert backbone_problem(name, facts.image_size) is None
+        assert backbone_problem(name, other) is not None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent/hf_cache")
+    assert catalog.hub_cached_file("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k") is None
+
+
+def _layouts(root):
+    """Every accepted layout of the built-in benchmarks, tiny: (benchmark, data root, loader call)."""
+    imr = root / "imr_presplit" / "imagenet-r"
+    class_tree(imr / "train", WNIDS, 2)
+    class_tree(imr / "test", WNIDS, 1)
+    raw = root / "imr_raw" / "imagenet-r"
+    class_tree(raw, WNIDS, 5)
+    lists = root / "imr_lists"  # the data root is the ImageNet-R folder itself
+    rel = [p.relative_to(lists).as_posix() for p in class_tree(lists, WNIDS, 2)]
+    (lists / "splits").mkdir()
+    for side, chosen in (("train", rel[0::2]), ("test", rel[1::2])):
+        doc = {"data": chosen, "targets": [WNIDS.index(r.split("/")[0]) for r in chosen]}
+        (lists / "splits" / f"imagenet-r_{side}.yaml").write_text(yaml.safe_dump(doc))
+    ima = root / "ima" / "imagenet-a"
+    class_tree(ima / "train", WNIDS, 1)
+    class_tree(ima / "test", WNIDS, 1)
+    dn = root / "dn" / "domainnet"
+    domainnet_tree(dn)
+    c100 = root / "c100"
+    fake_cifar100(c100 / "cifar100", per_class=1)
+    cub = root / "cub_presplit" / "cub"
+    class_tree(cub / "train", CUB_CLASSES, 1)
+    class_tree(cub / "test", CUB_CLASSES, 1)
+    original = root / "cub_original" / "cub" / "CUB_200_2011"
+    rel = [p.relative_to(original / "images").as_posix() for p in class_tree(original / "images", CUB_CLASSES, 2)]
+    (original / "images.txt").write_text("".join(f"{i} {r}\n" for i, r in enumerate(rel, 1)))
+    (original / "image_class_labels.txt").write_text("".join(f"{i} {(i - 1) // 2 + 1}\n" for i in range(1, 7)))
+    (original / "train_test_split.txt").write_text("".join(f"{i} {i % 2}\n" for i in range(1, 7)))
+    return [("imr", imr.parent, D.load_imagenet_r, 3), ("imr", raw.parent, D.load_imagenet_r, 3),
+            ("imr", lists, D.load_imagenet_r, 3), ("ima", ima.parent, D.load_imagenet_a, 3),
+            ("dn", dn.parent, D.load_domainnet, 3), ("c100", c100, D.load_cifar100, 100),
+            ("c100", c100 / "cifar100" / "cifar-100-python", D.load_cifar100, 100),
+            ("cub", cub.parent, D.load_cub, 3), ("cub", original.parent.parent, D.load_cub, 3),
+            ("cub", original, D.load_cub, 3)]
+
+
+def test_the_torch_free_data_check_passes_every_accepted_layout(tmp_path, monkeypatch):
+    """``data_presence_problem`` runs before the loaders: it must never refuse data they accept,
+    and it refuses a missing or empty folder, or one that holds nothing of any layout."""
+    # the fake CIFAR files cannot have the official md5s; trust their existence instead
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    for bench, root, load, num_classes in _layouts(tmp_path / "layouts"):
+        facts = catalog.BUILTIN_BENCHMARKS[bench]
+        where = catalog.data_dir(facts.folder, root)
+        train, _ = load(where, lambda x: x, lambda x: x, tmp_path / "splits", num_classes=num_classes)
+        assert len(train) > 0
+        assert catalog.data_presence_problem(facts, root) is None, (bench, root)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("")
+    for bench, facts in catalog.BUILTIN_BENCHMARKS.items():
+        if facts.markers is None:
+            continue
+        for root, why in ((tmp_path / "missing", "the folder does not exist"), (tmp_path / "empty", "it is empty"),
+                          (tmp_path / "other", "nothing in it belongs to an accepted layout")):
+            problem = catalog.data_presence_problem(facts, root)
+            assert problem is not None and why in problem and "Accepted layouts" in problem, (bench, root)
+
+
+def test_an_unreachable_hub_is_found_quickly_and_named(monkeypatch):
+    catalog.hub_reachable.cache_clear()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    start = time.perf_counter()
+    try:
+        assert catalog.hub_reachable() is False
+        assert time.perf_counter() - start < 4.0
+        assert "not reachable" in catalog.no_hub_reason()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy: only a download can tell
+        catalog.hub_reachable.cache_clear()
+        assert catalog.hub_reachable() is True
+    finally:
+        catalog.hub_reachable.cache_clear()
 
 
 def test_every_problem_is_listed_in_the_one_message(tmp_path):
@@ -129,7 +264,7 @@ def test_missing_data_fails_before_any_run_or_submission(tmp_path, capsys, monke
                                "--data-root", str(tmp_path / "nodata"), "--launcher", launcher,
                                "--out", str(tmp_path / "r")])
         err = capsys.readouterr().err
-        assert "data of cub" in err and "CUB-200" in err and "Accepted layouts" in err
+        assert "CUB-200 (cub): no usable data" in err and "Accepted layouts" in err
         assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "r" / "slurm").exists()
         assert seconds < 2.0, f"the checks took {seconds:.1f}s after the imports"
 
