@@ -386,8 +386,11 @@ def load_arrays(seed: int = DEFAULT_SEED) -> dict[str, np.ndarray]:
 class SynthImages(Dataset):
     """In-memory images: yields ``(transform(uint8 [3, 32, 32]), original label)``.
 
-    ``targets`` are the original labels; ``styles`` the rendition of each image.
+    ``targets`` are the original labels; ``styles`` the rendition of each image (``groups``
+    under ``group_names``: what ``clbench probe`` reports accuracy per).
     """
+
+    group_names = STYLES
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, styles: np.ndarray,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
@@ -395,6 +398,10 @@ class SynthImages(Dataset):
         self.targets = np.asarray(targets, dtype=np.int64)
         self.styles = np.asarray(styles)
         self.transform = transform if transform is not None else ToFloat()
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.styles
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -1,7 +1,7 @@
 """The command line of ``clbench``, ``python -m clbench`` and ``run_suite.py``.
 
     clbench [--bench synth] [--tasks 5,10] [--methods all] [--seeds 0,1,2] ...   # a sweep
-    clbench report|status|collect|speed ...
+    clbench report|status|collect|speed|probe|preflight ...
 
 Each sub-command lives beside what it works on, in a module whose ``COMMANDS`` maps its name to
 ``(add_arguments(parser), main(args))``; this module names them and imports only the one that
@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
     "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
+    "probe": ("clbench.probe", "which regime a benchmark is in: NCM, linear-probe and joint fine-tuning "
+                               "accuracy of its frozen pretrained backbone, per rendition"),
     "preflight": ("clbench.suite", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
                                    "forecast its GPU hours and memory against a SLURM profile"),
 }
