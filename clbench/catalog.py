@@ -419,6 +419,21 @@ def requested_methods(args: argparse.Namespace) -> list[str] | None:
     return [m.strip() for m in args.methods.split(",") if m.strip()]
 
 
+def joint_methods(args: argparse.Namespace, planned: list[str]) -> list[str]:
+    """The methods whose joint-training run (every class at once, one task) ``--joint`` asks
+    for: ``auto`` joint full fine-tuning, the usual upper bound, when the whole comparison is
+    planned (``--methods all``) and none otherwise; ``all`` every planned method; ``none``; or a
+    comma-separated list."""
+    spec = getattr(args, "joint", "none").strip()
+    if spec == "none":
+        return []
+    if spec == "auto":
+        return ["full_ft"] if getattr(args, "methods", "all") == "all" and "full_ft" in planned else []
+    if spec == "all":
+        return list(planned)
+    return [m.strip() for m in spec.split(",") if m.strip()]
+
+
 def request_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration layer the sweep options give: ``--set``, ``--backbone`` and ``--pretrained-path``."""
     overrides = parse_set(args.overrides)
@@ -434,6 +449,8 @@ def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFa
     """``check_request`` for the sweep options (``clbench.options.add_sweep_arguments``)."""
     problems = [f"--{name} {getattr(args, name)}: must be at least 1" for name in ("jobs", "threads")
                 if getattr(args, name, None) is not None and getattr(args, name) < 1]
+    problems += [f"--joint: {unknown_name('method', m, known_methods)}"
+                 for m in joint_methods(args, []) if m not in known_methods]
     return problems + check_request(args.bench, args.tasks, requested_methods(args), args.seeds,
                                     request_overrides(args), benchmarks, known_methods, complete)
 

@@ -26,6 +26,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="numbers of tasks, e.g. 5,10,20 (default: the benchmark's own)")
     p.add_argument("--methods", type=str, default="all", help="comma-separated method names, or all")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="training seeds (default 0,1,2)")
+    p.add_argument("--joint", default="auto", metavar="METHODS",
+                   help="reference rows: these methods also trained on every class at once (one task), the upper "
+                        "bound; a comma-separated list, all (every planned method), none, or auto (default: "
+                        "joint full fine-tuning with --methods all, else none)")
     p.add_argument("--class-order-seed", type=int, default=None,
                    help="fix the class order across seeds (default: each seed draws its own order, as PILOT)")
     p.add_argument("--data-root", type=str, default=None, help="dataset root (default $CLBENCH_DATA or ./data)")

@@ -33,7 +33,7 @@ import torch
 
 from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import check_args, request_overrides, requested_methods, unique_seeds
+from clbench.catalog import check_args, joint_methods, request_overrides, requested_methods, unique_seeds
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError
 from clbench.methods import METHODS, ordered_methods
@@ -51,22 +51,25 @@ class PlannedRun:
 
 def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
          out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
-         device: str = "auto", data_root: str | None = None) -> list[PlannedRun]:
+         device: str = "auto", data_root: str | None = None, joint: list[str] | None = None) -> list[PlannedRun]:
     """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
-    ``methods=None`` every registered method, in the paper's row order."""
+    ``methods=None`` every registered method, in the paper's row order. ``joint``: methods
+    also trained on every class at once (one task: the reference rows' upper bound), after the
+    sweep's own runs. A run planned twice (``--tasks 1`` and ``joint``) is planned once."""
     method_names = ordered_methods(list(METHODS)) if not methods else methods
-    runs: list[PlannedRun] = []
+    runs: dict[str, PlannedRun] = {}
     for bench_name in benches:
         bench = get_benchmark(bench_name)
-        for n in tasks or bench.default_tasks:
-            for m in method_names:
-                for seed in seeds:
-                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device)
-                    if data_root is not None:
-                        cfg.data.root = data_root
-                    path = record.result_path(out_root, cfg.key)
-                    runs.append(PlannedRun(cfg, cfg.key, path, path.exists()))
-    return runs
+        shapes = [(n, m) for n in tasks or bench.default_tasks for m in method_names]
+        shapes += [(1, m) for m in ordered_methods(list(joint or []))]
+        for n, m in shapes:
+            for seed in seeds:
+                cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device)
+                if data_root is not None:
+                    cfg.data.root = data_root
+                path = record.result_path(out_root, cfg.key)
+                runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, path.exists()))
+    return list(runs.values())
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
@@ -81,8 +84,9 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
         print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "
               f"each run is planned once", file=sys.stderr)
     out = args.out or record.default_root()
-    return plan(args.bench, args.tasks, requested_methods(args), seeds, out, args.class_order_seed,
-                overrides or None, args.device, args.data_root), out
+    methods = requested_methods(args)
+    return plan(args.bench, args.tasks, methods, seeds, out, args.class_order_seed, overrides or None,
+                args.device, args.data_root, joint_methods(args, methods or list(METHODS))), out
 
 
 def status_path(out_root: Path, key: str) -> Path:

@@ -296,3 +296,24 @@ def test_progress_bars_only_on_a_terminal(tmp_path, monkeypatch):
     assert Run(cfg, tmp_path, progress=True).progress is False  # a log file: one line per task
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert Run(cfg, tmp_path, progress=True).progress is True
+
+
+@pytest.mark.parametrize("joint, expected", [
+    ("auto", []), ("none", []), ("all", ["full_ft", "sdlora"]), ("sdlora", ["sdlora"]),
+])
+def test_joint_reference_runs_are_planned_once_per_seed(tmp_path, capsys, joint, expected):
+    """``--joint``: the methods also trained on every class at once (one task), after the sweep's
+    own runs; ``--tasks 1`` and ``--joint`` together plan each such run once."""
+    for tasks in ("3", "1,3"):
+        assert main(["--bench", "toy", "--tasks", tasks, "--methods", "full_ft,sdlora", "--seeds", "0,1",
+                     "--joint", joint, "--dry-run", "--out", str(tmp_path)]) == 0
+        planned = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+        one_task = sorted({key.split("/")[2] for key in planned if "/N1/" in key})
+        assert one_task == (["full_ft", "sdlora"] if tasks == "1,3" else expected)
+        assert len(planned) == len(set(planned)) == 2 * (2 + len(one_task))
+
+
+def test_the_whole_comparison_comes_with_joint_full_fine_tuning(tmp_path, capsys):
+    assert main(["--bench", "toy", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0
+    planned = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+    assert [key for key in planned if "/N1/" in key] == ["toy/N1/full_ft/seed0"] and planned[-1] == "toy/N1/full_ft/seed0"
