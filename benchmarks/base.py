@@ -30,9 +30,13 @@ class Benchmark:
     defaults: dict[str, Any] = field(default_factory=dict)
     train_transform: Callable[[int], Callable] | None = None  # None: the spec's ImageNet-R pipeline
     test_transform: Callable[[int], Callable] | None = None
+    location: str | None = None  # the data's own folder (``folder:PATH``); the data root is then ignored
 
     def data_dir(self, root: str | os.PathLike | None) -> Path:
-        """The benchmark's folder: ``root/folder`` when that exists, else ``root`` itself."""
+        """The benchmark's folder: its ``location`` if it has one, else ``root/folder`` when that
+        exists, else ``root`` itself."""
+        if self.location is not None:
+            return Path(self.location)
         root = Path(root or os.environ.get("CLBENCH_DATA", "data")).expanduser()
         return root / self.folder if (root / self.folder).exists() else root
 
@@ -56,6 +60,9 @@ def default_test_transform(size: int) -> Callable:
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
+# Benchmarks named ``<kind>:<argument>`` (``folder:/data/birds``), made on first use by the
+# factory of their kind, so that a worker that only has the run's configuration makes the same one.
+BENCHMARK_FACTORIES: dict[str, Callable[[str], Benchmark]] = {}
 
 
 def with_transform(dataset: Dataset, transform: Callable, otherwise: Callable[[], Dataset]) -> Dataset:
@@ -76,6 +83,9 @@ def register_benchmark(benchmark: Benchmark) -> Benchmark:
 
 
 def get_benchmark(name: str) -> Benchmark:
+    kind, colon, argument = name.partition(":")
+    if name not in BENCHMARKS and colon and kind in BENCHMARK_FACTORIES:
+        BENCHMARKS[name] = BENCHMARK_FACTORIES[kind](argument)
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark '{name}'; registered: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[name]

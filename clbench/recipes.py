@@ -62,4 +62,5 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
     identity = without_execution_settings(overrides or {})
     if identity:  # command-line overrides that change the numbers: a run of its own
         run.tag = "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+        run.overrides = identity  # what the tag stands for: reports label the run by it
     return run

@@ -33,8 +33,8 @@ import torch
 
 from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import check_args, requested_methods, unique_seeds
-from clbench.config import RunConfig, parse_set
+from clbench.catalog import absolute_benchmark, check_args, import_plugins, requested_methods, unique_seeds
+from clbench.config import RunConfig, expand_grid, parse_set
 from clbench.errors import PlanError, UserError
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import run
@@ -51,42 +51,65 @@ class PlannedRun:
 
 def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
          out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
-         device: str = "auto", data_root: str | None = None) -> list[PlannedRun]:
+         device: str = "auto", data_root: str | None = None,
+         grid: list[dict[str, Any]] | None = None) -> list[PlannedRun]:
     """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
-    ``methods=None`` every registered method, in the paper's row order."""
+    ``methods=None`` every registered method, in the paper's row order. ``grid``: several
+    override layers (``--set key=v1,v2``), each a configuration of its own; default: ``[overrides]``."""
     method_names = ordered_methods(list(METHODS)) if not methods else methods
     runs: list[PlannedRun] = []
     for bench_name in benches:
         bench = get_benchmark(bench_name)
         for n in tasks or bench.default_tasks:
             for m in method_names:
-                for seed in seeds:
-                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device)
-                    if data_root is not None:
-                        cfg.data.root = data_root
-                    path = record.result_path(out_root, cfg.key)
-                    runs.append(PlannedRun(cfg, cfg.key, path, path.exists()))
+                for point in grid if grid is not None else [overrides]:
+                    for seed in seeds:
+                        cfg = resolve_config(bench_name, n, m, seed, class_order_seed, point, device)
+                        if data_root is not None:
+                            cfg.data.root = data_root
+                        path = record.result_path(out_root, cfg.key)
+                        runs.append(PlannedRun(cfg, cfg.key, path, path.exists()))
     return runs
+
+
+def grid_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The override layers the sweep options describe: one per point of the ``--set`` grid
+    (``key=v1,v2`` lists multiply), each with ``--backbone``, ``--pretrained-path`` and
+    ``--eval-on`` applied."""
+    layers = []
+    for point in expand_grid(args.overrides):
+        overrides = parse_set(point)
+        if args.backbone:
+            overrides.setdefault("backbone", {})["name"] = args.backbone
+        if args.pretrained_path:
+            overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+        if getattr(args, "eval_on", None) and args.eval_on != "test":
+            overrides.setdefault("data", {})["eval_on"] = args.eval_on
+        layers.append(overrides)
+    return layers
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
     """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
     results root."""
+    import_plugins(getattr(args, "plugins", None) or [])
+    args.bench = [absolute_benchmark(b) for b in args.bench]
     problems = check_args(args, BENCHMARKS, METHODS, complete=True)
     if problems:
         raise PlanError(problems)
-    overrides = parse_set(args.overrides)
-    if args.backbone:
-        overrides.setdefault("backbone", {})["name"] = args.backbone
-    if args.pretrained_path:
-        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+    grid = [layer or None for layer in grid_from_args(args)]
     seeds, repeated = unique_seeds(args.seeds)
     if repeated:
         print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "
               f"each run is planned once", file=sys.stderr)
     out = args.out or record.default_root()
-    return plan(args.bench, args.tasks, requested_methods(args), seeds, out, args.class_order_seed,
-                overrides or None, args.device, args.data_root), out
+    runs = plan(args.bench, args.tasks, requested_methods(args), seeds, out, args.class_order_seed,
+                device=args.device, data_root=args.data_root, grid=grid)
+    for r in runs:  # what a run writes beside its result, and what a worker imports first
+        r.config.log = list(getattr(args, "log", None) or [])
+        r.config.save_model = getattr(args, "save_model", None) or "none"
+        r.config.plugins = list(getattr(args, "plugins", None) or [])
+    return runs, out
 
 
 def status_path(out_root: Path, key: str) -> Path:
@@ -161,6 +184,7 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     (``claim``): while another live process trains it, this one says so and returns None. While
     it runs, its status record says how far it got; ``attempts`` lists every start
     (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died)."""
+    import_plugins(config.get("plugins") or [])  # a worker registers what the sweep's process did
     cfg = RunConfig.from_dict(config)
     key = cfg.key
     path = record.result_path(Path(out_root), key)

@@ -27,7 +27,8 @@ LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
-    ("engine", ["clbench.loading", "clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.preflight",
+    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.sweep",
+                "clbench.preflight",
                 "clbench.speed"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.suite", "clbench.cli", "clbench.__main__"]),
 ]
