@@ -324,10 +324,39 @@ def expand_grid(items: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
+def overrides_tag(overrides: dict[str, Any] | None) -> str:
+    """The tag of a run with these command-line overrides: ``cfg`` and 8 hex digits of the SHA-1 of
+    their identity (execution settings left out); empty when nothing that changes numbers is set."""
+    identity = without_execution_settings(overrides or {})
+    if not identity:
+        return ""
+    return "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def set_arguments(overrides: dict[str, Any]) -> str:
+    """The ``--set`` arguments that give these overrides: ``--set train.lr=0.01 --set method.rank=8``."""
+    flat: list[str] = []
+    if not overrides:
+        return ""
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = json.dumps(node) if isinstance(node, (list, dict, bool)) or node is None else str(node)
+            flat.append(f"--set {prefix}={text}")
+
+    walk("", overrides or {})
+    return " ".join(flat)
+
+
 def describe_overrides(overrides: dict[str, Any]) -> str:
     """A ``--set`` layer as a label: ``{'train': {'lr': 0.005}, 'method': {'rank': 8}}`` ->
     ``'lr=0.005 rank=8'``; a key's last part names it unless two keys share that part."""
     flat: list[tuple[str, Any]] = []
+    if not overrides:
+        return ""
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict) and node:
