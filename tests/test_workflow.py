@@ -466,8 +466,9 @@ def test_figures_a_reviewer_accepts(tmp_path, seeds):
 
     bars = figures["final_acc_toy"].axes[0]
     assert bars.get_ylim()[0] == 0  # bars from zero
-    assert ("mean ± SE over seeds" in bars.get_ylabel()) == (len(seeds) > 1)
-    assert ("one seed" in bars.get_ylabel()) == (len(seeds) == 1)
+    assert ("error bars: mean ± SE over seeds" in bars.get_title()) == (len(seeds) > 1)
+    assert ("one seed, no error bars" in bars.get_title()) == (len(seeds) == 1)
+    assert (len(bars.get_lines()) > 0) == (len(seeds) > 1)  # the error bars themselves
     labels = [t.get_text() for t in bars.get_xticklabels()]
     assert "SD-LoRA epochs=1" in labels and "SD-LoRA epochs=2" in labels  # overrides, not a hash
     assert not any("cfg" in label for label in labels)

@@ -184,10 +184,11 @@ def final_accuracy_figures(runs: pd.DataFrame, spread: str = "sem", metric: str 
                     if not p.empty:
                         ax.hlines(p["mean"].iloc[0], i - 0.42, i + 0.42, colors="black", linewidth=2.2,
                                   zorder=5, label="paper (mean)")
-                ax.set_title(f"{names.benchmark(bench)}, N={n}")
+                ax.set_title(f"{names.benchmark(bench)}, N={n}\n"
+                             + (f"error bars: {band_name(spread)}" if several else "one seed, no error bars"),
+                             fontsize="medium")
                 ax.set_xlabel("")
-                ax.set_ylabel(("final Acc (%)" if metric == "acc" else "final task-averaged Acc (%)")
-                              + (f", {band_name(spread)} (error bars)" if several else ", one seed (no error bars)"))
+                ax.set_ylabel("final Acc (%)" if metric == "acc" else "final task-averaged Acc (%)")
                 _plain_numbers(ax)
                 ax.tick_params(axis="x", labelrotation=30)
                 for tick in ax.get_xticklabels():
