@@ -526,12 +526,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CL
     (the same backbone and method, grown to its tasks), its state loaded, in eval mode on
     ``device``. ``method.predict(x)`` gives logits over the harness classes seen, ``x`` as the
     run's test images (the benchmark's test transform; normalised if ``backbone.normalize``); harness
-    class ``j`` is the dataset's class ``info['class_order'][j]``. Also returns the file's other
-    entries (config, completed_tasks, class_order, task_sizes, merged_backbone)."""
+    class ``j`` is the dataset's class ``info['class_order'][j]``. Needs no pretrained weights (the
+    state dict holds the whole backbone), but the method's registration: a plugin's method needs
+    its plugin imported first. Also returns the file's other entries (config, completed_tasks,
+    class_order, task_sizes, merged_backbone)."""
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if saved.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path}: not a model file of clbench (format {saved.get('format')})")
     config = RunConfig.from_dict(saved["config"])
+    config.backbone.pretrained = False  # the state dict holds the backbone too: no weights file is needed
     device = torch.device(device)
     sizes = saved["task_sizes"]
     method, _ = build_method(config, sizes, device)

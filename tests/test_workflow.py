@@ -419,7 +419,7 @@ def test_an_unknown_logger_is_a_plan_error(results_root, capsys):
     assert "--log mlflow: unknown" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["sdlora", "l2p"])
+@pytest.mark.parametrize("method", ["sdlora", "inflora", "l2p", "hide_prompt"])
 def test_a_saved_model_round_trips(tmp_path, method):
     cfg = resolve_config("toy", 3, method, 0, overrides={"train": {"epochs": 1}}, device="cpu")
     cfg.save_model = "every-task"
@@ -432,7 +432,7 @@ def test_a_saved_model_round_trips(tmp_path, method):
     x = torch.stack([run.scenario.test_subset(t)[0][0] for t in range(3)])
     with torch.no_grad():
         assert torch.equal(loaded.predict(x), run.method.predict(x))
-    if method == "sdlora":  # a merging method keeps its merged backbone too, a plain ViT
+    if method in ("sdlora", "inflora"):  # a merging method keeps its merged backbone too, a plain ViT
         assert info["merged_backbone"] is not None and any("qkv.weight" in k for k in info["merged_backbone"])
     first, _ = load_model(paths[0])
     assert first.predict(x).shape[1] == 4  # after task 1: its 4 classes
@@ -493,3 +493,17 @@ def test_figures_a_reviewer_accepts(tmp_path, seeds):
         for ax in fig.axes:
             for axis in (ax.xaxis, ax.yaxis):
                 assert axis.get_offset_text().get_text() == "", (ax.get_title(), axis.get_offset_text().get_text())
+
+
+def test_wandb_offline_mirrors_the_curves(results_root, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert main(TOY + ["--methods", "full_ft", "--seeds", "0", "--log", "wandb"]) == 0
+    (run_file,) = (results_root / "logs").rglob("*.wandb")  # wandb's offline run, for `wandb sync`
+    assert run_file.stat().st_size > 0
+
+
+def test_an_unknown_plugin_is_a_one_line_error(results_root, capsys):
+    assert main(TOY + ["--methods", "full_ft", "--plugins", "no_such_plugin_module"]) == 2
+    assert "--plugins no_such_plugin_module: no module of that name" in capsys.readouterr().err
