@@ -246,7 +246,8 @@ def quick_table(root: Path, only: set[str] | None = None) -> str:
         def cell(m: str) -> str:
             s = r[f"{m}_spread"]
             return f"{r[m]:.2f}" + ("" if np.isnan(s) else f" ± {s:.2f}")
-        name = r["method"] + (f"+{r['tag']}" if r["tag"] else "")
+        variant = r.get("variant") or ""
+        name = r["method"] + (f" {variant}" if variant else f"+{r['tag']}" if r["tag"] else "")
         lines.append(f"| {r['benchmark']} | {r['num_tasks']} | {name} | {cell('acc')} | {cell('aaa')} | "
                      f"{r['n_seeds']} |")
     return "\n".join(lines)
