@@ -32,9 +32,13 @@ class Benchmark:
     defaults: dict[str, Any] = field(default_factory=dict)
     train_transform: Callable[[int], Callable] | None = None  # None: the spec's ImageNet-R pipeline
     test_transform: Callable[[int], Callable] | None = None
+    location: str | None = None  # the data's own folder (``folder:PATH``); the data root is then ignored
 
     def data_dir(self, root: str | os.PathLike | None) -> Path:
-        """The benchmark's folder: ``root/folder`` when that exists, else ``root`` itself."""
+        """The benchmark's folder: its ``location`` if it has one, else ``root/folder`` when that
+        exists, else ``root`` itself."""
+        if self.location is not None:
+            return Path(self.location)
         return data_dir(self.folder, root)
 
     def transforms(self, image_size: int | None = None) -> tuple[Callable, Callable]:
@@ -57,6 +61,9 @@ def default_test_transform(size: int) -> Callable:
 
 
 BENCHMARKS: dict[str, Benchmark] = {}
+# Benchmarks named ``<kind>:<argument>`` (``folder:/data/birds``), made on first use by the
+# factory of their kind, so that a worker that only has the run's configuration makes the same one.
+BENCHMARK_FACTORIES: dict[str, Callable[[str], Benchmark]] = {}
 
 
 def with_transform(dataset: Dataset, transform: Callable, otherwise: Callable[[], Dataset]) -> Dataset:
@@ -77,6 +84,9 @@ def register_benchmark(benchmark: Benchmark) -> Benchmark:
 
 
 def get_benchmark(name: str) -> Benchmark:
+    kind, colon, argument = name.partition(":")
+    if name not in BENCHMARKS and colon and kind in BENCHMARK_FACTORIES:
+        BENCHMARKS[name] = BENCHMARK_FACTORIES[kind](argument)
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark '{name}'; registered: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[name]

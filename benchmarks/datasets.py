@@ -34,6 +34,7 @@ that sample is loaded.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -52,8 +53,8 @@ from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torchvision.datasets.utils import check_integrity
 
-from clbench.benchmarks.base import Benchmark, register_benchmark
-from clbench.catalog import BUILTIN_BENCHMARKS, BenchmarkFacts, missing_data_message
+from clbench.benchmarks.base import BENCHMARK_FACTORIES, Benchmark, register_benchmark
+from clbench.catalog import BUILTIN_BENCHMARKS, FOLDER_PREFIX, BenchmarkFacts, folder_facts, missing_data_message
 from clbench.errors import DataError
 from clbench.files import atomic_write_json
 
@@ -653,6 +654,47 @@ def load_cub(data_dir: Path, train_transform: Callable, test_transform: Callable
             return _load_cub_original(root, train_transform, test_transform, num_classes)
     raise _missing(_CUB, data_dir, "no train/ and test/ folders and no CUB_200_2011/images.txt")
 
+
+# ----------------------------------------------------------------------------- your own folder
+
+
+def load_folder(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
+                *, num_classes: int) -> tuple[Dataset, Dataset]:
+    """``--bench folder:PATH``: ``PATH/train/<class>/*`` + ``PATH/test/<class>/*``, or one folder
+    of class folders ``PATH/<class>/*`` split once as raw ImageNet-R is (stratified, seeded, 80/20,
+    recorded in ``splits_dir/folder_split_<hash>.json`` and reused; ``split_raw_folder``)."""
+    data_dir = Path(data_dir)
+    info = _Info(name=f"folder:{data_dir}", title=data_dir.name, folder=data_dir.name, layouts="""\
+  (1) pre-split:  PATH/train/<class>/*.jpg and PATH/test/<class>/*.jpg, the same class folders
+  (2) one folder: PATH/<class>/*.jpg, split 80/20 once (stratified, seeded), the split recorded""",
+                 source="your own images")
+    pre_split = _open_pre_split(info, data_dir, train_transform, test_transform, num_classes)
+    if pre_split is not None:
+        return pre_split
+    classes = class_folders(data_dir)
+    _check_class_count(info, classes, data_dir, num_classes)
+    try:
+        train, test, split_file, made = split_raw_folder(data_dir, classes, Path(splits_dir), "folder")
+    except FileNotFoundError as err:
+        raise DataError(f"{info.name}: class folders without images in {data_dir}: {err}") from err
+    provenance = (f"class folders {data_dir}, stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split "
+                  f"{'written to' if made else 'read from'} {split_file}")
+    label = {c: i for i, c in enumerate(classes)}
+    make = lambda files, transform: ImageList(  # noqa: E731
+        [str(data_dir / f) for f in files], [label[f.split("/", 1)[0]] for f in files], transform,
+        classes=list(classes), provenance=provenance)
+    return make(train, train_transform), make(test, test_transform)
+
+
+def folder_benchmark(path: str) -> Benchmark:
+    """The benchmark ``folder:PATH``: its classes counted from the folder (``catalog.folder_facts``),
+    the ImageNet-R transforms at 224 pixels (``--set data.image_size=N`` for another size)."""
+    facts = folder_facts(FOLDER_PREFIX + path)
+    return Benchmark(**{**facts.fields(), "folder": Path(path).name, "source": "your own images"}, location=path,
+                     load=functools.partial(load_folder, num_classes=facts.num_classes))
+
+
+BENCHMARK_FACTORIES["folder"] = folder_benchmark
 
 # ----------------------------------------------------------------------------- registry
 

@@ -91,3 +91,38 @@ class Scenario:
     def test_subset(self, t: int, class_sorted: bool = False) -> RemappedSubset:
         """Task ``t``'s test samples, in the dataset's order or (``class_sorted``) class by class."""
         return RemappedSubset(self.test, self.test_targets, self.original_classes(t), self.remap, class_sorted)
+
+
+def validation_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) of a stratified split of a training set: per class (in sorted
+    order), a ``RandomState(seed)`` permutation of its sample indices, the first
+    ``round(fraction * n)`` (at least one when the class has two or more samples, never all) to
+    validation. Every task's classes are split alike, so each task's validation data is the same
+    fraction of its training data. Independent of the run's training seed and of the class order:
+    every method, configuration and seed is validated on the same images."""
+    targets = np.asarray(targets)
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for y in np.unique(targets):
+        members = np.flatnonzero(targets == y)
+        n = len(members)
+        n_val = min(max(int(np.floor(n * fraction + 0.5)), 1), n - 1) if n > 1 else 0
+        chosen = rng.permutation(n)[:n_val]
+        val.append(members[np.sort(chosen)])
+        train.append(np.setdiff1d(members, members[chosen]))
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+class IndexedSubset(Dataset):
+    """The samples ``indices`` of ``base``, with their ``targets`` (a Scenario needs them)."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices)
+        self.targets = np.asarray(base.targets)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]

@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
+import importlib
 import importlib.util
 import os
 import socket
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping, Protocol
+from typing import Any, Collection, Mapping, Protocol, Sequence
 
 import yaml
 
-from clbench.config import BackboneConfig, deep_merge, parse_set
+from clbench.config import LOGGERS, BackboneConfig, deep_merge, expand_grid, parse_set
 from clbench.errors import ConfigError, did_you_mean
 from clbench.task import task_sizes
 
@@ -254,19 +256,39 @@ class HasBenchmarkFacts(Protocol):
 
 # The recipes are data of the benchmarks package; found without importing it (that imports torch).
 RECIPE_DIR = Path(importlib.util.find_spec("clbench.benchmarks").submodule_search_locations[0]) / "recipes"
+# Further folders of recipes, added by plugins (``add_recipe_dir``); searched after RECIPE_DIR.
+PLUGIN_RECIPE_DIRS: list[Path] = []
+
+
+def _recipe_dirs() -> list[Path]:
+    return [RECIPE_DIR, *PLUGIN_RECIPE_DIRS]
+
+
+def add_recipe_dir(folder: str | Path) -> None:
+    """Make the ``<method>.yaml`` recipes in ``folder`` known: what a plugin that registers a
+    method calls (``clbench --plugins``), so its method plans like a built-in one."""
+    folder = Path(folder).resolve()
+    if folder not in PLUGIN_RECIPE_DIRS:
+        PLUGIN_RECIPE_DIRS.append(folder)
+
+
+def _recipe_path(method: str) -> Path | None:
+    return next((d / f"{method}.yaml" for d in _recipe_dirs() if (d / f"{method}.yaml").exists()), None)
 
 
 def method_names() -> list[str]:
-    """Every method's name: each has a recipe ``benchmarks/recipes/<method>.yaml``."""
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    """Every method's name: each has a recipe ``<method>.yaml`` (``benchmarks/recipes/``, or a
+    plugin's folder)."""
+    return sorted({p.stem for d in _recipe_dirs() for p in d.glob("*.yaml")})
 
 
 def load_recipe(method: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A method's recipe. ``extends: <method>`` starts from that method's recipe and merges this
     file's sections over it (a variant states only what differs from its base)."""
-    path = RECIPE_DIR / f"{method}.yaml"
-    if not path.exists():
-        raise ConfigError(f"no recipe for method '{method}': expected {path}")
+    path = _recipe_path(method)
+    if path is None:
+        raise ConfigError(f"no recipe for method '{method}': expected {RECIPE_DIR / f'{method}.yaml'}"
+                          + (" or one in a plugin's recipe folder" if PLUGIN_RECIPE_DIRS else ""))
     with open(path) as f:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
@@ -299,7 +321,7 @@ def _section(method: str | None, bench: HasBenchmarkFacts, num_tasks: int, overr
     give it (recipe default, the benchmark's own backbone, recipe ``<bench>`` and ``<bench>@<N>``,
     ``--set``), without the dataclass defaults; ``method=None``: ``--set`` alone."""
     # no recipe for an unknown method: resolving the run says so
-    recipe = load_recipe(method) if method and (RECIPE_DIR / f"{method}.yaml").exists() else {}
+    recipe = load_recipe(method) if method and _recipe_path(method) else {}
     own_backbone = getattr(bench, "backbone", None)  # a registered Benchmark has it in its defaults
     own = {"backbone": {"name": own_backbone}} if own_backbone else {}
     merged: dict[str, Any] = {}
@@ -347,11 +369,18 @@ def check_request(benches: list[str], tasks: list[int] | None, methods: list[str
     for n in [n for n in tasks or [] if n <= 0]:
         problems.append(f"--tasks {n}: the number of tasks must be positive")
     for bench in benches:
-        if bench not in benchmarks:
+        if bench.startswith(FOLDER_PREFIX) and bench not in benchmarks:
+            try:
+                facts = folder_facts(bench)
+            except ConfigError as err:
+                problems.append(str(err))
+                continue
+        elif bench not in benchmarks:
             if complete:
                 problems.append(unknown_name("benchmark", bench, benchmarks))
             continue
-        facts = benchmarks[bench]
+        else:
+            facts = benchmarks[bench]
         for n in [n for n in tasks or facts.default_tasks if n > 0]:
             splits: dict[tuple[Any, Any], list[str | None]] = {}
             for m, sizes in _data_section(method_list, facts, n, overrides or {}).items():
@@ -434,14 +463,21 @@ def joint_methods(args: argparse.Namespace, planned: list[str]) -> list[str]:
     return [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def request_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The configuration layer the sweep options give: ``--set``, ``--backbone`` and ``--pretrained-path``."""
-    overrides = parse_set(args.overrides)
-    if args.backbone:
-        overrides.setdefault("backbone", {})["name"] = args.backbone
-    if args.pretrained_path:
-        overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
-    return overrides
+def request_layers(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The override layers the sweep options describe: one per point of the ``--set`` grid
+    (``key=v1,v2`` lists multiply), each with ``--backbone``, ``--pretrained-path`` and
+    ``--eval-on`` applied."""
+    layers = []
+    for point in expand_grid(args.overrides):
+        overrides = parse_set(point)
+        if args.backbone:
+            overrides.setdefault("backbone", {})["name"] = args.backbone
+        if args.pretrained_path:
+            overrides.setdefault("backbone", {})["pretrained_path"] = args.pretrained_path
+        if getattr(args, "eval_on", None) and args.eval_on != "test":
+            overrides.setdefault("data", {})["eval_on"] = args.eval_on
+        layers.append(overrides)
+    return layers
 
 
 def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFacts],
@@ -451,10 +487,94 @@ def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFa
                 if getattr(args, name, None) is not None and getattr(args, name) < 1]
     problems += [f"--joint: {unknown_name('method', m, known_methods)}"
                  for m in joint_methods(args, []) if m not in known_methods]
-    return problems + check_request(args.bench, args.tasks, requested_methods(args), args.seeds,
-                                    request_overrides(args), benchmarks, known_methods, complete)
+    problems += [f"--log {name}: unknown; use {', '.join(LOGGERS)}" for name in getattr(args, "log", None) or []
+                 if name not in LOGGERS]
+    try:
+        points = expand_grid(args.overrides)
+    except ConfigError as err:
+        return problems + [str(err)]
+    for point in points:  # every point of a --set grid is a plan of its own
+        for problem in check_request(args.bench, args.tasks, requested_methods(args), args.seeds, parse_set(point),
+                                     benchmarks, known_methods, complete):
+            if problem not in problems:
+                problems.append(problem)
+    return problems
 
 
 def check_args_resources(args: argparse.Namespace) -> list[str]:
-    """``check_resources`` for the sweep options."""
-    return check_resources(args.bench, args.tasks, requested_methods(args), request_overrides(args), args.data_root)
+    """``check_resources`` for the sweep options, every point of a ``--set`` grid."""
+    problems: list[str] = []
+    for layer in request_layers(args):
+        problems += [p for p in check_resources(args.bench, args.tasks, requested_methods(args), layer, args.data_root)
+                     if p not in problems]
+    return problems
+
+
+# ----------------------------------------------------------------------------- your own data
+
+FOLDER_PREFIX = "folder:"  # --bench folder:PATH, a benchmark made from a folder of class folders
+
+
+def folder_layout(path: Path) -> tuple[Path, list[str]]:
+    """A folder benchmark's class folders: those of ``path/train`` when ``path`` has ``train/``
+    and ``test/``, else ``path``'s own sub-folders (split once; ``benchmarks.datasets.load_folder``)."""
+    where = path / "train" if (path / "train").is_dir() and (path / "test").is_dir() else path
+    try:
+        classes = sorted(e.name for e in os.scandir(where) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        classes = []
+    return where, classes
+
+
+def folder_facts(name: str) -> BenchmarkFacts:
+    """The facts of ``folder:PATH`` from the folder itself: one class per class folder; by
+    default as many tasks as the first of 10, 5, 4, 2 that divides the classes (else one);
+    images at 224 pixels, the ViTs' size (``--set data.image_size=N`` for another)."""
+    path = Path(name[len(FOLDER_PREFIX):]).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--bench {name}: {path} is not a folder; give a folder with train/<class>/* and "
+                          f"test/<class>/*, or one of class folders <class>/*")
+    where, classes = folder_layout(path)
+    if len(classes) < 2:
+        raise ConfigError(f"--bench {name}: found {len(classes)} class folder(s) in {where}; a benchmark needs at "
+                          f"least 2 (a folder per class, its images inside)")
+    tasks = next((n for n in (10, 5, 4, 2) if len(classes) % n == 0 and n < len(classes)), 1)
+    return BenchmarkFacts(name, path.name, len(classes), [tasks])
+
+
+def absolute_benchmark(name: str) -> str:
+    """``folder:PATH`` with PATH absolute (a worker elsewhere reads the same folder); other names as given."""
+    if not name.startswith(FOLDER_PREFIX):
+        return name
+    return FOLDER_PREFIX + str(Path(name[len(FOLDER_PREFIX):]).expanduser().resolve())
+
+
+# ----------------------------------------------------------------------------- plugins
+
+_PLUGIN_FILES: dict[str, Any] = {}  # a .py plugin imported from its path, by resolved path
+
+
+def import_plugins(names: Sequence[str]) -> None:
+    """Import each plugin: a module name on ``sys.path`` or a ``.py`` file. A plugin registers
+    methods (``@register_method`` and ``add_recipe_dir``) or benchmarks (``register_benchmark``)
+    when imported; importing one twice does nothing."""
+    for name in names:
+        if name.endswith(".py"):
+            path = str(Path(name).expanduser().resolve())
+            if path in _PLUGIN_FILES:
+                continue
+            if not Path(path).is_file():
+                raise ConfigError(f"--plugins {name}: no such file")
+            spec = importlib.util.spec_from_file_location(f"clbench_plugin_{Path(path).stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            _PLUGIN_FILES[path] = module
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:
+                if err.name != name.split(".")[0] and err.name != name:
+                    raise
+                raise ConfigError(f"--plugins {name}: no module of that name on the path (install it, add its "
+                                  f"folder to PYTHONPATH, or give its .py file)") from err

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from clbench.catalog import BUILTIN_BENCHMARKS, check_args, check_args_resources, method_names
+from clbench.catalog import BUILTIN_BENCHMARKS, check_args, check_args_resources, import_plugins, method_names
 from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.options import add_run_arguments, add_sweep_arguments
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             add_arguments(sub)
             return int(command(sub.parse_args(argv[1:])) or 0)
         args = build_parser().parse_args(argv)
+        import_plugins(args.plugins)  # their methods and benchmarks are checked like built-in ones
         # What can be checked without torch fails here, before the ~5 s of importing it: names,
         # tasks and seeds, then the built-in backbones, weights and data folders.
         problems = check_args(args, BUILTIN_BENCHMARKS, method_names(), complete=False)

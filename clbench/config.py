@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import itertools
+import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -30,6 +33,9 @@ class BackboneConfig:
 
 SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
 TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
+EVAL_SPLITS = ("test", "val")  # DataConfig.eval_on
+SAVE_MODEL = ("none", "final", "every-task")  # RunConfig.save_model
+LOGGERS = ("tensorboard", "wandb")  # RunConfig.log
 
 
 @dataclass
@@ -105,17 +111,35 @@ class DataConfig:
     # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
     # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
     test_order: str = "dataset"
+    # What a run evaluates on: "test" (the benchmark's test set), or "val": a validation split
+    # carved from the training data (``val_fraction`` of each class's training images, drawn
+    # with ``val_seed``; ``clbench.benchmarks.scenario.validation_split``), which the run then
+    # does not train on. A "val" run never reads the test set: it is for choosing a
+    # configuration (``clbench report --select best-val``) without looking at the test images.
+    eval_on: str = "test"
+    val_fraction: float = 0.1
+    val_seed: int = 0
 
     def validate(self) -> None:
         if self.test_order not in TEST_ORDERS:
             raise ConfigError(f"data.test_order '{self.test_order}' is unknown; use one of {', '.join(TEST_ORDERS)}")
+        if self.eval_on not in EVAL_SPLITS:
+            raise ConfigError(f"data.eval_on '{self.eval_on}' is unknown; use one of {', '.join(EVAL_SPLITS)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.eval_on == "val" and self.image_cache:
+            raise ConfigError("data.eval_on=val with data.image_cache=true is not supported: the image cache "
+                              "holds the whole training and test sets; drop one of the two")
 
 
 # Keys that say how a run executes, not what it computes (the results are the same for any value;
 # a method's prediction for one image must not depend on the rest of its batch):
 # they stay out of a run's identity: its tag, the check that a checkpoint belongs to it, and
-# `collect`'s check that a result on another machine is the same run.
-EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"))
+# `collect`'s check that a result on another machine is the same run. ``overrides`` describes the
+# tag (the command-line layer it was made from), ``log`` and ``save_model`` say what a run writes
+# beside its result, ``plugins`` which modules a worker imports first.
+EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"),
+                      ("overrides",), ("log",), ("save_model",), ("plugins",))
 
 
 def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +158,16 @@ def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def benchmark_dirname(benchmark: str) -> str:
+    """A benchmark's folder in result paths: its name, or for one named by a path
+    (``folder:/data/birds``) ``folder-birds-<8 hex digits of the path's SHA-1>``."""
+    if ":" not in benchmark:
+        return benchmark
+    kind, _, where = benchmark.partition(":")
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in where.rstrip("/").rsplit("/", 1)[-1])
+    return f"{kind}-{stem or 'root'}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+
+
 @dataclass
 class RunConfig:
     """Everything that decides one run's numbers; written whole into its result file."""
@@ -149,6 +183,10 @@ class RunConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method's Config
     device: str = "auto"
     tag: str = ""  # distinguishes runs with command-line overrides from the recipe's
+    overrides: dict[str, Any] = field(default_factory=dict)  # the --set layer the tag stands for
+    log: list[str] = field(default_factory=list)  # LOGGERS that mirror the training curves
+    save_model: str = "none"  # SAVE_MODEL: keep the trained method beside the result
+    plugins: list[str] = field(default_factory=list)  # modules (or .py files) imported before the run
 
     @property
     def key(self) -> str:
@@ -157,7 +195,7 @@ class RunConfig:
         variant = f"{self.method}+{self.tag}" if self.tag else self.method
         seeds = f"seed{self.seed}" if self.class_order_seed == self.seed else \
             f"seed{self.seed}-order{self.class_order_seed}"
-        return f"{self.benchmark}/N{self.num_tasks}/{variant}/{seeds}"
+        return f"{benchmark_dirname(self.benchmark)}/N{self.num_tasks}/{variant}/{seeds}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,6 +286,93 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- recipes
+
+
+def split_values(raw: str) -> list[str]:
+    """``'0.005,0.01'`` -> ``['0.005', '0.01']``: the comma-separated values of one ``--set``,
+    commas inside brackets or quotes kept (``train.milestones=[10,20]`` is one value)."""
+    values, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(raw):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    values.append(raw[start:])
+    return [v.strip() for v in values]
+
+
+def expand_grid(items: list[str]) -> list[list[str]]:
+    """``--set`` items with comma-separated values -> one list of single-valued items per point
+    of their product, in order (the last key varies fastest); one point when no item has a list:
+    ``['train.lr=0.005,0.01', 'method.rank=4,8']`` -> 4 points."""
+    choices = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.lr=0.01), got '{item}'")
+        key, raw = item.split("=", 1)
+        values = split_values(raw)
+        if any(v == "" for v in values) and len(values) > 1:
+            raise ConfigError(f"--set {item}: an empty value in the list; write key=v1,v2")
+        choices.append([f"{key}={v}" for v in values] if len(values) > 1 else [item])
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def overrides_tag(overrides: dict[str, Any] | None) -> str:
+    """The tag of a run with these command-line overrides: ``cfg`` and 8 hex digits of the SHA-1 of
+    their identity (execution settings left out); empty when nothing that changes numbers is set."""
+    identity = without_execution_settings(overrides or {})
+    if not identity:
+        return ""
+    return "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def set_arguments(overrides: dict[str, Any]) -> str:
+    """The ``--set`` arguments that give these overrides: ``--set train.lr=0.01 --set method.rank=8``."""
+    flat: list[str] = []
+    if not overrides:
+        return ""
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            text = json.dumps(node) if isinstance(node, (list, dict, bool)) or node is None else str(node)
+            flat.append(f"--set {prefix}={text}")
+
+    walk("", overrides or {})
+    return " ".join(flat)
+
+
+def describe_overrides(overrides: dict[str, Any]) -> str:
+    """A ``--set`` layer as a label: ``{'train': {'lr': 0.005}, 'method': {'rank': 8}}`` ->
+    ``'lr=0.005 rank=8'``; a key's last part names it unless two keys share that part."""
+    flat: list[tuple[str, Any]] = []
+    if not overrides:
+        return ""
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat.append((prefix, node))
+
+    walk("", overrides or {})
+    leaves = [k.rsplit(".", 1)[-1] for k, _ in flat]
+    parts = []
+    for (key, value), leaf in zip(flat, leaves):
+        name = leaf if leaves.count(leaf) == 1 else key
+        text = json.dumps(value) if isinstance(value, (list, dict)) else ("null" if value is None else str(value))
+        parts.append(f"{name}={text.lower() if isinstance(value, bool) else text}")
+    return " ".join(parts)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

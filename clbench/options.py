@@ -21,7 +21,8 @@ def _csv(kind):
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """The options that say which runs a sweep holds (shared by run, status and collect)."""
     p.add_argument("--bench", type=_csv(str), default=["synth"],
-                   help="benchmark(s): imr, ima, dn, c100, cub, synth (default synth)")
+                   help="benchmark(s): imr, ima, dn, c100, cub, synth (default synth), or folder:PATH for "
+                        "your own images (PATH/train/<class>/* + PATH/test/<class>/*, or PATH/<class>/*)")
     p.add_argument("--tasks", type=_csv(int), default=None,
                    help="numbers of tasks, e.g. 5,10,20 (default: the benchmark's own)")
     p.add_argument("--methods", type=str, default="all", help="comma-separated method names, or all")
@@ -37,7 +38,16 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", type=str, default=None, help="timm model name, overrides every recipe")
     p.add_argument("--pretrained-path", type=str, default=None, help="local weights file for the backbone")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any recipe key, e.g. --set train.lr=0.01 --set method.rank=8")
+                   help="override any recipe key, e.g. --set train.lr=0.01 --set method.rank=8; "
+                        "comma-separated values make a grid: --set train.lr=0.005,0.01 --set method.rank=4,8 "
+                        "plans the 4 combinations")
+    p.add_argument("--eval-on", choices=["test", "val"], default="test",
+                   help="test (default): evaluate on the test set; val: on a validation split of each task's "
+                        "training data (data.val_fraction, default 10%% of each class), never reading the test "
+                        "set, for choosing a configuration with `clbench report --select best-val`")
+    p.add_argument("--plugins", type=_csv(str), default=[], metavar="MODULE,..",
+                   help="modules (importable names or .py files) that register your own methods or "
+                        "benchmarks; imported before planning, and by every worker (SLURM too)")
     p.add_argument("--out", type=Path, default=None, help="results root (default $CLBENCH_RESULTS or ./results)")
 
 
@@ -46,6 +56,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the recipe of each run")
     p.add_argument("--force", action="store_true", help="rerun every planned run from its first task, even finished ones "
                    "(a finished result is kept as <result>.json.prev)")
+    p.add_argument("--log", type=_csv(str), default=[], metavar="tensorboard,wandb",
+                   help="mirror each run's training curves (loss, learning rate per epoch, accuracy per task) "
+                        "to TensorBoard (<out>/logs/<run>/) and/or Weights & Biases (WANDB_MODE=offline works)")
+    p.add_argument("--save-model", choices=["none", "final", "every-task"], default="none",
+                   help="keep the trained method beside the result: <out>/models/<run>/task<t>.pt after the "
+                        "last task (final) or after every task; load with clbench.protocol.load_model")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none unless stderr is a terminal: one line per task)")
     p.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",

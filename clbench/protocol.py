@@ -42,10 +42,11 @@ from clbench.backbones import create_backbone, normalization
 from clbench.benchmarks import get_benchmark
 from clbench.benchmarks.base import with_transform
 from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
-from clbench.benchmarks.scenario import Scenario
+from clbench.benchmarks.scenario import IndexedSubset, Scenario, validation_split
 from clbench.config import RunConfig, TrainConfig, build_dataclass, without_execution_settings
 from clbench.files import atomic_torch_save
 from clbench.loading import seeded_loader
+from clbench.loggers import CurveLoggers
 from clbench.methods import get_method
 from clbench.methods.base import CLMethod
 from clbench.metrics import summarize
@@ -322,6 +323,13 @@ class Run:
         else:
             self.train_plain = with_transform(  # the training images without augmentation
                 train, test_tf, lambda: bench.load(data_dir, test_tf, test_tf, splits_dir)[0])
+        if cfg.data.eval_on == "val":  # evaluate on held-out training images; no test image is read
+            keep, held_out = validation_split(train.targets, cfg.data.val_fraction, cfg.data.val_seed)
+            test = IndexedSubset(self.train_plain, held_out)  # without augmentation, as test images
+            train, self.train_plain = IndexedSubset(train, keep), IndexedSubset(self.train_plain, keep)
+            self.data_provenance += (f"; evaluated on a validation split, not the test set: {len(held_out)} "
+                                     f"training images ({cfg.data.val_fraction:.0%} of each class, seed "
+                                     f"{cfg.data.val_seed}), trained on the other {len(keep)}")
         self.scenario = Scenario.build(train, test, bench.num_classes, cfg.num_tasks, cfg.class_order_seed,
                                        cfg.data.initial_classes, cfg.data.increment)
         self.plain_scenario = dataclasses.replace(self.scenario, train=self.train_plain)
@@ -367,6 +375,7 @@ class Run:
             bar = tqdm(total=plan.epochs * len(loader), disable=not self.progress, leave=False, dynamic_ncols=True,
                        desc=f"{self.config.method} task {task.index + 1}/{task.num_tasks} {plan.stage.name}")
             for epoch in range(plan.epochs):
+                epoch_started, lrs = time.time(), [g["lr"] for g in plan.optimizer.param_groups]
                 running = torch.zeros((), device=self.device)
                 for step, (x, y) in enumerate(loader):
                     x, y = self.inputs(x), y.to(self.device, non_blocking=True)
@@ -377,10 +386,21 @@ class Run:
                         bar.set_postfix(epoch=f"{epoch + 1}/{plan.epochs}", loss=f"{running.item() / (step + 1):.3f}")
                 if plan.scheduler is not None:
                     plan.scheduler.step()
+                self._epoch_done(task, plan, epoch, running.item() / max(len(loader), 1), lrs,
+                                 time.time() - epoch_started)
             bar.close()
 
         compile_for = self.scenario.num_tasks if self.config.train.compile else None
         return learn_task(self.method, task, train_stage, compile_for)
+
+    def _epoch_done(self, task: Task, plan: StagePlan, epoch: int, loss: float, lrs: list[float],
+                    seconds: float) -> None:
+        """One epoch's line of the training curve (``TaskRecord.epochs``), mirrored to the loggers."""
+        entry = {"stage": plan.stage.name, "epoch": epoch, "loss": loss, "lr": lrs[0], "time_s": seconds}
+        if len(set(lrs)) > 1:  # parameter groups at different rates (a head's own lr)
+            entry["lr_groups"] = lrs
+        self.epoch_log.append(entry)
+        self.curves.epoch(task.index, entry)
 
     @torch.no_grad()
     def _evaluate(self, t: int) -> tuple[list[int], list[int]]:
@@ -436,9 +456,12 @@ class Run:
             set_rng_state(ckpt["rng"])
             tqdm.write(f"[{self.key}] resuming after task {first}/{T} from {self.checkpoint_path}")
         self.on_progress(first, T, time.time() - started)
+        self.curves = CurveLoggers(cfg.log, record.log_dir(self.out_root, self.key), cfg,
+                                   resumed_epochs=sum(len(r.epochs) for r in records))
 
         for t in range(first, T):
             task = self._task(t)
+            self.epoch_log = []
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.time()
@@ -454,7 +477,11 @@ class Run:
             acc_t = 100.0 * sum(row_c) / max(sum(row_n), 1)
             records.append(TaskRecord(task=t, classes=list(task.classes), train_time_s=t1 - t0,
                                       eval_time_s=t2 - t1, accuracy=acc_t, cost=cost.to_dict(),
-                                      method_log=self.method.task_log(task), **peak_memory_mb(self.device)))
+                                      method_log=self.method.task_log(task), epochs=self.epoch_log,
+                                      **peak_memory_mb(self.device)))
+            self.curves.task(t, acc_t, t1 - t0)
+            if cfg.save_model == "every-task" or (cfg.save_model == "final" and t == T - 1):
+                save_model(record.model_path(self.out_root, self.key, t), self.method, cfg, self.scenario, t + 1)
             tqdm.write(f"[{self.key}] task {t + 1}/{T}: acc over {task.num_seen} seen classes "
                        f"{acc_t:.2f}%  ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
             if t < T - 1:
@@ -475,7 +502,51 @@ class Run:
             finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv)
         record.write_result(self.result_path, result)
         self.checkpoint_path.unlink(missing_ok=True)
+        self.curves.close()
         return result
+
+
+MODEL_FORMAT = 1
+
+
+def save_model(path: Path, method: CLMethod, config: RunConfig, scenario: Scenario, completed_tasks: int) -> None:
+    """Keep a trained method (``--save-model``): its state dict after ``completed_tasks`` tasks, its
+    run's configuration and class order, and for a method that merges its updates into the
+    backbone (``inference_backbone``) that merged backbone, a plain timm ViT, on its own."""
+    merged = getattr(method, "inference_backbone", None)
+    atomic_torch_save(path, {
+        "format": MODEL_FORMAT, "config": config.to_dict(), "completed_tasks": completed_tasks,
+        "class_order": scenario.order, "task_sizes": scenario.sizes,
+        "method": {k: v.detach().cpu() for k, v in method.state_dict().items()},
+        "merged_backbone": None if merged is None else {k: v.detach().cpu() for k, v in merged().state_dict().items()}})
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CLMethod, dict[str, Any]]:
+    """A method kept by ``--save-model``, ready for inference: rebuilt from its run's configuration
+    (the same backbone and method, grown to its tasks), its state loaded, in eval mode on
+    ``device``. ``method.predict(x)`` gives logits over the harness classes seen, ``x`` as the
+    run's test images (the benchmark's test transform; normalised if ``backbone.normalize``); harness
+    class ``j`` is the dataset's class ``info['class_order'][j]``. Needs no pretrained weights (the
+    state dict holds the whole backbone), but the method's registration: a plugin's method needs
+    its plugin imported first. Also returns the file's other entries (config, completed_tasks,
+    class_order, task_sizes, merged_backbone)."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a model file of clbench (format {saved.get('format')})")
+    config = RunConfig.from_dict(saved["config"])
+    config.backbone.pretrained = False  # the state dict holds the backbone too: no weights file is needed
+    device = torch.device(device)
+    sizes = saved["task_sizes"]
+    method, _ = build_method(config, sizes, device)
+
+    def no_data(*args: Any, **kwargs: Any) -> DataLoader:
+        raise RuntimeError("a loaded model has no training data")
+
+    for t in range(saved["completed_tasks"]):  # structure only, as a resumed run grows
+        method.grow(build_task(t, sizes, config.train.for_task(t), Inputs(device), no_data, contextlib.nullcontext))
+    method.load_state_dict(saved["method"])
+    method.to(device).eval()
+    return method, {k: v for k, v in saved.items() if k != "method"}
 
 
 def run(config: RunConfig, out_root: Path, progress: bool = True,

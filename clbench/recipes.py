@@ -14,7 +14,6 @@ the run is resolved, so a typo fails at planning time, before any job is launche
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
@@ -25,6 +24,7 @@ from clbench.config import (
     RunConfig,
     build_dataclass,
     deep_merge,
+    overrides_tag,
     update_dataclass,
     without_execution_settings,
 )
@@ -59,7 +59,7 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
     update_dataclass(run.data, merged.get("data", {}), "data")
     run.data.validate()
     run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
-    identity = without_execution_settings(overrides or {})
-    if identity:  # command-line overrides that change the numbers: a run of its own
-        run.tag = "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    run.tag = overrides_tag(overrides)  # command-line overrides that change the numbers: a run of its own
+    if run.tag:
+        run.overrides = without_execution_settings(overrides or {})  # what the tag stands for: its label
     return run

@@ -4,6 +4,8 @@ Layout under the results root (``--out``, default ``$CLBENCH_RESULTS`` or ``./re
 
     runs/<bench>/N<tasks>/<method>[+<tag>]/seed<seed>[-order<order_seed>].json   finished runs
     checkpoints/<same path>.pt         the last finished task of an unfinished run
+    models/<same path>/task<t>.pt      the trained method after task t (``--save-model``)
+    logs/<same path>/                  TensorBoard event files (``--log tensorboard``)
     status/<same path>.json            how far each run got (``clbench.sweep``), never read by reports
     splits/                            splits a loader had to make (raw ImageNet-R's 80/20)
     tables/, figures/                  written by ``clbench report``
@@ -25,8 +27,10 @@ from clbench.files import atomic_write_json
 
 # 2: the method's and the benchmark's titles travel with the result (``method_info``, ``benchmark_title``),
 #    clbench's version and a dirty flag that counts untracked files are in ``environment``.
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # schema 1 files read with the method's and benchmark's names as titles
+# 3: each task's training curve (``TaskRecord.epochs``); the config's ``overrides`` (what a tag stands for).
+SCHEMA_VERSION = 3
+# schema 1 files read with the method's and benchmark's names as titles; 1 and 2 with no curves
+READABLE_SCHEMAS = (1, 2, 3)
 
 
 def default_root() -> Path:
@@ -39,6 +43,16 @@ def result_path(root: Path, key: str) -> Path:
 
 def checkpoint_path(root: Path, key: str) -> Path:
     return Path(root) / "checkpoints" / f"{key}.pt"
+
+
+def model_path(root: Path, key: str, task: int) -> Path:
+    """A model kept by ``--save-model``: the method after task ``task`` (0-based)."""
+    return Path(root) / "models" / key / f"task{task}.pt"
+
+
+def log_dir(root: Path, key: str) -> Path:
+    """Where ``--log tensorboard`` writes a run's event files."""
+    return Path(root) / "logs" / key
 
 
 @dataclass
@@ -68,6 +82,10 @@ class TaskRecord:
     method_log: dict[str, Any] = field(default_factory=dict)
     cpu_max_rss_mb: float | None = None
     cuda_peak_allocated_mb: float | None = None
+    # The training curve, one entry per epoch of every stage, in order: {"stage", "epoch" (from 0),
+    # "loss" (mean over the epoch's batches), "lr" (the first parameter group's, during the epoch;
+    # "lr_groups" lists all where they differ), "time_s"}. Empty in files of schema < 3.
+    epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,7 +130,8 @@ class RunResult:
         d = dict(d)
         if isinstance(d.get("method_info"), dict):
             d["method_info"] = MethodInfo(**d["method_info"])
-        d["tasks"] = [TaskRecord(**t) for t in d.get("tasks", [])]
+        task_fields = {f.name for f in dataclasses.fields(TaskRecord)}
+        d["tasks"] = [TaskRecord(**{k: v for k, v in t.items() if k in task_fields}) for t in d.get("tasks", [])]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from clbench import record
+from clbench.config import describe_overrides, split_values
 from clbench.errors import PlanError
 from clbench.options import PROFILE_ENV, add_preflight_arguments
 from clbench.preflight import (
@@ -32,7 +33,23 @@ from clbench.slurm import launcher
 from clbench.sweep import PlannedRun, plan_from_args, run_local, run_parallel
 
 
-def print_plan(runs: list[PlannedRun]) -> None:
+def grid_summary(items: list[str]) -> str:
+    """``--set grid: 4 configurations (train.lr: 0.005, 0.01 × method.rank: 4, 8)``; empty without a grid."""
+    lists = [(item.split("=", 1)[0], split_values(item.split("=", 1)[1])) for item in items if "=" in item]
+    lists = [(key, values) for key, values in lists if len(values) > 1]
+    if not lists:
+        return ""
+    count = 1
+    for _, values in lists:
+        count *= len(values)
+    return (f"--set grid: {count} configurations ("
+            + " × ".join(f"{key}: {', '.join(values)}" for key, values in lists) + ")")
+
+
+def print_plan(runs: list[PlannedRun], overrides: list[str] | None = None) -> None:
+    grid = grid_summary(overrides or [])
+    if grid:
+        print(grid)
     for r in runs:
         c = r.config
         t = c.train
@@ -40,8 +57,11 @@ def print_plan(runs: list[PlannedRun]) -> None:
         batch = f"{t.batch_size}" if t.micro_batch_size is None else f"{t.batch_size}(micro {t.micro_batch_size})"
         schedule = t.schedule + (f"(lag {t.schedule_offset})" if t.schedule_offset else "")
         test_order = f" test_order={c.data.test_order}" if c.data.test_order != "dataset" else ""
-        print(f"{state:5s} {r.key:48s} backbone={c.backbone.name} epochs={t.epochs} bs={batch} "
-              f"{t.optimizer} lr={t.lr:g} {schedule} drop_last={t.drop_last}{test_order} method={c.method_args}")
+        variant = f" [{describe_overrides(c.overrides)}]" if c.overrides else ""
+        eval_on = f" eval_on={c.data.eval_on}" if c.data.eval_on != "test" else ""
+        print(f"{state:5s} {r.key:48s}{variant} backbone={c.backbone.name} epochs={t.epochs} bs={batch} "
+              f"{t.optimizer} lr={t.lr:g} {schedule} drop_last={t.drop_last}{test_order}{eval_on} "
+              f"method={c.method_args}")
     todo = sum(not r.done for r in runs)
     print(f"{len(runs)} runs planned, {len(runs) - todo} already done, {todo} to run")
 
@@ -99,7 +119,7 @@ COMMANDS = {"preflight": (add_preflight_arguments, preflight_main)}
 def main(args: argparse.Namespace) -> int:
     runs, out, checks = checked_plan(args)
     if args.dry_run:
-        print_plan(runs)
+        print_plan(runs, args.overrides)
         print("checks:\n" + (format_checks(checks) or "(nothing to run)"))
         return 0
     if args.force:  # start every run afresh; a finished result is kept beside it as .json.prev
@@ -109,6 +129,8 @@ def main(args: argparse.Namespace) -> int:
             record.checkpoint_path(out, r.key).unlink(missing_ok=True)  # else it would resume
             r.done = False
     todo = [r for r in runs if not r.done]
+    if grid_summary(args.overrides):
+        print(grid_summary(args.overrides))
     print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run "
           f"-> {out.resolve()}", flush=True)
     start = time.time()

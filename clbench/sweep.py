@@ -33,7 +33,15 @@ import torch
 
 from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import check_args, joint_methods, request_overrides, requested_methods, unique_seeds
+from clbench.catalog import (
+    absolute_benchmark,
+    check_args,
+    import_plugins,
+    joint_methods,
+    request_layers,
+    requested_methods,
+    unique_seeds,
+)
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError
 from clbench.methods import METHODS, ordered_methods
@@ -51,11 +59,14 @@ class PlannedRun:
 
 def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
          out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
-         device: str = "auto", data_root: str | None = None, joint: list[str] | None = None) -> list[PlannedRun]:
+         device: str = "auto", data_root: str | None = None, grid: list[dict[str, Any]] | None = None,
+         joint: list[str] | None = None) -> list[PlannedRun]:
     """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
-    ``methods=None`` every registered method, in the paper's row order. ``joint``: methods
-    also trained on every class at once (one task: the reference rows' upper bound), after the
-    sweep's own runs. A run planned twice (``--tasks 1`` and ``joint``) is planned once."""
+    ``methods=None`` every registered method, in the paper's row order. ``grid``: several
+    override layers (``--set key=v1,v2``), each a configuration of its own; default: ``[overrides]``.
+    ``joint``: methods also trained on every class at once (one task: the reference rows' upper
+    bound), after the sweep's own runs. A run planned twice (``--tasks 1`` and ``joint``) is
+    planned once."""
     method_names = ordered_methods(list(METHODS)) if not methods else methods
     runs: dict[str, PlannedRun] = {}
     for bench_name in benches:
@@ -63,30 +74,38 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
         shapes = [(n, m) for n in tasks or bench.default_tasks for m in method_names]
         shapes += [(1, m) for m in ordered_methods(list(joint or []))]
         for n, m in shapes:
-            for seed in seeds:
-                cfg = resolve_config(bench_name, n, m, seed, class_order_seed, overrides, device)
-                if data_root is not None:
-                    cfg.data.root = data_root
-                path = record.result_path(out_root, cfg.key)
-                runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, path.exists()))
+            for point in grid if grid is not None else [overrides]:
+                for seed in seeds:
+                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, point, device)
+                    if data_root is not None:
+                        cfg.data.root = data_root
+                    path = record.result_path(out_root, cfg.key)
+                    runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, path.exists()))
     return list(runs.values())
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
     """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
     results root."""
+    import_plugins(getattr(args, "plugins", None) or [])
+    args.bench = [absolute_benchmark(b) for b in args.bench]
     problems = check_args(args, BENCHMARKS, METHODS, complete=True)
     if problems:
         raise PlanError(problems)
-    overrides = request_overrides(args)
+    grid = [layer or None for layer in request_layers(args)]
     seeds, repeated = unique_seeds(args.seeds)
     if repeated:
         print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "
               f"each run is planned once", file=sys.stderr)
     out = args.out or record.default_root()
     methods = requested_methods(args)
-    return plan(args.bench, args.tasks, methods, seeds, out, args.class_order_seed, overrides or None,
-                args.device, args.data_root, joint_methods(args, methods or list(METHODS))), out
+    runs = plan(args.bench, args.tasks, methods, seeds, out, args.class_order_seed, device=args.device,
+                data_root=args.data_root, grid=grid, joint=joint_methods(args, methods or list(METHODS)))
+    for r in runs:  # what a run writes beside its result, and what a worker imports first
+        r.config.log = list(getattr(args, "log", None) or [])
+        r.config.save_model = getattr(args, "save_model", None) or "none"
+        r.config.plugins = list(getattr(args, "plugins", None) or [])
+    return runs, out
 
 
 def status_path(out_root: Path, key: str) -> Path:
@@ -161,6 +180,7 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     (``claim``): while another live process trains it, this one says so and returns None. While
     it runs, its status record says how far it got; ``attempts`` lists every start
     (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died)."""
+    import_plugins(config.get("plugins") or [])  # a worker registers what the sweep's process did
     cfg = RunConfig.from_dict(config)
     key = cfg.key
     path = record.result_path(Path(out_root), key)

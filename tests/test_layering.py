@@ -27,8 +27,8 @@ LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
-    ("engine", ["clbench.loading", "clbench.recipes", "clbench.protocol", "clbench.sweep", "clbench.preflight",
-                "clbench.speed", "clbench.probe"]),
+    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.sweep",
+                "clbench.preflight", "clbench.speed", "clbench.probe"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.suite", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other

@@ -163,13 +163,17 @@ def test_results_table_bold_missing_mark_and_notes(toy_root):
     report = build_report(toy_root, ReportOptions(spread="std", figures=False))
     table = next(t for t in report.tables if t.name == "acc_toy")
     frame = {row[0].text: row for row in table.rows}
-    assert list(frame) == ["Full Fine-Tuning", "Full Fine-Tuning [cfg0000beef]", "SD-LoRA"]
+    # the tagged run is labelled by what its --set changed; the tag stays in its file name
+    assert list(frame) == ["Full Fine-Tuning", "Full Fine-Tuning epochs=1", "SD-LoRA"]
     acc_ft, acc_sd = frame["Full Fine-Tuning"][1], frame["SD-LoRA"][1]
+    # SD-LoRA beats full_ft by exactly 15 points on both shared seeds: a real difference, not a tie
     assert acc_ft.text == "80.00 (10.00)" and not acc_ft.bold and acc_ft.mark == ""
     assert acc_sd.text == "90.00 (7.07)" and acc_sd.bold and acc_sd.mark == "†"
-    assert frame["Full Fine-Tuning [cfg0000beef]"][1].text == "50.00"  # one seed: no spread
+    assert frame["Full Fine-Tuning epochs=1"][1].text == "50.00"  # one seed: no spread
     assert any("SD-LoRA, N=2: 2 seed(s) (0, 1); missing 2." in n for n in table.notes)
-    assert any(n.startswith("[cfg0000beef]: runs with --set train.epochs=1") for n in table.notes)
+    assert any(n.startswith("epochs=1: runs with --set train.epochs=1, not the recipe's (tag cfg0000beef")
+               for n in table.notes)
+    assert "seed-paired two-sided t-test" in table.caption
     assert "standard deviation" in table.caption and "sample-weighted" in table.caption
 
 

@@ -8,7 +8,7 @@ A *group* is everything that identifies a run but its seeds: (benchmark, N, meth
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from clbench import record
+from clbench.config import describe_overrides, parse_set, set_arguments
 from clbench.metrics import summarize
 from clbench.record import MethodInfo, RunResult, TaskRecord
 
@@ -37,19 +38,25 @@ class Names:
 
     methods: dict[str, MethodInfo]
     benchmarks: dict[str, str]
+    variants: dict[str, str] = field(default_factory=dict)  # tag -> the overrides it stands for
 
     @classmethod
     def of(cls, frame: pd.DataFrame) -> "Names":
         """From a frame of runs or groups (``load_runs`` / ``aggregate``)."""
         if frame.empty or "method_info" not in frame:
             return cls({}, {})
+        variants = {t: v for t, v in zip(frame["tag"], frame["variant"]) if t and v} if "variant" in frame else {}
         return cls(dict(zip(frame["method"], frame["method_info"])),
-                   dict(zip(frame["benchmark"], frame["benchmark_title"])))
+                   dict(zip(frame["benchmark"], frame["benchmark_title"])), variants)
 
     def label(self, method: str, tag: str = "") -> str:
-        """A group's row label: the method's title, and the tag of non-recipe runs."""
+        """A group's row label: the method's title, and for runs with command-line overrides what
+        they set (``SD-LoRA lr=0.005 rank=8``); the tag (the hash in file names) only where a
+        result file does not say (written before schema 3, not by a sweep)."""
         title = self.methods[method].title if method in self.methods else method
-        return f"{title} [{tag}]" if tag else title
+        if not tag:
+            return title
+        return f"{title} {self.variants[tag]}" if self.variants.get(tag) else f"{title} [{tag}]"
 
     def sort_key(self, method: str, tag: str = "") -> tuple[float, str, str]:
         """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
@@ -78,6 +85,33 @@ def magnitude_history(tasks: list[TaskRecord], key: str | None) -> list[list[flo
     return history or None
 
 
+def _variant(r: RunResult) -> str:
+    """What a tagged run's overrides set, as a label (``lr=0.005 rank=8``): from its config's
+    ``overrides`` (schema 3), else from the ``--set`` arguments of its command line; empty if neither says."""
+    overrides = (r.config or {}).get("overrides")
+    if overrides:
+        return describe_overrides(overrides)
+    argv = list(r.argv or [])
+    sets = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--set"] + \
+        [a.split("=", 1)[1] for a in argv if a.startswith("--set=")]
+    if any("," in s.split("=", 1)[-1] for s in sets):  # a grid: which point this run was is unknown
+        return ""
+    return describe_overrides(parse_set(sets)) if sets else ""
+
+
+def _val_split(data: dict[str, Any]) -> str:
+    """How a run of ``--eval-on val`` held out its validation images, in words; empty for a test run."""
+    if data.get("eval_on", "test") != "val":
+        return ""
+    return f"{data.get('val_fraction', 0.1):.0%} of each class's training images, seed {data.get('val_seed', 0)}"
+
+
+def order_key(seed: int, class_order_seed: int) -> str:
+    """What pairs runs across methods: the training seed and the class-order seed (the same seeds
+    give the same class order and the same training randomness for every method)."""
+    return f"seed{seed}-order{class_order_seed}"
+
+
 def _overrides_from_argv(argv: list[str] | None) -> str:
     """The ``--set``/``--backbone`` arguments of the command that made a tagged run."""
     argv = list(argv or [])
@@ -100,6 +134,11 @@ def run_row(path: Path, r: RunResult) -> dict[str, Any]:
     return {
         "benchmark": r.benchmark, "num_tasks": int(r.num_tasks), "method": r.method,
         "tag": r.tag or "", "seed": int(r.seed), "class_order_seed": int(r.class_order_seed),
+        "pair": order_key(int(r.seed), int(r.class_order_seed)),
+        "eval_on": ((r.config or {}).get("data") or {}).get("eval_on", "test"),
+        "variant": _variant(r) if r.tag else "",
+        "val_split": _val_split((r.config or {}).get("data") or {}),
+        "config_overrides": (r.config or {}).get("overrides") or {},
         "method_info": r.method_info, "benchmark_title": r.benchmark_title,
         **{k: m[k] for k in METRICS},
         "acc_curve": m["acc_curve"],
@@ -119,7 +158,8 @@ def run_row(path: Path, r: RunResult) -> dict[str, Any]:
         "peak_rss_mb": max((t.cpu_max_rss_mb or 0.0) for t in tasks) if tasks else None,
         "device": (r.environment or {}).get("device", ""),
         "pretrained": r.pretrained,
-        "overrides": _overrides_from_argv(r.argv) if r.tag else "",
+        "overrides": (set_arguments((r.config or {}).get("overrides") or {}) or _overrides_from_argv(r.argv))
+        if r.tag else "",
         "method_args": (r.config or {}).get("method_args") or {},
         "path": str(path),
     }
@@ -177,6 +217,11 @@ def aggregate(runs: pd.DataFrame, spread: str = "std",
             row[col] = float(present.mean()) if len(present) else float("nan")
             row[f"{col}_spread"] = spread_of(present, spread)
         row["overrides"] = next((o for o in g.get("overrides", []) if o), "")
+        for col in ("eval_on", "variant", "config_overrides", "val_split"):
+            if col in g:
+                row[col] = g[col].iloc[0]
+        for metric in METRICS:  # per seed pair, for the paired tests (clbench.report.stats)
+            row[f"{metric}_by_seed"] = dict(zip(g["pair"], g[metric].astype(float))) if "pair" in g else {}
         row["method_info"] = g["method_info"].iloc[0]
         row["benchmark_title"] = g["benchmark_title"].iloc[0]
         row["method_args"] = g["method_args"].iloc[0] if "method_args" in g else {}
@@ -201,7 +246,8 @@ def quick_table(root: Path, only: set[str] | None = None) -> str:
         def cell(m: str) -> str:
             s = r[f"{m}_spread"]
             return f"{r[m]:.2f}" + ("" if np.isnan(s) else f" ± {s:.2f}")
-        name = r["method"] + (f"+{r['tag']}" if r["tag"] else "")
+        variant = r.get("variant") or ""
+        name = r["method"] + (f" {variant}" if variant else f"+{r['tag']}" if r["tag"] else "")
         lines.append(f"| {r['benchmark']} | {r['num_tasks']} | {name} | {cell('acc')} | {cell('aaa')} | "
                      f"{r['n_seeds']} |")
     return "\n".join(lines)

@@ -24,6 +24,8 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import shutil
 import subprocess
@@ -39,6 +41,8 @@ from clbench import files, record
 from clbench.report.aggregate import HIGHER_IS_BETTER, SPREADS, Names, aggregate, load_runs
 from clbench.report.figures import write_figures
 from clbench.report.reference import PaperNumbers, load_paper
+from clbench.report.select import select_best_val, selection_table
+from clbench.report.stats import TEST_ASSUMPTIONS, TEST_CAPTION, interval_text, paired_difference, tied_with_best
 from clbench.report.table import Cell, Table, latex_document
 
 METRIC_SETS = {"sample": ("acc", "aaa"), "task": ("acc_task_avg", "aaa_task_avg")}
@@ -91,6 +95,8 @@ class ReportOptions:
     benchmarks: list[str] | None = None
     figures: bool = True
     digits: int = 2
+    reference: str | None = "sdlora"  # the difference table's reference (method or method+tag), if it ran
+    select: str | None = None  # "best-val": each method's configuration chosen on validation (select.py)
 
     def __post_init__(self) -> None:
         if self.spread not in SPREADS:
@@ -105,6 +111,7 @@ class Report:
     groups: pd.DataFrame
     tables: list[Table] = field(default_factory=list)
     figures: list[Path] = field(default_factory=list)
+    held_out: int = 0  # validation runs left out of the tables (without --select best-val)
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -142,6 +149,25 @@ def bold_best(values: list[float | None], higher_is_better: bool, digits: int) -
     return [v is not None and v == best for v in shown]
 
 
+def mark_best(rows: list[pd.Series | None], metric: str, digits: int) -> tuple[list[bool], bool]:
+    """Which cells of a column are bold, and whether a test decided it: every entry statistically
+    tied with the best mean (``stats.tied_with_best``) where seed pairs allow a test, else the best
+    mean as shown (``bold_best``; one seed per entry)."""
+    by_seed = [None if r is None else r.get(f"{metric}_by_seed") for r in rows]
+    tied = tied_with_best(by_seed, HIGHER_IS_BETTER[metric]) if any(by_seed) else None
+    if tied is not None:
+        return tied, True
+    return bold_best([None if r is None else r[metric] for r in rows], HIGHER_IS_BETTER[metric], digits), False
+
+
+def _bold_caption(tested: bool, scope: str = "column") -> str:
+    if tested:
+        return (f"bold: the best mean per {scope} and every method that {TEST_CAPTION} does not show to differ "
+                f"from it ({TEST_ASSUMPTIONS}; a method with fewer than two seeds in common with the best is not "
+                f"tested)")
+    return f"the best mean per {scope} in bold (one seed: no test of the difference)"
+
+
 def _group_index(groups: pd.DataFrame) -> dict[tuple, pd.Series]:
     return {(r["benchmark"], int(r["num_tasks"]), r["method"], r["tag"]): r for _, r in groups.iterrows()}
 
@@ -155,7 +181,8 @@ def _tag_notes(groups: pd.DataFrame) -> list[str]:
     notes = []
     for _, r in groups[groups["tag"] != ""].drop_duplicates("tag").iterrows():
         how = r.get("overrides") or "command-line overrides"
-        notes.append(f"[{r['tag']}]: runs with {how} (not the recipe's).")
+        what = r.get("variant") or f"[{r['tag']}]"
+        notes.append(f"{what}: runs with {how}, not the recipe's (tag {r['tag']} in their file names).")
     return notes
 
 
@@ -198,27 +225,29 @@ def results_table(groups: pd.DataFrame, layout: Layout, opts: ReportOptions) -> 
 
     cells = [[Cell(names.label(m, t))] for m, t in row_keys]
     notes = []
+    tested = False
     for bench, n in layout.columns:
         for metric in metrics:
-            values, texts, marks = [], [], []
+            rows, texts, marks = [], [], []
             for m, t in row_keys:
                 r = index.get((bench, n, m, t))
+                rows.append(r)
                 if r is None:
-                    values.append(None), texts.append("–"), marks.append("")
+                    texts.append("–"), marks.append("")
                     continue
-                values.append(r[metric])
                 texts.append(mean_spread(r[metric], r[f"{metric}_spread"], opts.digits))
                 marks.append(MISSING_MARK if r["missing_seeds"] else "")
-            for row, text, mark, bold in zip(cells, texts, marks,
-                                             bold_best(values, HIGHER_IS_BETTER[metric], opts.digits)):
-                row.append(Cell(text, bold, mark))
+            bold, by_test = mark_best(rows, metric, opts.digits)
+            tested = tested or by_test
+            for row, text, mark, b in zip(cells, texts, marks, bold):
+                row.append(Cell(text, b, mark))
         for m, t in row_keys:
             r = index.get((bench, n, m, t))
             if r is not None and r["missing_seeds"]:
                 notes.append(_missing_note(r, where(bench, n), names))
     paper_ref = f" (the layout of the paper's Table {layout.paper_table})" if layout.paper_table else ""
-    caption = (f"{layout.title}{paper_ref}: {_spread_caption(opts, _expected(shown))}; the best mean per "
-               f"column in bold. {DEFINITIONS[opts.metrics]}")
+    caption = (f"{layout.title}{paper_ref}: {_spread_caption(opts, _expected(shown))}; {_bold_caption(tested)}. "
+               f"{DEFINITIONS[opts.metrics]}")
     return Table(name=layout.name, caption=caption, columns=["Method"] + [METRIC_HEADERS[m] for m in metrics]
                  * len(layout.columns), rows=cells, groups=[(where(b, n), len(metrics)) for b, n in layout.columns],
                  notes=notes + _tag_notes(shown))
@@ -298,6 +327,44 @@ def comparison_table(groups: pd.DataFrame, paper: PaperNumbers, opts: ReportOpti
     return Table(name="comparison", caption=caption, columns=columns, rows=rows, label_columns=4,
                  groups=[(METRIC_HEADERS[m], 4) for m in metrics], notes=notes + _tag_notes(groups),
                  rules_before=rules)
+
+
+def difference_table(groups: pd.DataFrame, reference: str, opts: ReportOptions) -> Table | None:
+    """Every group's seed-paired difference to the ``reference`` method (its recipe's runs, or
+    ``method+tag``) of the same benchmark and N: mean difference, its 95% t-interval and p."""
+    names = Names.of(groups)
+    method, _, tag = reference.partition("+")
+    metrics = METRIC_SETS[opts.metrics]
+    index = _group_index(groups)
+    rows, rules, last = [], set(), None
+    for r in _ordered(groups):
+        ref = index.get((r["benchmark"], int(r["num_tasks"]), method, tag))
+        if ref is None or (r["method"], r["tag"]) == (method, tag):
+            continue
+        section = (r["benchmark"], int(r["num_tasks"]))
+        if section != last:
+            rules.add(len(rows))
+            last = section
+        row = [Cell(names.benchmark(r["benchmark"])), Cell(str(int(r["num_tasks"]))),
+               Cell(names.label(r["method"], r["tag"]))]
+        for metric in metrics:
+            d = paired_difference(r[f"{metric}_by_seed"], ref[f"{metric}_by_seed"])
+            row += [Cell(interval_text(d, opts.digits), bold=d.significant),
+                    Cell("–" if math.isnan(d.p_value) else f"{d.p_value:.3f}"), Cell(str(d.n))]
+        rows.append(row)
+    if not rows:
+        return None
+    ref_label = names.label(method, tag)
+    caption = (f"Difference to {ref_label} (Δ = method − {ref_label}, in points), paired by seed: the mean "
+               f"difference over the seeds both have, its 95% confidence interval (Student t, n − 1 degrees of "
+               f"freedom) and the p-value of a two-sided paired t-test (scipy.stats.ttest_rel); bold where p < 0.05. "
+               f"Pairs share the training seed and the class order. Assumes the per-seed differences are "
+               f"independent and roughly normal; no correction for multiple comparisons; with one pair there is "
+               f"no interval. {DEFINITIONS[opts.metrics]}")
+    return Table(name="difference", caption=caption,
+                 columns=["Benchmark", "N", "Method"] + ["Δ [95% CI]", "p", "seeds"] * len(metrics), rows=rows,
+                 label_columns=3, groups=[(METRIC_HEADERS[m], 3) for m in metrics], rules_before=rules,
+                 notes=_tag_notes(groups))
 
 
 def _millions(x: Any) -> str:
@@ -401,21 +468,22 @@ def metrics_table(groups: pd.DataFrame, benchmark: str, opts: ReportOptions) -> 
     names = Names.of(groups)
     metrics = [*METRIC_SETS["sample"], *METRIC_SETS["task"], "forgetting_max", "forgetting_consecutive"]
     g = groups[groups["benchmark"] == benchmark]
-    rows, rules = [], set()
+    rows, rules, tested = [], set(), False
     for n in sorted(g["num_tasks"].unique()):
         section = sorted((r for _, r in g[g["num_tasks"] == n].iterrows()),
                          key=lambda r: names.sort_key(r["method"], r["tag"]))
         rules.add(len(rows))
         block = [[Cell(str(int(n))), Cell(names.label(r["method"], r["tag"]))] for r in section]
         for metric in metrics:
-            bold = bold_best([r[metric] for r in section], HIGHER_IS_BETTER[metric], opts.digits)
+            bold, by_test = mark_best(section, metric, opts.digits)
+            tested = tested or by_test
             for row, r, b in zip(block, section, bold):
                 row.append(Cell(mean_spread(r[metric], r[f"{metric}_spread"], opts.digits), b,
                                 MISSING_MARK if r["missing_seeds"] else ""))
         rows += block
     notes = [_missing_note(r, f"N={int(r['num_tasks'])}", names) for r in _ordered(g) if r["missing_seeds"]]
-    caption = (f"{names.benchmark(benchmark)}, every metric: {_spread_caption(opts, _expected(g))}; the best per "
-               f"column and N in bold (lowest for forgetting). Sample-weighted: {DEFINITIONS['sample']} "
+    caption = (f"{names.benchmark(benchmark)}, every metric: {_spread_caption(opts, _expected(g))}; "
+               f"{_bold_caption(tested, 'column and N')} (lowest for forgetting). Sample-weighted: {DEFINITIONS['sample']} "
                f"Task-averaged: {DEFINITIONS['task']} {FORGETTING_DEFINITIONS}")
     return Table(name=f"metrics_{benchmark}", caption=caption,
                  columns=["N", "Method"] + [METRIC_HEADERS[m] for m in metrics], rows=rows, label_columns=2,
@@ -436,11 +504,22 @@ def build_report(root: Path, opts: ReportOptions | None = None, paper: PaperNumb
     if not runs.empty and opts.seeds is not None:
         runs = runs[runs["seed"].isin(opts.seeds)]
     groups = aggregate(runs, opts.spread, opts.seeds)
-    report = Report(runs=runs, groups=groups)
+    selection, all_names = None, Names.of(groups)
+    if opts.select == "best-val" and not runs.empty:
+        selection = select_best_val(groups, METRIC_SETS[opts.metrics][0])
+        runs, groups = selection.keep(runs), selection.keep(groups)
+    held_out = 0
+    if selection is None and not runs.empty:  # validation runs are for choosing, not for the tables
+        held_out = int((runs["eval_on"] == "val").sum())
+        runs, groups = runs[runs["eval_on"] != "val"], groups[groups["eval_on"] != "val"]
+    report = Report(runs=runs, groups=groups, held_out=held_out)
+    if selection is not None:
+        report.tables.append(selection_table(selection, all_names, opts.digits))
     if runs.empty:
         return report
-    report.tables = [results_table(groups, layout, opts) for layout in layouts_for(groups)]
-    report.tables += [t for t in (comparison_table(groups, paper, opts), cost_table(groups, opts),
+    report.tables += [results_table(groups, layout, opts) for layout in layouts_for(groups)]
+    difference = difference_table(groups, opts.reference, opts) if opts.reference else None
+    report.tables += [t for t in (difference, comparison_table(groups, paper, opts), cost_table(groups, opts),
                                   cost_comparison_table(groups, paper)) if t]
     report.tables += [metrics_table(groups, b, opts) for b in sorted(groups["benchmark"].unique(), key=_benchmark_rank)]
     return report
@@ -463,7 +542,10 @@ def _write_report(root: Path, opts: ReportOptions, echo: bool) -> list[Path]:
     report = build_report(root, opts, paper)
     if not report.tables:
         if echo:
-            print(f"no finished runs under {root / 'runs'}: nothing to report")
+            val = report.held_out
+            print(f"no finished runs under {root / 'runs'}: nothing to report" if not val else
+                  f"{val} run(s) under {root / 'runs'} evaluated on validation only: choose among them with "
+                  f"`clbench report --select best-val`")
         return []
     tables_dir, figures_dir = root / "tables", root / "figures"
     written = []
@@ -479,7 +561,8 @@ def _write_report(root: Path, opts: ReportOptions, echo: bool) -> list[Path]:
     document = tables_dir / "tables.tex"
     files.atomic_write_text(document, latex_document(report.tables))
     summary = tables_dir / "summary.csv"
-    files.atomic_write_text(summary, report.groups.drop(columns=["method_args"], errors="ignore").to_csv(index=False))
+    files.atomic_write_text(summary, csv_frame(report.groups.drop(columns=["method_args"], errors="ignore"))
+                            .to_csv(index=False))
     index = tables_dir / "report.md"
     files.atomic_write_text(index, report_markdown(report, tables_dir))
     written += [document, summary, index]
@@ -489,6 +572,19 @@ def _write_report(root: Path, opts: ReportOptions, echo: bool) -> list[Path]:
         if opts.figures:
             print(f"figures: {figures_dir.resolve()} ({len(report.figures) // 2} figures, PNG and PDF)")
     return written
+
+
+def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy whose structured cells (lists, dicts, dataclasses such as ``MethodInfo``) are JSON
+    text, so that a CSV reader gets ``json.loads``-able values rather than Python reprs."""
+    def cell(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, (list, tuple, dict)):
+            return json.dumps(value, sort_keys=True, default=str)
+        return value
+
+    return frame.apply(lambda column: column.map(cell)) if not frame.empty else frame
 
 
 def report_markdown(report: Report, tables_dir: Path) -> str:
@@ -533,6 +629,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="only these benchmarks")
     p.add_argument("--no-figures", action="store_true", help="tables only")
+    p.add_argument("--reference", default="sdlora", metavar="METHOD[+TAG]",
+                   help="the difference table's reference: each method's seed-paired difference to it, with a 95%% "
+                        "interval (default sdlora; 'none' for no such table)")
+    p.add_argument("--select", choices=["best-val"], default=None,
+                   help="best-val: per benchmark, N and method, the configuration with the best final Acc on the "
+                        "validation split (runs of --eval-on val); the tables show its test runs, a table says "
+                        "what was chosen")
     p.add_argument("--pdf", action="store_true", help="also compile tables/tables.tex with pdflatex")
 
 
@@ -542,7 +645,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: no result files under {root / 'runs'}; run a sweep first, or pass --out <results root>")
         return 1
     opts = ReportOptions(spread=args.spread, metrics=args.metrics, seeds=args.seeds, benchmarks=args.bench,
-                         figures=not args.no_figures)
+                         figures=not args.no_figures, select=args.select,
+                         reference=None if args.reference == "none" else args.reference)
     written = _write_report(root, opts, echo=True)
     if not written:
         return 1
