@@ -77,7 +77,9 @@ def add_to_slices(weight: torch.Tensor, updates: dict[str, torch.Tensor], proj_d
 def _pair_grads(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
                 need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``(a, b, c)`` for the update ``(b c) a`` of one slice, from its input ``x``
-    [tokens, d_in] and output gradient ``g`` [tokens, d_out], never forming ``g^T x``."""
+    [tokens, d_in] and output gradient ``g`` [tokens, d_out], never forming ``g^T x``:
+    ``u = x a^T``, ``v = g b`` (tokens x r), ``db = (g^T u) c``, ``da = c (v^T x)``,
+    ``dc = sum over tokens of u * v``."""
     need_a, need_b, need_c = need
     if not a.shape[0] or not any(need):
         return None, None, None
@@ -95,6 +97,38 @@ def _pair_grads(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tens
     if need_c and c is not None:
         grad_c = (u.to(acc) * v.to(acc)).sum(0).sum_to_size(c.shape).to(c.dtype)
     return grad_a, grad_b, grad_c
+
+
+def _pair_grads_dense(grad_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
+                      need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """The same gradients from the slice's weight gradient ``G = g^T x`` [d_out, d_in]:
+    ``db = (G a^T) c``, ``da = c (b^T G)``, ``dc = sum over rows of (G a^T) * b``."""
+    need_a, need_b, need_c = need
+    if not a.shape[0] or not any(need):
+        return None, None, None
+    acc = grad_w.dtype
+    scale = None if c is None else c.to(acc)
+    grad_a = grad_b = grad_c = None
+    ga = grad_w @ a.t().to(acc) if need_b or need_c else None  # [d_out, r]
+    if need_b:
+        grad_b = (ga if scale is None else ga * scale).to(b.dtype)
+    if need_a:
+        grad_a = b.t().to(acc) @ grad_w
+        grad_a = (grad_a if scale is None else grad_a * scale.reshape(-1, 1)).to(a.dtype)
+    if need_c and c is not None:
+        grad_c = (ga * b.to(acc)).sum(0).sum_to_size(c.shape).to(c.dtype)
+    return grad_a, grad_b, grad_c
+
+
+def _dense_is_cheaper(tokens: int, d_out: int, d_in: int, r_cur: int, r_old: int,
+                      need: tuple[bool, ...]) -> bool:
+    """Whether forming the slice's weight gradient ``g^T x`` once costs fewer FLOPs than the
+    per-token low-rank products (many tokens per rank row favour the low-rank form, as on
+    ViT-B; a small model with a large total rank favours the dense one)."""
+    cur, old = any(need[:3]), any(need[3:])
+    low = (cur * 8 * r_cur + old * 4 * r_old) * tokens * max(d_in, d_out)
+    dense = 2 * tokens * d_out * d_in + (cur * 4 * r_cur + old * 2 * r_old) * d_out * d_in
+    return dense < low
 
 
 class AdaptedQKV(torch.autograd.Function):
@@ -138,8 +172,13 @@ class AdaptedQKV(torch.autograd.Function):
                 n = need[5 + 6 * i: 11 + 6 * i]
                 slot = PROJECTIONS.index(p)
                 gp = g2[:, slot * ctx.proj_dim: (slot + 1) * ctx.proj_dim]
-                ga, gb, gc = _pair_grads(x2, gp, a_cur, b_cur, c_cur, (n[0], n[1], n[2]))
-                gao, gbo, gco = _pair_grads(x2, gp, a_old, b_old, c_old, (n[3], n[4], n[5]))
+                if _dense_is_cheaper(x2.shape[0], gp.shape[1], x2.shape[1], a_cur.shape[0], a_old.shape[0], n):
+                    grad_wp = (gp.t() @ x2).to(torch.promote_types(x2.dtype, torch.float32))
+                    ga, gb, gc = _pair_grads_dense(grad_wp, a_cur, b_cur, c_cur, (n[0], n[1], n[2]))
+                    gao, gbo, gco = _pair_grads_dense(grad_wp, a_old, b_old, c_old, (n[3], n[4], n[5]))
+                else:
+                    ga, gb, gc = _pair_grads(x2, gp, a_cur, b_cur, c_cur, (n[0], n[1], n[2]))
+                    gao, gbo, gco = _pair_grads(x2, gp, a_old, b_old, c_old, (n[3], n[4], n[5]))
                 if n[5] and gco is None and c_old is not None:  # no frozen rows yet
                     gco = torch.zeros_like(c_old)
                 grads += [ga, gb, gc, gao, gbo, gco]
