@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
     "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
+    "gpu-check": ("clbench.gpu_check", "the GPU path in one command: speed of every method, SD-LoRA's precisions "
+                                       "and compile, one short run through the image cache (no data or weights)"),
     "preflight": ("clbench.suite", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
                                    "forecast its GPU hours and memory against a SLURM profile"),
 }

@@ -29,7 +29,9 @@ at early tasks. ``AdaptedQKV`` (a custom autograd function) instead computes, pe
 and ``dc = sum(u * v)`` over the tokens, the frozen rows' part only when their coefficients
 need a gradient. Per token that is 8 * d * rank for the current pair (the official branch: 12)
 and 4 * d * rank for the frozen rows (official: 8), plus the input gradient ``g W`` that both
-pay. It saves what ``F.linear`` saves (the input and the adapted weight), so the activation
+pay. Where the total rank is large next to d (a small model late in a sequence) it instead
+forms the slice's own weight gradient ``g_p^T x`` once (2 * tokens * d^2) and takes the factor
+gradients from it, whichever costs fewer FLOPs (``_dense_is_cheaper``); both are exact. It saves what ``F.linear`` saves (the input and the adapted weight), so the activation
 memory stays that of the plain backbone. ``clbench speed`` prints both FLOP counts.
 
 After a task, ``merged_copy(model)`` gives a plain timm model (every ``LoRAQKV`` replaced by an
