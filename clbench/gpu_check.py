@@ -221,6 +221,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help="folder for the generated images and the run's results (default: a temporary one)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the run (default: CPUs, at most 8)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the compiled rows (inductor's compile takes minutes on a CPU)")
     p.add_argument("--budget-min", type=float, default=7.0,
                    help="start no new measurement after this many minutes (default 7: the whole check in ~8)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
@@ -285,7 +287,7 @@ def main(args: argparse.Namespace) -> int:
     for name in names:
         if name != "sdlora":
             speed_variant(name)
-    for precision in (default, other):
+    for precision in (default, other) if not args.no_compile else ():
         speed_variant("sdlora", precision, compile_=True)
 
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""

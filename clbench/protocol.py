@@ -165,7 +165,8 @@ class TaskMemory:
       can be reused unseen, so a run after another may read a little low, never high.
     * Elsewhere: ``getrusage``'s high-water mark since the process started (it carries over).
 
-    ``cpu_max_rss_mb`` (the process's high-water mark since its start) is recorded too.
+    ``cpu_max_rss_mb`` (``getrusage``'s high-water mark, which the same reset restarts: the task's
+    absolute peak RSS) is recorded too.
     """
 
     def __init__(self, device: torch.device):

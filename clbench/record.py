@@ -66,7 +66,8 @@ class TaskRecord:
     accuracy: float  # over every class seen so far, in percent
     cost: dict[str, Any]  # ``CostReport.to_dict()``
     method_log: dict[str, Any] = field(default_factory=dict)
-    cpu_max_rss_mb: float | None = None  # the process's high-water mark since it started
+    cpu_max_rss_mb: float | None = None  # the process's RSS high-water mark: since the task's start (reset
+    # by protocol.TaskMemory on Linux), else since the process started
     cuda_peak_allocated_mb: float | None = None  # torch's peak allocated, reset per task
     cpu_peak_rss_mb: float | None = None  # RSS peak of this task above the run's start (protocol.TaskMemory)
     memory_measured: str | None = None  # how this task's peak memory was measured
