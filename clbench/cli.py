@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
     "probe": ("clbench.probe", "which regime a benchmark is in: NCM, linear-probe and joint fine-tuning "
                                "accuracy of its frozen pretrained backbone, per rendition"),
+    "gpu-check": ("clbench.gpu_check", "the GPU path in one command: speed of every method, SD-LoRA's precisions "
+                                       "and compile, one short run through the image cache (no data or weights)"),
     "preflight": ("clbench.suite", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
                                    "forecast its GPU hours and memory against a SLURM profile"),
 }

@@ -32,6 +32,7 @@ class BackboneConfig:
 
 
 SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # TrainConfig.precision
 TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
 EVAL_SPLITS = ("test", "val")  # DataConfig.eval_on
 SAVE_MODEL = ("none", "final", "every-task")  # RunConfig.save_model
@@ -72,11 +73,16 @@ class TrainConfig:
     drop_last: bool = False
     num_workers: int = 4  # DataLoader workers for image-file datasets
     compile: bool = False  # torch.compile each transformer block (regional); pays off on GPU
+    # Autocast dtype of the forward: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 (with a
+    # gradient scaler) or fp32. Every official repository trains in fp32.
+    precision: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for values no run could use (checked when a run is resolved)."""
         if self.schedule.lower() not in SCHEDULES:
             raise ConfigError(f"train.schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision '{self.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
         if self.schedule_offset < 0:
             raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
                               f"got {self.schedule_offset}")

@@ -65,11 +65,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA, nothing elsewhere (CPU runs stay in fp32 and bit-reproducible)."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 on CUDA and fp32 elsewhere (CPU runs
+    stay in fp32 and bit-reproducible; fp32 is what every official repository trains in)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast of ``train.precision`` on ``device`` (nothing for fp32), as a context factory."""
+    dtype = AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler_for(device: torch.device, precision: str = "auto") -> torch.amp.GradScaler | None:
+    """A gradient scaler for fp16 (its gradients underflow without one); ``None`` otherwise."""
+    if resolve_precision(precision, device) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def seed_everything(seed: int) -> None:
@@ -126,11 +145,61 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    out = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class TaskMemory:
+    """Peak memory of each task of a run, measured afresh per task, with how it was measured.
+
+    * CUDA: torch's peak of allocated memory, reset at every task's start (``cuda_peak_allocated_mb``).
+    * CPU, Linux: the kernel's resident-set high-water mark (``VmHWM``), reset to the current RSS
+      at every task's start (``/proc/self/clear_refs``), minus the RSS when the run started: what
+      this run added at its peak, not what earlier runs in the same process left behind
+      (``cpu_peak_rss_mb``). Memory an earlier run freed to the allocator but the OS still counts
+      can be reused unseen, so a run after another may read a little low, never high.
+    * Elsewhere: ``getrusage``'s high-water mark since the process started (it carries over).
+
+    ``cpu_max_rss_mb`` (``getrusage``'s high-water mark, which the same reset restarts: the task's
+    absolute peak RSS) is recorded too.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start_kib = _proc_status_kib("VmRSS")
+
+    def _reset_hwm(self) -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS, nothing else
+            return True
+        except OSError:
+            return False
+
+    def start_task(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.hwm_reset = self.start_kib is not None and self._reset_hwm()
+
+    def task_fields(self) -> dict[str, Any]:
+        """``TaskRecord`` fields for the task since ``start_task``."""
+        out: dict[str, Any] = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            out["cuda_peak_allocated_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            out["memory_measured"] = "torch.cuda.max_memory_allocated, reset per task"
+        hwm = _proc_status_kib("VmHWM") if self.hwm_reset else None
+        if hwm is not None:
+            out["cpu_peak_rss_mb"] = max(hwm - self.start_kib, 0) / 1024
+            if self.device.type != "cuda":
+                out["memory_measured"] = "RSS high-water mark per task (VmHWM, reset per task) above the run's start"
+        elif self.device.type != "cuda":
+            out["memory_measured"] = "getrusage max RSS of the process since it started (carries over)"
+        return out
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -143,10 +212,12 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: Task, stage: Stage,
                       optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                      autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+                      autocast: Callable[[], contextlib.AbstractContextManager],
+                      scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One step of the training loop (also what ``clbench speed`` times): the method's loss
     under ``autocast``, backward, gradient clipping, optimizer step. Returns the detached loss,
-    still on the device: nothing here waits for the device.
+    still on the device: nothing here waits for the device, except fp16's ``scaler`` (its step
+    reads on the host whether the gradients overflowed).
 
     With ``train.micro_batch_size`` the batch is split into ``batch_size / micro_batch_size``
     groups (fewer if the batch is shorter), each group's loss is back-propagated with weight
@@ -155,11 +226,12 @@ def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: 
     samples (HiDe-Prompt's contrastive term). A short last batch is split as evenly as
     ``torch.tensor_split`` does, as a DistributedSampler shards it over the devices."""
     micro = task.train.micro_batch_size
+    scaled = (lambda loss: loss) if scaler is None else scaler.scale
     if micro is None or len(x) <= micro:
         with autocast():
             loss = method.training_step(x, y, task, stage)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled(loss).backward()
     else:
         groups = min(task.train.batch_size // micro, len(x))
         optimizer.zero_grad(set_to_none=True)
@@ -167,11 +239,17 @@ def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: 
         for xg, yg in zip(torch.tensor_split(x, groups), torch.tensor_split(y, groups)):
             with autocast():
                 part = method.training_step(xg, yg, task, stage) / groups
-            part.backward()
+            scaled(part).backward()
             loss = loss + part.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping sees the true gradients
     if task.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(params, task.train.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+        scaler.update()
     return loss.detach()
 
 
@@ -248,6 +326,7 @@ class StagePlan:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     params: list[torch.nn.Parameter]
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (train.precision)
 
 
 def stage_plans(method: CLMethod, task: Task) -> Iterator[StagePlan]:
@@ -260,7 +339,8 @@ def stage_plans(method: CLMethod, task: Task) -> Iterator[StagePlan]:
         if epochs <= 0 or not any(g["params"] for g in method.param_groups(task, stage)):
             continue
         optimizer, scheduler = method.configure_optimizers(task, stage)
-        yield StagePlan(stage, epochs, optimizer, scheduler, [p for g in optimizer.param_groups for p in g["params"]])
+        yield StagePlan(stage, epochs, optimizer, scheduler, [p for g in optimizer.param_groups for p in g["params"]],
+                        grad_scaler_for(task.device, task.train.precision))
 
 
 def learn_task(method: CLMethod, task: Task, train_stage: Callable[[StagePlan], None],
@@ -302,7 +382,7 @@ class Run:
         self.result_path = record.result_path(self.out_root, self.key)
         self.checkpoint_path = record.checkpoint_path(self.out_root, self.key)
         self.device = resolve_device(config.device)
-        self.autocast = autocast_for(self.device)
+        self.autocast = autocast_for(self.device, config.train.precision)
 
     # -- set-up ----------------------------------------------------------------------------------
 
@@ -380,7 +460,7 @@ class Run:
                 for step, (x, y) in enumerate(loader):
                     x, y = self.inputs(x), y.to(self.device, non_blocking=True)
                     running += optimization_step(self.method, x, y, task, plan.stage, plan.optimizer, plan.params,
-                                                 self.autocast)
+                                                 self.autocast, plan.scaler)
                     bar.update()
                     if step == len(loader) - 1 and self.progress:  # one host sync per epoch
                         bar.set_postfix(epoch=f"{epoch + 1}/{plan.epochs}", loss=f"{running.item() / (step + 1):.3f}")
@@ -434,6 +514,7 @@ class Run:
     def execute(self) -> RunResult:
         cfg = self.config
         started = time.time()
+        memory = TaskMemory(self.device)  # before the build: the model and the data count
         self._build()  # data errors surface here, before anything is written
         T = self.scenario.num_tasks
         correct = [[0] * T for _ in range(T)]
@@ -462,8 +543,7 @@ class Run:
         for t in range(first, T):
             task = self._task(t)
             self.epoch_log = []
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
+            memory.start_task()
             t0 = time.time()
             trainable = self._train_task(task)
             if self.device.type == "cuda":
@@ -478,7 +558,7 @@ class Run:
             records.append(TaskRecord(task=t, classes=list(task.classes), train_time_s=t1 - t0,
                                       eval_time_s=t2 - t1, accuracy=acc_t, cost=cost.to_dict(),
                                       method_log=self.method.task_log(task), epochs=self.epoch_log,
-                                      **peak_memory_mb(self.device)))
+                                      **memory.task_fields()))
             self.curves.task(t, acc_t, t1 - t0)
             if cfg.save_model == "every-task" or (cfg.save_model == "final" and t == T - 1):
                 save_model(record.model_path(self.out_root, self.key, t), self.method, cfg, self.scenario, t + 1)

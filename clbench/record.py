@@ -80,8 +80,11 @@ class TaskRecord:
     accuracy: float  # over every class seen so far, in percent
     cost: dict[str, Any]  # ``CostReport.to_dict()``
     method_log: dict[str, Any] = field(default_factory=dict)
-    cpu_max_rss_mb: float | None = None
-    cuda_peak_allocated_mb: float | None = None
+    cpu_max_rss_mb: float | None = None  # the process's RSS high-water mark: since the task's start (reset
+    # by protocol.TaskMemory on Linux), else since the process started
+    cuda_peak_allocated_mb: float | None = None  # torch's peak allocated, reset per task
+    cpu_peak_rss_mb: float | None = None  # RSS peak of this task above the run's start (protocol.TaskMemory)
+    memory_measured: str | None = None  # how this task's peak memory was measured
     # The training curve, one entry per epoch of every stage, in order: {"stage", "epoch" (from 0),
     # "loss" (mean over the epoch's batches), "lr" (the first parameter group's, during the epoch;
     # "lr_groups" lists all where they differ), "time_s"}. Empty in files of schema < 3.

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -65,6 +66,7 @@ from clbench.errors import ConfigError, DataError
 from clbench.files import atomic_write_json
 from clbench.methods import METHODS, ordered_methods
 from clbench.methods.base import CLMethod
+from clbench.methods.lora import PROJECTIONS, LoRAQKV, lora_layers
 from clbench.protocol import (
     Inputs,
     StagePlan,
@@ -74,6 +76,7 @@ from clbench.protocol import (
     learn_task,
     optimization_step,
     resolve_device,
+    resolve_precision,
     stage_plans,
 )
 from clbench.protocol import build_method as protocol_build_method
@@ -102,6 +105,9 @@ class TaskSpeed:
     infer_vs_backbone: float  # inference rate / the plain backbone's, paired steps
     train_vs_first: float | None  # training rate / this method's at task 1, paired steps
     train_vs_baseline: float | None = None  # training rate / --vs method's at the same task
+    # a training image's FLOPs with every LoRA layer in the official code's branch form
+    # (``official_branch_form``); None for a method without LoRA layers
+    train_flops_official: int | None = None
     stage_epochs: list[int] = field(default_factory=list)  # epochs of each timed stage
 
 
@@ -207,6 +213,42 @@ def peak_memory_mib(device: torch.device, fn: Callable[[], Any], existing: Calla
     return tracker.peak / 2**20
 
 
+def _branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    h = torch.nn.functional.linear(x, a)
+    return torch.nn.functional.linear(h if c is None else h * c.to(h.dtype), b)
+
+
+def branch_forward(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` computes, in the official code's form: ``x W0^T + b``, then on each
+    adapted slice ``c * (x A^T) B^T`` for the current pair and for the frozen pairs (one
+    branch per earlier task in the official code: the same matmuls, stacked), with no weight
+    update formed (SD-LoRA's ``_LoRA_qkv_timm_train.forward``, InfLoRA's ``Attention_LoRA``)."""
+    y = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    if not layer.num_tasks:
+        return y
+    parts = list(y.split(layer.proj_dim, -1))
+    for p in layer.projections:
+        c_old, c_cur = layer.coefficients_of(p)
+        i = PROJECTIONS.index(p)
+        parts[i] = (parts[i] + _branch(x, layer.current_A[p], layer.current_B[p], c_cur)
+                    + _branch(x, layer.frozen_A(p), layer.frozen_B(p), c_old))
+    return torch.cat(parts, -1)
+
+
+@contextlib.contextmanager
+def official_branch_form(model: torch.nn.Module) -> Iterator[list[LoRAQKV]]:
+    """While active, every ``LoRAQKV`` of ``model`` runs ``branch_forward``: for counting the
+    official code's FLOPs on the same model, parameters and batch."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.forward = functools.partial(branch_forward, layer)
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 # ------------------------------------------------------------------------------ building like a run
 
 
@@ -264,7 +306,7 @@ def synthetic_task(setting: Setting, cfg: RunConfig, sizes: list[int], t: int, i
         return DataLoader(TensorDataset(images, labels), batch_size=batch_size or train_cfg.batch_size,
                           shuffle=shuffle, drop_last=bool(drop_last), generator=torch.Generator().manual_seed(t))
 
-    return build_task(t, sizes, train_cfg, inputs, make_loader, autocast_for(setting.device))
+    return build_task(t, sizes, train_cfg, inputs, make_loader, autocast_for(setting.device, cfg.train.precision))
 
 
 def random_batch(task: Task, n: int, size: int, inputs: Inputs, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +330,8 @@ class Trainer:
             if plan.params:
 
                 def step(plan=plan):
-                    optimization_step(method, x, y, task, plan.stage, plan.optimizer, plan.params, task.autocast)
+                    optimization_step(method, x, y, task, plan.stage, plan.optimizer, plan.params, task.autocast,
+                                      plan.scaler)
 
                 self.stages.append((plan.stage, plan.epochs, plan.optimizer, step))
 
@@ -390,6 +433,9 @@ def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: 
                 speed.train_vs_first = speed.train_images_per_s / result.tasks[0].train_images_per_s
             main_step = trainer.stages[-1][3]
             speed.train_flops = count_flops(main_step) // task.train.batch_size
+            if lora_layers(method):
+                with official_branch_form(method):
+                    speed.train_flops_official = count_flops(main_step) // task.train.batch_size
             speed.train_peak_mib = peak_memory_mib(device, main_step, lambda: trainer.state_tensors() + [x])
             result.checks.extend(gpu_path_checks(trainer, device))
             if (t == 0 and last > 0) or keep_states is not None:
@@ -572,6 +618,24 @@ def fused_attention(model: torch.nn.Module) -> str:
         else "no timm attention layers found"
 
 
+def fused_attention_kernel(model: torch.nn.Module, x: torch.Tensor,
+                           autocast: Callable[[], contextlib.AbstractContextManager]) -> str:
+    """Whether a fused kernel (flash or memory-efficient attention) runs the attention of one
+    forward of ``model`` on ``x`` at the run's precision: the forward is run with only those
+    backends allowed, so torch raises if it would fall back to the unfused math kernel. CPU has
+    a flash kernel too, so the check runs there as well."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not any(getattr(m, "fused_attn", False) for m in model.modules()):
+        return "fused attention kernel: not used (no layer calls F.scaled_dot_product_attention)"
+    try:
+        with torch.no_grad(), autocast(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            model(x)
+    except RuntimeError as err:
+        return f"fused attention kernel: none accepts these inputs, the math kernel runs ({str(err).splitlines()[0][:120]})"
+    return "fused attention kernel: flash or memory-efficient attention runs"
+
+
 def projected_run_s(speed: MethodSpeed, num_tasks: int, train_images: int, test_images: int) -> float | None:
     """Seconds for a full run at the measured rates (see the module docstring)."""
     first, last = speed.tasks[0], speed.tasks[-1]
@@ -618,12 +682,13 @@ def _duration(seconds: float | None) -> str:
 
 
 COLUMNS = ["method", "task", "train img/s", "× full_ft", "× task 1", "infer img/s", "× backbone",
-           "infer GFLOP/img", "train GFLOP/img", "train TFLOP/s", "train peak MiB", "infer peak MiB", "run (proj.)"]
+           "infer GFLOP/img", "train GFLOP/img", "official GFLOP/img", "train TFLOP/s", "train peak MiB",
+           "infer peak MiB", "run (proj.)"]
 
 
 def table_rows(backbone_speed: dict[str, float], results: list[MethodSpeed], vs: str) -> list[list[str]]:
     rows = [["plain backbone", "—", "—", "—", "—", _rate(backbone_speed["infer_images_per_s"]), "1.00",
-             _fmt(backbone_speed["infer_flops"] / 1e9, ".4g"), "—", "—", "—",
+             _fmt(backbone_speed["infer_flops"] / 1e9, ".4g"), "—", "—", "—", "—",
              _fmt(backbone_speed["infer_peak_mib"], ".0f"), "—"]]
     for r in results:
         if r.error:
@@ -638,6 +703,7 @@ def table_rows(backbone_speed: dict[str, float], results: list[MethodSpeed], vs:
                          _rate(s.infer_images_per_s), _fmt(s.infer_vs_backbone, ".2f"),
                          _fmt(s.infer_flops / 1e9, ".4g"),
                          _fmt(None if s.train_flops is None else s.train_flops / 1e9, ".4g"),
+                         _fmt(None if s.train_flops_official is None else s.train_flops_official / 1e9, ".4g"),
                          _fmt(tflops, ".3g"), _fmt(s.train_peak_mib, ".0f"), _fmt(s.infer_peak_mib, ".0f"),
                          _duration(None if i < len(shown) - 1 else r.projected_run_s)])
     header = [c.replace("full_ft", vs) for c in COLUMNS]
@@ -718,7 +784,8 @@ def main(args: argparse.Namespace) -> int:
     size = image_size(setting, vs_cfg)
     eval_bs = args.eval_batch_size or vs_cfg.train.eval_batch_size
     x_eval = torch.rand(eval_bs, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    autocast = autocast_for(device)
+    precision = resolve_precision(vs_cfg.train.precision, device)
+    autocast = autocast_for(device, precision)
 
     def plain() -> torch.Tensor:
         with torch.no_grad(), autocast():
@@ -772,8 +839,8 @@ def main(args: argparse.Namespace) -> int:
            f"threads {torch.get_num_threads()}, backbone {weights}, {size}px, "
            f"eval batch {eval_bs}, {timing.steps} timed steps after {timing.warmup} warm-up")
     print(f"speed: {env}")
-    print(f"attention: {fused_attention(backbone)}; autocast: "
-          f"{'bf16 (CUDA)' if gpu else 'none (fp32 off CUDA)'}; compile: "
+    print(f"attention: {fused_attention(backbone)}; {fused_attention_kernel(backbone, x_eval[:2], autocast)}; "
+          f"precision: {precision} (train.precision={vs_cfg.train.precision}); compile: "
           f"{'on' if vs_cfg.train.compile else 'off'} (train.compile)")
     print()
     print(markdown(table_rows(backbone_speed, shown, args.vs)))
@@ -783,8 +850,11 @@ def main(args: argparse.Namespace) -> int:
     print("\n× backbone: inference rate / the plain backbone's; × task 1: training rate / the same method's at "
           f"task 1; × {args.vs}: training rate / {args.vs}'s at the same task. Ratios are medians over interleaved "
           "steps, so a busy machine slows both sides alike; absolute rates follow its load. The backbone's rate "
-          "is over all the steps it ran beside the methods. run (proj.): a full run's training and evaluation "
-          "at these rates (no data loading).")
+          "is over all the steps it ran beside the methods. official GFLOP/img: the same training step with "
+          "every LoRA layer in the official code's branch form (x W^T + c (x A^T) B^T per task; "
+          "speed.official_branch_form). peak MiB: "
+          + ("torch.cuda.max_memory_allocated" if gpu else "live tensor bytes traced through a dispatch mode")
+          + ". run (proj.): a full run's training and evaluation at these rates (no data loading).")
     if args.json:
         # bench, num_tasks and device: what `clbench preflight --speed FILE` matches runs by
         atomic_write_json(args.json, {"setting": env, "bench": bench.name, "num_tasks": num_tasks,

@@ -16,8 +16,23 @@ separately on every token, so a step at task t costs O(t * tokens * rank * d) mo
 1 and keeps t branches of activations for backward (its users run out of 24 GB after about six
 tasks). Here the frozen pairs of all earlier tasks are kept stacked as one factor pair per
 projection and the whole update is materialised once per step, ``(B * c) @ A``, which costs
-O(d^2 * total rank) whatever the batch size, and the forward is one plain ``F.linear``: the
-per-token cost and the activation memory are those of the plain backbone at every task.
+O(d^2 * total rank) whatever the batch size, and the forward is one plain ``F.linear``: at
+inference (and in a training forward) the per-token cost and the activation memory are those of
+the plain backbone at every task.
+
+Training is not free: gradients are needed for the factors and coefficients. Left to autograd,
+the fused ``F.linear`` would compute the weight gradient ``g^T x`` of all three slices (2 *
+tokens * 3d * d FLOPs; the untouched K slice included), more work than the official branches
+at early tasks. ``AdaptedQKV`` (a custom autograd function) instead computes, per adapted slice
+``p``, only what the factors need from the saved input ``x`` and the output gradient ``g_p``:
+``u = x A^T`` and ``v = g_p B`` (tokens x rank), then ``dB = (g_p^T u) c``, ``dA = c (v^T x)``
+and ``dc = sum(u * v)`` over the tokens, the frozen rows' part only when their coefficients
+need a gradient. Per token that is 8 * d * rank for the current pair (the official branch: 12)
+and 4 * d * rank for the frozen rows (official: 8), plus the input gradient ``g W`` that both
+pay. Where the total rank is large next to d (a small model late in a sequence) it instead
+forms the slice's own weight gradient ``g_p^T x`` once (2 * tokens * d^2) and takes the factor
+gradients from it, whichever costs fewer FLOPs (``_dense_is_cheaper``); both are exact. It saves what ``F.linear`` saves (the input and the adapted weight), so the activation
+memory stays that of the plain backbone. ``clbench speed`` prints both FLOP counts.
 
 After a task, ``merged_copy(model)`` gives a plain timm model (every ``LoRAQKV`` replaced by an
 ``nn.Linear`` holding ``W0 + sum_k c_k B_k A_k``) for inference at the backbone's cost.
@@ -40,6 +55,136 @@ PROJECTIONS = ("q", "k", "v")  # the three slices of timm's fused qkv output, in
 
 # (layer, projection) -> coefficients of (every frozen rank row [R], the current pair [] or [r]).
 Coefficients = Callable[["LoRAQKV", str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _scaled(b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """``B`` with its columns (rank rows) multiplied by the coefficients ``c`` ([] or [r])."""
+    return b if c is None else b * c.to(b.dtype)
+
+
+def low_rank_update(a_cur: torch.Tensor, b_cur: torch.Tensor, c_cur: torch.Tensor | None,
+                    a_old: torch.Tensor, b_old: torch.Tensor, c_old: torch.Tensor | None) -> torch.Tensor:
+    """``(B_cur c_cur) A_cur + (B_old c_old) A_old`` [d_out, d_in]: one matmul for the current
+    pair and one for all frozen rows together (empty frozen rows add zeros). The frozen buffers
+    enter their matmul as they are, so backward keeps no per-step copy of them."""
+    return torch.addmm(_scaled(b_cur, c_cur) @ a_cur, _scaled(b_old, c_old), a_old)
+
+
+def add_to_slices(weight: torch.Tensor, updates: dict[str, torch.Tensor], proj_dim: int) -> torch.Tensor:
+    """The fused weight with ``updates[p]`` added to the rows of each projection ``p``."""
+    slices = weight.split(proj_dim, 0)
+    return torch.cat([w + updates[p] if p in updates else w for p, w in zip(PROJECTIONS, slices)], 0)
+
+
+def _pair_grads(x: torch.Tensor, g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
+                need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``(a, b, c)`` for the update ``(b c) a`` of one slice, from its input ``x``
+    [tokens, d_in] and output gradient ``g`` [tokens, d_out], never forming ``g^T x``:
+    ``u = x a^T``, ``v = g b`` (tokens x r), ``db = (g^T u) c``, ``da = c (v^T x)``,
+    ``dc = sum over tokens of u * v``."""
+    need_a, need_b, need_c = need
+    if not a.shape[0] or not any(need):
+        return None, None, None
+    u = x @ a.t().to(x.dtype) if need_b or need_c else None  # [tokens, r]
+    v = g @ b.to(g.dtype) if need_a or need_c else None  # [tokens, r]
+    acc = torch.promote_types(x.dtype, torch.float32)  # scaling and the token sums: at least float32
+    scale = None if c is None else c.to(acc)
+    grad_a = grad_b = grad_c = None
+    if need_b:
+        grad_b = (g.t() @ u).to(acc)
+        grad_b = (grad_b if scale is None else grad_b * scale).to(b.dtype)
+    if need_a:
+        grad_a = (v.t() @ x).to(acc)
+        grad_a = (grad_a if scale is None else grad_a * scale.reshape(-1, 1)).to(a.dtype)
+    if need_c and c is not None:
+        grad_c = (u.to(acc) * v.to(acc)).sum(0).sum_to_size(c.shape).to(c.dtype)
+    return grad_a, grad_b, grad_c
+
+
+def _pair_grads_dense(grad_w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
+                      need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """The same gradients from the slice's weight gradient ``G = g^T x`` [d_out, d_in]:
+    ``db = (G a^T) c``, ``da = c (b^T G)``, ``dc = sum over rows of (G a^T) * b``."""
+    need_a, need_b, need_c = need
+    if not a.shape[0] or not any(need):
+        return None, None, None
+    acc = grad_w.dtype
+    scale = None if c is None else c.to(acc)
+    grad_a = grad_b = grad_c = None
+    ga = grad_w @ a.t().to(acc) if need_b or need_c else None  # [d_out, r]
+    if need_b:
+        grad_b = (ga if scale is None else ga * scale).to(b.dtype)
+    if need_a:
+        grad_a = b.t().to(acc) @ grad_w
+        grad_a = (grad_a if scale is None else grad_a * scale.reshape(-1, 1)).to(a.dtype)
+    if need_c and c is not None:
+        grad_c = (ga * b.to(acc)).sum(0).sum_to_size(c.shape).to(c.dtype)
+    return grad_a, grad_b, grad_c
+
+
+def _dense_is_cheaper(tokens: int, d_out: int, d_in: int, r_cur: int, r_old: int,
+                      need: tuple[bool, ...]) -> bool:
+    """Whether forming the slice's weight gradient ``g^T x`` once costs fewer FLOPs than the
+    per-token low-rank products (many tokens per rank row favour the low-rank form, as on
+    ViT-B; a small model with a large total rank favours the dense one)."""
+    cur, old = any(need[:3]), any(need[3:])
+    low = (cur * 8 * r_cur + old * 4 * r_old) * tokens * max(d_in, d_out)
+    dense = 2 * tokens * d_out * d_in + (cur * 4 * r_cur + old * 2 * r_old) * d_out * d_in
+    return dense < low
+
+
+class AdaptedQKV(torch.autograd.Function):
+    """``F.linear(x, W0 + U, bias)`` where ``U`` adds ``low_rank_update`` to each adapted slice
+    of the fused qkv weight, with a backward that computes only the gradients the factors and
+    coefficients need (see the module docstring for the FLOPs).
+
+    Inputs: ``x``, ``weight``, ``bias``, the adapted projections' names, the slice size, then six
+    tensors per projection: ``A_cur, B_cur, c_cur, A_old, B_old, c_old`` (a coefficient may be
+    ``None``: 1). The forward is the very computation of ``LoRAQKV.adapted_weight`` + ``F.linear``,
+    so outputs are bit-identical to it; gradients equal autograd's through it up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, projections, proj_dim, *factors):
+        # The update in float32 even under bf16 autocast: it is small next to W0 and is rounded
+        # once, with W0, when F.linear casts the sum; a bf16 update would be rounded twice.
+        with torch.autocast(x.device.type, enabled=False):
+            updates = {p: low_rank_update(*factors[6 * i: 6 * i + 6]) for i, p in enumerate(projections)}
+            w = add_to_slices(weight, updates, proj_dim)
+        y = F.linear(x, w, bias)  # under the caller's autocast, if any: y has the compute dtype
+        ctx.projections, ctx.proj_dim, ctx.x_dtype = projections, proj_dim, x.dtype
+        ctx.has_bias = bias is not None
+        # what F.linear itself would keep for backward: the input and the weight, as computed
+        ctx.save_for_backward(x.to(y.dtype), w.to(y.dtype), *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w, *factors = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.to(w.dtype)
+            grad_x = (g @ w).to(ctx.x_dtype) if need[0] else None
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_w = (g2.t() @ x2).to(w.dtype) if need[1] else None  # W0 is frozen in every method here
+            grad_bias = g2.sum(0) if need[2] and ctx.has_bias else None
+            grads: list[torch.Tensor | None] = []
+            for i, p in enumerate(ctx.projections):
+                a_cur, b_cur, c_cur, a_old, b_old, c_old = factors[6 * i: 6 * i + 6]
+                n = need[5 + 6 * i: 11 + 6 * i]
+                slot = PROJECTIONS.index(p)
+                gp = g2[:, slot * ctx.proj_dim: (slot + 1) * ctx.proj_dim]
+                if _dense_is_cheaper(x2.shape[0], gp.shape[1], x2.shape[1], a_cur.shape[0], a_old.shape[0], n):
+                    grad_wp = (gp.t() @ x2).to(torch.promote_types(x2.dtype, torch.float32))
+                    ga, gb, gc = _pair_grads_dense(grad_wp, a_cur, b_cur, c_cur, (n[0], n[1], n[2]))
+                    gao, gbo, gco = _pair_grads_dense(grad_wp, a_old, b_old, c_old, (n[3], n[4], n[5]))
+                else:
+                    ga, gb, gc = _pair_grads(x2, gp, a_cur, b_cur, c_cur, (n[0], n[1], n[2]))
+                    gao, gbo, gco = _pair_grads(x2, gp, a_old, b_old, c_old, (n[3], n[4], n[5]))
+                if n[5] and gco is None and c_old is not None:  # no frozen rows yet
+                    gco = torch.zeros_like(c_old)
+                grads += [ga, gb, gc, gao, gbo, gco]
+        return (grad_x, grad_w, grad_bias, None, None, *grads)
 
 
 class LoRAQKV(nn.Linear):
@@ -125,31 +270,33 @@ class LoRAQKV(nn.Linear):
 
     # -- the adapted weight -------------------------------------------------------------------
 
+    def coefficients_of(self, p: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(frozen rows [R], current pair [] or [r])`` coefficients of projection ``p``; ``None``
+        for 1 (no multiplication at all)."""
+        return (None, None) if self.coefficients is None else self.coefficients(self, p)
+
     def delta_weight(self, p: str) -> torch.Tensor:
         """``sum_k c_k B_k A_k`` for projection ``p``: one matmul for the current pair and one
-        for all frozen rows together, whatever the number of tasks. The frozen buffers enter
-        their matmul as they are, so backward keeps no per-step copy of them (a concatenation
-        of frozen and current rows would be saved for backward at every step)."""
-        a_cur, b_cur = self.current_A[p], self.current_B[p]
-        a_old, b_old = self.frozen_A(p), self.frozen_B(p)
-        if self.coefficients is not None:
-            c_old, c_cur = self.coefficients(self, p)
-            b_cur, b_old = b_cur * c_cur.to(b_cur.dtype), b_old * c_old.to(b_old.dtype)
-        return torch.addmm(b_cur @ a_cur, b_old, a_old)  # empty old rows add zeros
+        for all frozen rows together, whatever the number of tasks (``low_rank_update``)."""
+        c_old, c_cur = self.coefficients_of(p)
+        return low_rank_update(self.current_A[p], self.current_B[p], c_cur, self.frozen_A(p), self.frozen_B(p), c_old)
 
     def adapted_weight(self) -> torch.Tensor:
         """The fused weight this layer applies: W0 plus the update of every adapted slice."""
         if not self.num_tasks:
             return self.weight
-        # In float32 even under bf16 autocast: the update is small next to W0 and is rounded
-        # once, with W0, when F.linear casts the sum; a bf16 update would be rounded twice.
-        with torch.autocast(self.weight.device.type, enabled=False):
-            slices = self.weight.split(self.proj_dim, 0)
-            return torch.cat([w + self.delta_weight(p) if p in self.projections else w
-                              for p, w in zip(PROJECTIONS, slices)], 0)
+        with torch.autocast(self.weight.device.type, enabled=False):  # see AdaptedQKV.forward
+            updates = {p: self.delta_weight(p) for p in self.projections}
+            return add_to_slices(self.weight, updates, self.proj_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.adapted_weight(), self.bias)
+        if not self.num_tasks:
+            return F.linear(x, self.weight, self.bias)
+        factors: list[torch.Tensor | None] = []
+        for p in self.projections:
+            c_old, c_cur = self.coefficients_of(p)
+            factors += [self.current_A[p], self.current_B[p], c_cur, self.frozen_A(p), self.frozen_B(p), c_old]
+        return AdaptedQKV.apply(x, self.weight, self.bias, self.projections, self.proj_dim, *factors)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:

@@ -231,7 +231,7 @@ def test_cost_table_from_result_files(toy_root):
     assert by_column["trainable/task (M)"] == "0.0015"  # tasks updated 1000 and 2000 parameters
     assert by_column["stored params (M)"] == "0.005"
     assert by_column["train time/run"] == "10.0 (0.0) s"
-    assert by_column["peak memory"] == "0.50 GB RSS"
+    assert by_column["peak memory"] == "0.50 GB RSS (process)"  # a file with only the process-wide mark
     assert by_column["dropped tasks"] == "–"  # a method that never discards a task
 
 

@@ -394,6 +394,9 @@ def _memory(r: pd.Series) -> str:
         return f"{gpu / 1024:.2f} GB GPU"
     if rss is not None and not math.isnan(rss):
         return f"{rss / 1024:.2f} GB RSS"
+    process = r.get("process_rss_mb")  # a result file from before per-run CPU peaks
+    if process is not None and not math.isnan(process):
+        return f"{process / 1024:.2f} GB RSS (process)"
     return "–"
 
 
@@ -422,8 +425,9 @@ def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
                "SD-LoRA-KD folded into the old ones and discarded, mean over seeds (– for methods that never "
                "discard); train time/run: training time summed over tasks, "
                f"{_spread_caption(opts, _expected(groups))}; peak memory: the largest peak over tasks, of GPU "
-               "memory allocated by torch where the run had a GPU, else of the process's resident memory (mean "
-               "over seeds).")
+               "memory allocated by torch (reset per task) where the run had a GPU, else of the resident memory "
+               "the run added (the high-water mark of each task, reset at its start, above the RSS at the run's "
+               "start; 'RSS (process)': an older file's high-water mark of the whole process), mean over seeds.")
     return Table(name="cost", caption=caption,
                  columns=["Benchmark", "N", "Method", "GFLOPs/img", "passes", "trainable/task (M)",
                           "stored params (M)", "stored feat. (M)", "dropped tasks", "train time/run", "peak memory"],
