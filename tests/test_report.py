@@ -405,3 +405,36 @@ def test_write_report_never_raises(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("clbench.report.command.build_report", lambda *a, **k: 1 / 0)
     assert write_report(tmp_path) == []
     assert "the report failed; the result files are intact" in capsys.readouterr().out
+
+
+def test_joint_training_runs_are_reference_rows_and_lines(tmp_path):
+    """One-task runs of a benchmark that also has continual runs are its joint-training upper
+    bound: a labelled row under the methods (final Acc under every N, never bold), no N=1
+    column, and a dotted line at their mean in every accuracy-curve panel."""
+    from clbench.report.figures import accuracy_curve_figures
+
+    root = tmp_path / "results"
+    for seed, acc in zip([0, 1], [40.0, 50.0]):
+        write_run(root, "toy", "full_ft", seed, [100.0, acc])
+        write_run(root, "toy", "full_ft", seed, [100.0, acc + 10, acc + 5])
+        write_run(root, "toy", "full_ft", seed, [99.0 - seed])  # joint: 99 and 98
+    report = build_report(root, ReportOptions(figures=False))
+    table = next(t for t in report.tables if t.name == "acc_toy")
+    assert [g for g, _ in table.groups] == ["N=2", "N=3"]
+    joint = next(row for row in table.rows if row[0].text == "Full Fine-Tuning (joint, upper bound)")
+    assert [c.text for c in joint[1:]] == ["98.50 (0.50)", "–", "98.50 (0.50)", "–"]
+    assert not any(c.bold for c in joint) and table.rows[-1] is joint
+    assert "(joint, upper bound): the method trained on every class at once" in table.caption
+
+    (name, fig), = [f for f in accuracy_curve_figures(report.runs) if f[0] == "acc_curve_toy"]
+    axes = fig.axes[:2]
+    assert [ax.get_title() for ax in axes] == ["Toy, N=2", "Toy, N=3"]
+    for ax in axes:
+        lines = [ln for ln in ax.get_lines() if ln.get_label() == "Full Fine-Tuning (joint, upper bound)"]
+        assert len(lines) == 1 and lines[0].get_linestyle() == ":"
+        assert list(lines[0].get_ydata()) == [98.5, 98.5]
+    # alone (no continual runs of the benchmark), one-task runs are a result like any other
+    only_joint = tmp_path / "only"
+    write_run(only_joint, "toy", "full_ft", 0, [97.0])
+    table = next(t for t in build_report(only_joint, ReportOptions(figures=False)).tables if t.name == "acc_toy")
+    assert [g for g, _ in table.groups] == ["N=1"] and table.rows[0][0].text == "Full Fine-Tuning"

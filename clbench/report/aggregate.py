@@ -59,6 +59,10 @@ class Names:
             return title
         return f"{title} {self.variants[tag]}" if self.variants.get(tag) else f"{title} [{tag}]"
 
+    def joint_label(self, method: str, tag: str = "") -> str:
+        """A joint-training reference row's label: ``Full Fine-Tuning (joint, upper bound)``."""
+        return self.label(method, tag) + JOINT_SUFFIX
+
     def sort_key(self, method: str, tag: str = "") -> tuple[float, str, str]:
         """The paper's row order; other methods after, by name; tagged runs after the recipe's."""
         row = self.methods[method].paper_row if method in self.methods else None
@@ -67,6 +71,20 @@ class Names:
     def benchmark(self, name: str) -> str:
         """The benchmark's title as the paper writes it (as its run recorded it), else its name."""
         return self.benchmarks.get(name, name)
+
+
+JOINT_SUFFIX = " (joint, upper bound)"
+
+
+def split_joint(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(continual, joint)``: a benchmark's one-task runs or groups (every class at once, ``--joint``
+    or ``--tasks 1``) are joint training, shown as reference rows (the upper bound) wherever the
+    benchmark also has results with more tasks; elsewhere they are results like any other."""
+    if frame.empty:
+        return frame, frame
+    several = set(frame.loc[frame["num_tasks"] > 1, "benchmark"])
+    joint = (frame["num_tasks"] == 1) & frame["benchmark"].isin(several)
+    return frame[~joint], frame[joint]
 
 
 def magnitude_history(tasks: list[TaskRecord], key: str | None) -> list[list[float]] | None:

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 
 from clbench import files, record
-from clbench.report.aggregate import HIGHER_IS_BETTER, SPREADS, Names, aggregate, load_runs
+from clbench.report.aggregate import HIGHER_IS_BETTER, JOINT_SUFFIX, SPREADS, Names, aggregate, load_runs, split_joint
 from clbench.report.figures import write_figures
 from clbench.report.reference import PaperNumbers, load_paper
 from clbench.report.select import select_best_val, selection_table
@@ -197,7 +197,8 @@ def layouts_for(groups: pd.DataFrame) -> list[Layout]:
     """The paper's layouts that have results (their empty column groups dropped, extra Ns of
     their benchmarks appended), then one layout per other benchmark, each with all its Ns."""
     names = Names.of(groups)
-    have = {(b, int(n)) for b, n in zip(groups["benchmark"], groups["num_tasks"])}
+    continual, _ = split_joint(groups)  # joint-training groups are reference rows, not columns
+    have = {(b, int(n)) for b, n in zip(continual["benchmark"], continual["num_tasks"])}
     layouts, covered = [], set()
     for layout in PAPER_LAYOUTS:
         benches = list(dict.fromkeys(b for b, _ in layout.columns))
@@ -245,12 +246,41 @@ def results_table(groups: pd.DataFrame, layout: Layout, opts: ReportOptions) -> 
             r = index.get((bench, n, m, t))
             if r is not None and r["missing_seeds"]:
                 notes.append(_missing_note(r, where(bench, n), names))
+    joint_rows = joint_reference_rows(groups, layout, metrics, opts.digits)
+    cells += joint_rows
+    joint_caption = (f" Rows marked{JOINT_SUFFIX}: the method trained on every class at once (one task, its "
+                     f"recipe's epochs per image), the reference a continual learner aims at; its final Acc is "
+                     f"repeated under every N, not compared for ties." if joint_rows else "")
     paper_ref = f" (the layout of the paper's Table {layout.paper_table})" if layout.paper_table else ""
     caption = (f"{layout.title}{paper_ref}: {_spread_caption(opts, _expected(shown))}; {_bold_caption(tested)}. "
-               f"{DEFINITIONS[opts.metrics]}")
+               f"{DEFINITIONS[opts.metrics]}{joint_caption}")
     return Table(name=layout.name, caption=caption, columns=["Method"] + [METRIC_HEADERS[m] for m in metrics]
                  * len(layout.columns), rows=cells, groups=[(where(b, n), len(metrics)) for b, n in layout.columns],
                  notes=notes + _tag_notes(shown))
+
+
+def joint_reference_rows(groups: pd.DataFrame, layout: Layout, metrics: tuple[str, ...], digits: int) -> list[list[Cell]]:
+    """The reference rows of a layout: each joint-training group of its benchmarks (``split_joint``),
+    its final accuracy (the first metric) under every N of that benchmark, "–" elsewhere."""
+    _, joint = split_joint(groups)
+    joint = joint[joint["benchmark"].isin({b for b, _ in layout.columns})]
+    if joint.empty:
+        return []
+    names = Names.of(groups)
+    index = _group_index(joint)
+    keys = sorted({(m, t) for m, t in zip(joint["method"], joint["tag"])}, key=lambda k: names.sort_key(*k))
+    rows = []
+    for m, t in keys:
+        row = [Cell(names.joint_label(m, t))]
+        for bench, _ in layout.columns:
+            r = index.get((bench, 1, m, t))
+            for i, metric in enumerate(metrics):
+                if r is None or i:
+                    row.append(Cell("–"))
+                else:
+                    row.append(Cell(mean_spread(r[metric], r[f"{metric}_spread"], digits)))
+        rows.append(row)
+    return rows
 
 
 def _benchmark_rank(bench: str) -> tuple[int, str]:

@@ -26,7 +26,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from clbench.files import atomic_replace
-from clbench.report.aggregate import Names
+from clbench.report.aggregate import Names, split_joint
 
 SEABORN_ERRORBAR = {"std": "sd", "sem": "se"}  # same definitions as aggregate.spread_of (ddof=1)
 METRIC_CURVES = {"acc": "acc_curve", "acc_task_avg": "acc_task_avg_curve"}
@@ -110,11 +110,21 @@ def _several_seeds(runs: pd.DataFrame) -> bool:
     return bool((runs.groupby(["label", "num_tasks"])["seed"].nunique() > 1).any())
 
 
+def joint_lines(ax, joint: pd.DataFrame, metric: str, palette: dict[str, tuple], names: Names) -> None:
+    """A dotted horizontal line per joint-training reference row (``split_joint``) at its mean final
+    accuracy over seeds, in its method's colour, labelled as the upper bound."""
+    for (m, t), j in joint.groupby(["method", "tag"], sort=False):
+        ax.axhline(float(j[metric].mean()), color=palette.get(names.label(m, t), "0.3"), linestyle=":",
+                   linewidth=1.6, label=names.joint_label(m, t))
+
+
 def accuracy_curve_figures(runs: pd.DataFrame, spread: str = "sem", metric: str = "acc") -> list[tuple[str, Figure]]:
     figures = []
     names, runs, order, palette = _labelled(runs)
+    runs, joint_runs = split_joint(runs)
     markers, dashes = _styles(order)
     for bench, b in runs.groupby("benchmark", sort=True):
+        joint = joint_runs[joint_runs["benchmark"] == bench]
         ns = sorted(b["num_tasks"].unique())
         long = pd.DataFrame([{"N": r.num_tasks, "task": t + 1, "accuracy": a, "label": r.label, "seed": r.seed}
                              for r in b.itertuples() for t, a in enumerate(getattr(r, METRIC_CURVES[metric]))])
@@ -128,6 +138,7 @@ def accuracy_curve_figures(runs: pd.DataFrame, spread: str = "sem", metric: str 
                 if seen and all(seen):  # guessing uniformly among the seen classes
                     ax.plot(range(1, len(seen) + 1), [100.0 / c for c in seen], color="0.55", linestyle="--",
                             linewidth=1, label="chance (1 / seen classes)")
+                joint_lines(ax, joint, metric, palette, names)
                 sns.lineplot(data=long[long["N"] == n], x="task", y="accuracy", hue="label", hue_order=labels,
                              style="label", style_order=labels, markers={k: markers[k] for k in labels},
                              dashes={k: dashes[k] for k in labels}, palette=palette, markersize=5,
@@ -157,8 +168,10 @@ def final_accuracy_figures(runs: pd.DataFrame, spread: str = "sem", metric: str 
                            paper: pd.DataFrame | None = None) -> list[tuple[str, Figure]]:
     figures = []
     names, runs, order, palette = _labelled(runs)
+    runs, joint_runs = split_joint(runs)
     markers, _ = _styles(order)
     for bench, b in runs.groupby("benchmark", sort=True):
+        joint = joint_runs[joint_runs["benchmark"] == bench]
         ns = sorted(b["num_tasks"].unique())
         several = _several_seeds(b)
         with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.1):
@@ -184,6 +197,7 @@ def final_accuracy_figures(runs: pd.DataFrame, spread: str = "sem", metric: str 
                     if not p.empty:
                         ax.hlines(p["mean"].iloc[0], i - 0.42, i + 0.42, colors="black", linewidth=2.2,
                                   zorder=5, label="paper (mean)")
+                joint_lines(ax, joint, metric, palette, names)
                 ax.set_title(f"{names.benchmark(bench)}, N={n}\n"
                              + (f"error bars: {band_name(spread)}" if several else "one seed, no error bars"),
                              fontsize="medium")
