@@ -383,6 +383,8 @@ class Run:
         self.checkpoint_path = record.checkpoint_path(self.out_root, self.key)
         self.device = resolve_device(config.device)
         self.autocast = autocast_for(self.device, config.train.precision)
+        self.epoch_log: list[dict[str, Any]] = []  # the task being trained's curve (TaskRecord.epochs)
+        self.curves = CurveLoggers([], record.log_dir(self.out_root, self.key), config)  # execute() opens the asked ones
 
     # -- set-up ----------------------------------------------------------------------------------
 

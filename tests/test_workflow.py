@@ -141,6 +141,8 @@ def test_grid_on_validation_then_the_chosen_config_on_test(results_root, sealed_
     selection = next(t for t in report.tables if t.name == "selection")
     chosen = [row for row in selection.rows if row[5].text == "✓"]
     assert len(chosen) == 1 and chosen[0][2].text == f"SD-LoRA {best}" and chosen[0][6].text == "yes"
+    latex = selection.to_latex()
+    assert r"$\checkmark$" in latex and "✓" not in latex
     table = next(t for t in report.tables if t.name == "acc_sealed")
     assert [row[0].text for row in table.rows] == [f"SD-LoRA epochs=1 lr={best_lr}"]  # the chosen test runs only
     assert set(report.runs["eval_on"]) == {"test"} and len(report.runs) == 2

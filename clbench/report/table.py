@@ -12,6 +12,7 @@ LATEX_PREAMBLE = r"""\documentclass{article}
 \usepackage[utf8]{inputenc}
 \usepackage{booktabs}
 \usepackage{graphicx}
+\usepackage{amssymb}
 """
 
 ARTICLE_LINEWIDTH_PT = 345.0  # \linewidth of the standard article class, one column
@@ -24,6 +25,7 @@ _LATEX_ESCAPES = {
     "α": r"$\alpha$", "·": r"$\cdot$", "…": r"\dots{}", "Δ": r"$\Delta$", "±": r"$\pm$",
     "†": r"\textsuperscript{\dag}", "‡": r"\textsuperscript{\ddag}", "×": r"$\times$",
     "–": "--", "—": "---", "−": "$-$", "≤": r"$\leq$", "≥": r"$\geq$", "σ": r"$\sigma$",
+    "✓": r"$\checkmark$",
 }
 
 
@@ -100,7 +102,7 @@ class Table:
 
     def to_latex(self, fit_width: bool | None = None) -> str:
         """A ``table`` float with a booktabs ``tabular``: ``\\input`` it into a paper that loads
-        booktabs and graphicx (``LATEX_PREAMBLE``). ``fit_width`` scales the tabular to the line
+        booktabs, graphicx and amssymb (``LATEX_PREAMBLE``). ``fit_width`` scales the tabular to the line
         width (default: when its estimated natural width exceeds an article's line)."""
         def cell(c: Cell) -> str:
             text = latex_escape(c.text)
