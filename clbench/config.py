@@ -3,19 +3,52 @@
 ``RunConfig`` holds everything that decides one run's numbers, and its ``key`` is the run's
 identity (also its result path). Values from YAML and from the command line go through
 ``update_dataclass``: an unknown key is an error that lists the valid ones, a value of the wrong
-type is an error that names the expected one, never a silent default. How a run's configuration
-is resolved from the recipes is ``clbench.recipes``.
+type is an error that names the expected one, never a silent default. A key with a fixed set
+of values (an optimizer, a schedule, a method's variant) is declared with ``one_of`` beside its
+field, its values listed there once; ``update_dataclass`` refuses any other value, listing them,
+so a bad value fails when the recipe is resolved (at plan time), not inside every run. How a
+run's configuration is resolved from the recipes is ``clbench.recipes``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
 from clbench.errors import ConfigError, did_you_mean
+
+
+def one_of(default: str, choices: Sequence[str]) -> Any:
+    """A string field that takes one of ``choices`` (``default`` among them): the one place its
+    valid values are declared, checked by ``update_dataclass`` whenever a value is given."""
+    if default not in choices:
+        raise ValueError(f"the default '{default}' is not one of {list(choices)}")
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def choices_of(cls: type, name: str) -> tuple[str, ...] | None:
+    """The values field ``name`` of dataclass ``cls`` takes (``one_of``), or None: any value."""
+    return next((f.metadata.get("choices") for f in fields(cls) if f.name == name), None)
+
+
+def choice_problem(where: str, value: Any, choices: Sequence[str]) -> str | None:
+    """Why ``value`` is not a valid value of key ``where`` (``one_of``), or None."""
+    if value in choices:
+        return None
+    return f"{where} '{value}' is unknown; use one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+
+
+def check_choices(obj: Any, where: str) -> None:
+    """``ConfigError`` for a ``one_of`` field of dataclass ``obj`` that holds another value (an
+    object built directly, not through ``update_dataclass``: a method's ``Config`` in a test)."""
+    for f in fields(obj):
+        problem = "choices" in f.metadata and choice_problem(f"{where}.{f.name}", getattr(obj, f.name),
+                                                             f.metadata["choices"])
+        if problem:
+            raise ConfigError(problem)
 
 
 @dataclass
@@ -28,8 +61,10 @@ class BackboneConfig:
     normalize: bool = False  # the official repositories all feed [0, 1] inputs
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")  # see methods.base.build_optimizer
 SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
 TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
+ON_DIVERGENCE = ("stop", "continue")  # TrainConfig.on_divergence
 
 
 @dataclass
@@ -44,12 +79,12 @@ class TrainConfig:
     # divide batch_size.
     micro_batch_size: int | None = None
     eval_batch_size: int = 256
-    optimizer: str = "sgd"  # sgd | adam | adamw
+    optimizer: str = one_of("sgd", OPTIMIZERS)
     lr: float = 0.01
     momentum: float = 0.9  # SGD momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     weight_decay: float = 0.0
-    schedule: str = "constant"  # one of SCHEDULES
+    schedule: str = one_of("constant", SCHEDULES)
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     lr_decay: float = 0.1  # multistep factor
     min_lr: float = 0.0  # cosine floor
@@ -66,11 +101,12 @@ class TrainConfig:
     drop_last: bool = False
     num_workers: int = 4  # DataLoader workers for image-file datasets
     compile: bool = False  # torch.compile each transformer block (regional); pays off on GPU
+    # A non-finite loss or parameter: "stop" fails the run (no result, its last checkpoint kept);
+    # "continue" trains on and records where in the result (``diverged``), for research on it.
+    on_divergence: str = one_of("stop", ON_DIVERGENCE)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for values no run could use (checked when a run is resolved)."""
-        if self.schedule.lower() not in SCHEDULES:
-            raise ConfigError(f"train.schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}")
         if self.schedule_offset < 0:
             raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
                               f"got {self.schedule_offset}")
@@ -104,18 +140,17 @@ class DataConfig:
     # Order of the test images within each task: "dataset" (its own order) or "class_sorted"
     # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
     # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
-    test_order: str = "dataset"
-
-    def validate(self) -> None:
-        if self.test_order not in TEST_ORDERS:
-            raise ConfigError(f"data.test_order '{self.test_order}' is unknown; use one of {', '.join(TEST_ORDERS)}")
+    test_order: str = one_of("dataset", TEST_ORDERS)
 
 
 # Keys that say how a run executes, not what it computes (the results are the same for any value;
 # a method's prediction for one image must not depend on the rest of its batch):
 # they stay out of a run's identity: its tag, the check that a checkpoint belongs to it, and
 # `collect`'s check that a result on another machine is the same run.
-EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"))
+# ``train.on_divergence`` is one too: a run that does not diverge computes the same either way,
+# and one that does writes no result unless it is "continue" (which the result then records).
+EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"),
+                      ("train", "on_divergence"))
 
 
 def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +263,7 @@ def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
     """Apply ``updates`` to dataclass ``obj`` in place; unknown keys raise with the valid ones."""
     hints = get_type_hints(type(obj))
     valid = {f.name for f in fields(obj)}
+    choices = {f.name: f.metadata["choices"] for f in fields(obj) if "choices" in f.metadata}
     for key, value in updates.items():
         if key not in valid:
             raise ConfigError(
@@ -238,7 +274,11 @@ def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
         if is_dataclass(current) and isinstance(value, dict):
             update_dataclass(current, value, f"{where}.{key}")
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+            value = _coerce(value, hints[key], f"{where}.{key}")
+            problem = key in choices and choice_problem(f"{where}.{key}", value, choices[key])
+            if problem:
+                raise ConfigError(problem)
+            setattr(obj, key, value)
 
 
 def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
