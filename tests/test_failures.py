@@ -9,7 +9,12 @@ import dataclasses
 import errno
 import json
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -412,3 +417,57 @@ def test_a_corrupt_image_in_a_sweep_with_workers_is_one_line(tmp_path, capsys):
         assert str(root / "train") in err
         key = next((tmp_path / f"out{workers}" / "status").rglob("*.json"))
         assert json.loads(key.read_text())["state"] == "failed"
+
+
+# ----------------------------------------------------------------------------- signals
+
+SYNTH = ["--bench", "synth", "--tasks", "5", "--methods", "full_ft", "--seeds", "0", "--set", "train.epochs=1",
+         "--device", "cpu", "--threads", "1", "--no-progress"]
+
+
+def synth_sweep(out: Path) -> subprocess.Popen:
+    """The command line in a fresh process (SIGINT at its default, as in a terminal)."""
+    return subprocess.Popen([sys.executable, "-m", "clbench", *SYNTH, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(process: subprocess.Popen, folder: Path) -> float:
+    """Wait until a file appears under ``folder`` (``status``: the run started training; ``runs``:
+    it finished); the time it did."""
+    deadline = time.time() + 600
+    while not any(folder.rglob("*.json")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return time.time()
+
+
+@pytest.mark.slow
+def test_sigkill_sigterm_and_sigint_at_a_random_point_then_a_rerun_equal_an_uninterrupted_run(tmp_path):
+    straight = synth_sweep(tmp_path / "straight")
+    training_s = -wait_for(straight, tmp_path / "straight" / "status")
+    training_s += wait_for(straight, tmp_path / "straight" / "runs")  # then the report: not a run's time
+    assert straight.wait(timeout=600) == 0, straight.communicate()
+    expected = numbers(next((tmp_path / "straight" / "runs").rglob("*.json")))
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    for sig, code in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + signal.SIGTERM),
+                      (signal.SIGINT, 128 + signal.SIGINT)):
+        out = tmp_path / sig.name
+        process = synth_sweep(out)
+        wait_for(process, out / "status")
+        delay = rng.uniform(0.0, 0.8 * training_s)
+        time.sleep(delay)
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=600)
+        why = f"{sig.name} after {delay:.2f}s of training (random seed {seed}):\n{stdout}\n{stderr}"
+        assert process.returncode == code, why
+        if sig != signal.SIGKILL:  # stopped in order: nothing half-written, told how to resume
+            assert temporaries(out) == [] and no_traceback(stderr), why
+            assert "run the same command again to resume" in stderr.splitlines()[-1], why
+            key = next((out / "status").rglob("*.json")).relative_to(out / "status").with_suffix("").as_posix()
+            assert read_status(out, key)["state"] == "interrupted", why
+        rerun = synth_sweep(out)
+        stdout, stderr = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, f"{why}\nrerun:\n{stdout}\n{stderr}"
+        assert temporaries(out) == [], why
+        assert numbers(next((out / "runs").rglob("*.json"))) == expected, why
