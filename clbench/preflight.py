@@ -19,6 +19,7 @@ forecast reads the figures ``clbench speed --json FILE`` writes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -50,8 +51,8 @@ def backbone_problem(name: str, image_size: int) -> str | None:
     """Why backbone ``name`` cannot take ``image_size``-pixel images, or None."""
     if not timm.is_model(name):
         return f"unknown timm model '{name}'{did_you_mean(name.split('.')[0], timm.list_models())}"
+    model = meta_model(name)
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
         try:
             model(torch.empty(1, 3, image_size, image_size))
         except Exception as err:  # noqa: BLE001 - whatever the model says is the message
@@ -61,14 +62,19 @@ def backbone_problem(name: str, image_size: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def meta_model(name: str) -> torch.nn.Module:
+    """timm's ``name`` on the ``meta`` device (no memory, no weights), created once per name."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
 def state_bytes(name: str) -> int | None:
-    """Bytes of backbone ``name``'s state dict (created on the ``meta`` device: no memory), what
-    a run's checkpoint mostly holds; None when timm does not know it (the backbone check says so)."""
+    """Bytes of backbone ``name``'s state dict, what a run's checkpoint mostly holds; None when
+    timm does not know it (the backbone check says so)."""
     if not timm.is_model(name):
         return None
-    with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in meta_model(name).state_dict().values())
 
 
 def output_problem(out: Path, need_bytes: int, create: bool) -> str | None:

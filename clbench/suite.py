@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
                 os.replace(r.result_path, r.result_path.with_name(r.result_path.name + ".prev"))
             record.checkpoint_path(out, r.key).unlink(missing_ok=True)  # else it would resume
             r.done = False
-    tidy(runs, out)  # what killed writers left beside the runs' files
+    tidy(runs, out)  # what killed writers left beside the finished runs' files
     todo = [r for r in runs if not r.done]
     print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run "
           f"-> {out.resolve()}", flush=True)

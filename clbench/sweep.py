@@ -207,11 +207,15 @@ def remove_leftovers(out_root: Path, key: str) -> None:
 
 
 def tidy(runs: list[PlannedRun], out_root: Path) -> None:
-    """``remove_leftovers`` of every planned run, finished ones too, that no live process holds."""
+    """``remove_leftovers`` of the plan's finished runs (``run_job`` does it for the others)
+    that no live process holds: a process killed while it wrote a status record after the
+    result. Only finished runs: nobody claims those again, so holding their claim a moment
+    makes no job skip its run."""
     for r in runs:
-        with claim(out_root, r.key) as claimed:
-            if claimed:
-                remove_leftovers(Path(out_root), r.key)
+        if r.done:
+            with claim(out_root, r.key) as claimed:
+                if claimed:
+                    remove_leftovers(Path(out_root), r.key)
 
 
 def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any] | None:
