@@ -288,10 +288,13 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def record_interruption(out_root: Path, key: str, num_tasks: int, where: str) -> None:
-    """Mark the run interrupted, and say how far it got and how to resume (on stderr)."""
-    done = (read_status(out_root, key) or {}).get("tasks_done", 0)
-    with contextlib.suppress(OSError, UserError):
-        update_status(out_root, key, state="interrupted", error=None)
+    """Mark the run interrupted (if this process was training it), and say how far it got and
+    how to resume (on stderr)."""
+    status = read_status(out_root, key) or {}
+    done = status.get("tasks_done", 0)
+    if status.get("pid") == os.getpid() and status.get("host") == socket.gethostname():
+        with contextlib.suppress(OSError, UserError):
+            update_status(out_root, key, state="interrupted", error=None)
     kept = f"its checkpoint holds tasks 1-{done}" if done else "no task had finished"
     print(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
           f"run the same command again to resume", file=sys.stderr, flush=True)
