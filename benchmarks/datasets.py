@@ -34,9 +34,9 @@ that sample is loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -55,8 +55,8 @@ from torchvision.datasets.utils import check_integrity
 
 from clbench.benchmarks.base import BENCHMARK_FACTORIES, Benchmark, register_benchmark
 from clbench.catalog import BUILTIN_BENCHMARKS, FOLDER_PREFIX, BenchmarkFacts, folder_facts, missing_data_message
-from clbench.errors import DataError
-from clbench.files import atomic_write_json
+from clbench.errors import CorruptFileError, DataError
+from clbench.files import atomic_write_json, read_checked_json, set_aside
 
 # The raw ImageNet-R split. Both are recorded in every split file; changing them only affects
 # file lists that have no split file yet, since existing ones are reused as written.
@@ -426,17 +426,18 @@ def _stratified_split(files: Sequence[str], labels: Sequence[int]) -> tuple[list
 
 
 def _read_split_file(split_file: Path, files: Sequence[str]) -> tuple[list[str], list[str]]:
-    hint = f"delete {split_file} to re-create the same split from the images"
+    """The split in ``split_file``; ``CorruptFileError`` unless it reads back and partitions ``files``."""
     try:
-        doc = json.loads(split_file.read_text())
+        doc = read_checked_json(split_file)
         train, test = doc["train"], doc["test"]
         if not all(isinstance(f, str) for f in train + test):
             raise TypeError("non-string entries")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"split file {split_file} is unreadable ({err}); {hint}") from err
+    except OSError as err:
+        raise DataError(f"cannot read the split file {split_file}: {err}") from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(split_file, f"unreadable: {err}") from err
     if set(train) & set(test) or set(train) | set(test) != set(files) or len(train) + len(test) != len(files):
-        raise DataError(f"split file {split_file} does not partition the {len(files)} images it was made "
-                        f"for (edited by hand?); {hint}")
+        raise CorruptFileError(split_file, f"does not partition the {len(files)} images it was made for")
     return train, test
 
 
@@ -456,8 +457,12 @@ def split_raw_folder(data_dir: Path, classes: Sequence[str], splits_dir: Path,
     digest = hashlib.sha256("\n".join(files).encode()).hexdigest()
     split_file = Path(splits_dir) / f"{prefix}_split_{digest[:12]}.json"
     if split_file.exists():
-        train, test = _read_split_file(split_file, files)
-        return train, test, split_file, False
+        try:
+            train, test = _read_split_file(split_file, files)
+            return train, test, split_file, False
+        except CorruptFileError as err:  # the split is a function of the files: make it again
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                set_aside(split_file, err.why, "split file", "made again from the images")
     train, test = _stratified_split(files, [class_to_idx[f.split("/", 1)[0]] for f in files])
     doc = {"format": _SPLIT_FORMAT, "source": str(data_dir), "files_sha256": digest, "num_files": len(files),
            "method": f"stratified per class: numpy RandomState({SPLIT_SEED}).permutation over each class's "
@@ -465,7 +470,7 @@ def split_raw_folder(data_dir: Path, classes: Sequence[str], splits_dir: Path,
            "seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "classes": list(classes),
            "train": train, "test": test}
     try:
-        atomic_write_json(split_file, doc)
+        atomic_write_json(split_file, doc, checksum=True)
     except OSError as err:
         raise DataError(f"cannot write the split file {split_file}: {err}") from err
     return train, test, split_file, True

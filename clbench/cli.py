@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from clbench.catalog import BUILTIN_BENCHMARKS, check_args, check_args_resources, import_plugins, method_names
@@ -75,3 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.sweep.stop_on_signals)
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"error: interrupted by {signal.Signals(signum).name}; every file is complete or absent: "
+              f"run the same command again to resume", file=sys.stderr)
+        return 128 + signum

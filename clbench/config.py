@@ -3,8 +3,11 @@
 ``RunConfig`` holds everything that decides one run's numbers, and its ``key`` is the run's
 identity (also its result path). Values from YAML and from the command line go through
 ``update_dataclass``: an unknown key is an error that lists the valid ones, a value of the wrong
-type is an error that names the expected one, never a silent default. How a run's configuration
-is resolved from the recipes is ``clbench.recipes``.
+type is an error that names the expected one, never a silent default. A key with a fixed set
+of values (an optimizer, a schedule, a method's variant) is declared with ``one_of`` beside its
+field, its values listed there once; ``update_dataclass`` refuses any other value, listing them,
+so a bad value fails when the recipe is resolved (at plan time), not inside every run. How a
+run's configuration is resolved from the recipes is ``clbench.recipes``.
 """
 from __future__ import annotations
 
@@ -14,11 +17,41 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
 from clbench.errors import ConfigError, did_you_mean
+
+
+def one_of(default: str, choices: Sequence[str]) -> Any:
+    """A string field that takes one of ``choices`` (``default`` among them): the one place its
+    valid values are declared, checked by ``update_dataclass`` whenever a value is given."""
+    if default not in choices:
+        raise ValueError(f"the default '{default}' is not one of {list(choices)}")
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def choices_of(cls: type, name: str) -> tuple[str, ...] | None:
+    """The values field ``name`` of dataclass ``cls`` takes (``one_of``), or None: any value."""
+    return next((f.metadata.get("choices") for f in fields(cls) if f.name == name), None)
+
+
+def choice_problem(where: str, value: Any, choices: Sequence[str]) -> str | None:
+    """Why ``value`` is not a valid value of key ``where`` (``one_of``), or None."""
+    if value in choices:
+        return None
+    return f"{where} '{value}' is unknown; use one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+
+
+def check_choices(obj: Any, where: str) -> None:
+    """``ConfigError`` for a ``one_of`` field of dataclass ``obj`` that holds another value (an
+    object built directly, not through ``update_dataclass``: a method's ``Config`` in a test)."""
+    for f in fields(obj):
+        problem = "choices" in f.metadata and choice_problem(f"{where}.{f.name}", getattr(obj, f.name),
+                                                             f.metadata["choices"])
+        if problem:
+            raise ConfigError(problem)
 
 
 @dataclass
@@ -31,12 +64,14 @@ class BackboneConfig:
     normalize: bool = False  # the official repositories all feed [0, 1] inputs
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw")  # see methods.base.build_optimizer
 SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.base.build_optimizer
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # TrainConfig.precision
 TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
 EVAL_SPLITS = ("test", "val")  # DataConfig.eval_on
 SAVE_MODEL = ("none", "final", "every-task")  # RunConfig.save_model
 LOGGERS = ("tensorboard", "wandb")  # RunConfig.log
+ON_DIVERGENCE = ("stop", "continue")  # TrainConfig.on_divergence
 
 
 @dataclass
@@ -51,12 +86,12 @@ class TrainConfig:
     # divide batch_size.
     micro_batch_size: int | None = None
     eval_batch_size: int = 256
-    optimizer: str = "sgd"  # sgd | adam | adamw
+    optimizer: str = one_of("sgd", OPTIMIZERS)
     lr: float = 0.01
     momentum: float = 0.9  # SGD momentum
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     weight_decay: float = 0.0
-    schedule: str = "constant"  # one of SCHEDULES
+    schedule: str = one_of("constant", SCHEDULES)
     milestones: list[int] = field(default_factory=list)  # multistep, in epochs
     lr_decay: float = 0.1  # multistep factor
     min_lr: float = 0.0  # cosine floor
@@ -75,14 +110,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (regional); pays off on GPU
     # Autocast dtype of the forward: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 (with a
     # gradient scaler) or fp32. Every official repository trains in fp32.
-    precision: str = "auto"
+    precision: str = one_of("auto", PRECISIONS)
+    # A non-finite loss or parameter: "stop" fails the run (no result, its last checkpoint kept);
+    # "continue" trains on and records where in the result (``diverged``), for research on it.
+    on_divergence: str = one_of("stop", ON_DIVERGENCE)
 
     def validate(self) -> None:
         """Raise ``ConfigError`` for values no run could use (checked when a run is resolved)."""
-        if self.schedule.lower() not in SCHEDULES:
-            raise ConfigError(f"train.schedule '{self.schedule}' is unknown; use one of {', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision '{self.precision}' is unknown; use one of {', '.join(PRECISIONS)}")
         if self.schedule_offset < 0:
             raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
                               f"got {self.schedule_offset}")
@@ -116,21 +150,17 @@ class DataConfig:
     # Order of the test images within each task: "dataset" (its own order) or "class_sorted"
     # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
     # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
-    test_order: str = "dataset"
+    test_order: str = one_of("dataset", TEST_ORDERS)
     # What a run evaluates on: "test" (the benchmark's test set), or "val": a validation split
     # carved from the training data (``val_fraction`` of each class's training images, drawn
     # with ``val_seed``; ``clbench.benchmarks.scenario.validation_split``), which the run then
     # does not train on. A "val" run never reads the test set: it is for choosing a
     # configuration (``clbench report --select best-val``) without looking at the test images.
-    eval_on: str = "test"
+    eval_on: str = one_of("test", EVAL_SPLITS)
     val_fraction: float = 0.1
     val_seed: int = 0
 
     def validate(self) -> None:
-        if self.test_order not in TEST_ORDERS:
-            raise ConfigError(f"data.test_order '{self.test_order}' is unknown; use one of {', '.join(TEST_ORDERS)}")
-        if self.eval_on not in EVAL_SPLITS:
-            raise ConfigError(f"data.eval_on '{self.eval_on}' is unknown; use one of {', '.join(EVAL_SPLITS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.eval_on == "val" and self.image_cache:
@@ -143,9 +173,11 @@ class DataConfig:
 # they stay out of a run's identity: its tag, the check that a checkpoint belongs to it, and
 # `collect`'s check that a result on another machine is the same run. ``overrides`` describes the
 # tag (the command-line layer it was made from), ``log`` and ``save_model`` say what a run writes
-# beside its result, ``plugins`` which modules a worker imports first.
+# beside its result, ``plugins`` which modules a worker imports first. ``train.on_divergence`` is
+# one too: a run that does not diverge computes the same either way, and one that does writes no
+# result unless it is "continue" (which the result then records).
 EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), ("train", "eval_batch_size"),
-                      ("overrides",), ("log",), ("save_model",), ("plugins",))
+                      ("train", "on_divergence"), ("overrides",), ("log",), ("save_model",), ("plugins",))
 
 
 def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -272,6 +304,7 @@ def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
     """Apply ``updates`` to dataclass ``obj`` in place; unknown keys raise with the valid ones."""
     hints = get_type_hints(type(obj))
     valid = {f.name for f in fields(obj)}
+    choices = {f.name: f.metadata["choices"] for f in fields(obj) if "choices" in f.metadata}
     for key, value in updates.items():
         if key not in valid:
             raise ConfigError(
@@ -282,7 +315,11 @@ def update_dataclass(obj: Any, updates: dict[str, Any], where: str) -> None:
         if is_dataclass(current) and isinstance(value, dict):
             update_dataclass(current, value, f"{where}.{key}")
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+            value = _coerce(value, hints[key], f"{where}.{key}")
+            problem = key in choices and choice_problem(f"{where}.{key}", value, choices[key])
+            if problem:
+                raise ConfigError(problem)
+            setattr(obj, key, value)
 
 
 def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:

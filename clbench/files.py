@@ -2,20 +2,29 @@
 
 Every file the harness writes goes through ``atomic_replace``: a temporary file in the same
 folder, fsync-ed and renamed over the target (then the folder is fsync-ed), so a killed process
-never leaves half a file and readers see the old file or the new one. Files get the mode
+never leaves half a file and readers see the old file or the new one. A write that fails removes
+its temporary file (a full disk raises ``DiskFullError``); one that was killed leaves it, and
+the next writer of that file removes it (``remove_temporaries``). A file that does not read back
+is moved aside, never deleted (``set_aside``). Files get the mode
 ``open()`` would give them (readable by the group and others under the usual umask), so a results
 folder can be shared on a cluster. JSON is strict: no NaN or infinity tokens.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+from clbench.errors import CorruptFileError, DiskFullError
 
 
 def file_mode() -> int:
@@ -43,14 +52,65 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 would hide shared files from the group
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on the device of {path.parent} while writing {path.name} "
+                                f"({free_mib(path.parent):.0f} MiB free; nothing was left half-written): "
+                                f"free some space (or use another --out) and rerun the same command; "
+                                f"a run resumes from its last checkpoint") from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def free_mib(folder: Path) -> float:
+    """Free space on ``folder``'s file system, in MiB (NaN when it cannot be told)."""
+    try:
+        return shutil.disk_usage(folder).free / 2**20
+    except OSError:
+        return float("nan")
+
+
+def remove_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files that killed writers of ``path`` left beside it (``atomic_path``
+    names them ``.<name>.<random>.tmp``) and return them. Only for a caller that alone writes
+    ``path`` (it holds the run's claim, or the file's lock)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def set_aside(path: Path, why: str, what: str = "file", then: str = "") -> Path:
+    """Move a file that does not read back to ``<path>.corrupt`` (``.corrupt.1``, ... when taken),
+    never deleting anything, and say so (and ``then``, what happens next) in one line on stderr;
+    returns where it went."""
+    path = Path(path)
+    target = path.with_name(path.name + ".corrupt")
+    n = 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+    os.replace(path, target)
+    print(f"warning: {what} {path} is corrupt ({why}); moved to {target.name}" + (f"; {then}" if then else ""),
+          file=sys.stderr, flush=True)
+    return target
+
+
+def json_checksum(obj: Any) -> str:
+    """``sha256:<hex>`` of ``obj``'s canonical JSON (sorted keys, no spaces): what a file that
+    carries a ``checksum`` was written with, less that key."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def atomic_replace(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -86,6 +146,7 @@ def build_once(path: Path, build: Callable[[Path], None], on_wait: Callable[[], 
         return path
     with file_lock(path.with_name(f".{path.name}.lock"), on_wait):
         if not path.exists():  # somebody else may have built it while we waited
+            remove_temporaries(path)  # of a builder that was killed
             build(path)
     return path
 
@@ -111,12 +172,17 @@ def finite_json(obj: Any, where: str = "") -> tuple[Any, list[str]]:
     return obj, []
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any, checksum: bool = False) -> None:
     """Strict JSON (every parser reads it): a non-finite number is written as null, and a
-    mapping gets a ``non_finite`` list saying which values were and what they were."""
+    mapping gets a ``non_finite`` list saying which values were and what they were. With
+    ``checksum``, a mapping also gets a ``checksum`` (``json_checksum`` of the rest) that
+    ``read_checked_json`` verifies."""
     clean, notes = finite_json(obj)
     if notes and isinstance(clean, dict):
         clean["non_finite"] = (clean.get("non_finite") or []) + notes
+    if checksum and isinstance(clean, dict):
+        clean.pop("checksum", None)
+        clean["checksum"] = json_checksum(json.loads(json.dumps(clean, allow_nan=False)))  # as it reads back
     data = json.dumps(clean, indent=1, sort_keys=False, allow_nan=False).encode()
     atomic_replace(path, lambda f: f.write(data))
 
@@ -129,6 +195,25 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     import torch
 
     atomic_replace(path, lambda f: torch.save(obj, f))
+
+
+def read_checked_json(path: Path) -> dict[str, Any]:
+    """A JSON mapping that reads back whole: ``CorruptFileError`` (naming the cause) for a file
+    that does not parse, is not a mapping, or whose ``checksum`` does not match; a file without
+    a checksum (written before there was one) is taken as it parses. ``FileNotFoundError`` for
+    a missing file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except ValueError as err:
+        raise CorruptFileError(path, f"not valid JSON: {err}") from err
+    if not isinstance(doc, dict):
+        raise CorruptFileError(path, f"a JSON {type(doc).__name__}, not a mapping")
+    stored = doc.pop("checksum", None)
+    if stored is not None and stored != json_checksum(doc):
+        raise CorruptFileError(path, "its checksum does not match its content")
+    return doc
 
 
 def read_json(path: Path) -> Any:

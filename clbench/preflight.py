@@ -8,14 +8,22 @@ submitted, by the sweep (``--dry-run`` too) and by ``clbench preflight``.
   problem now, not a minute of retries in every run;
 * **data**: the benchmark's own loader opens the data (one of its accepted layouts, the expected
   class count); a split it has to write goes to ``splits_dir`` (a temporary folder under
-  ``--dry-run``).
+  ``--dry-run``);
+* **output folder** (``output_check``): ``--out`` is a folder or can be made one, is writable,
+  and its file system has room for the checkpoints of the runs that train at once (twice the
+  model's state each: the last one and the next while it is written), estimated from the
+  backbone's state size on the ``meta`` device.
 
 The checks that need no torch (names, task counts, seeds) are ``clbench.catalog``'s. The
 forecast reads the figures ``clbench speed --json FILE`` writes.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -44,13 +52,69 @@ def backbone_problem(name: str, image_size: int) -> str | None:
     """Why backbone ``name`` cannot take ``image_size``-pixel images, or None."""
     if not timm.is_model(name):
         return f"unknown timm model '{name}'{did_you_mean(name.split('.')[0], timm.list_models())}"
+    model = meta_model(name)
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=0)
         try:
             model(torch.empty(1, 3, image_size, image_size))
         except Exception as err:  # noqa: BLE001 - whatever the model says is the message
             return backbone_size_message(name, image_size, f"{type(err).__name__}: {err}")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(name: str) -> torch.nn.Module:
+    """timm's ``name`` on the ``meta`` device (no memory, no weights), created once per name."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def state_bytes(name: str) -> int | None:
+    """Bytes of backbone ``name``'s state dict, what a run's checkpoint mostly holds; None when
+    timm does not know it (the backbone check says so)."""
+    if not timm.is_model(name):
+        return None
+    return sum(t.numel() * t.element_size() for t in meta_model(name).state_dict().values())
+
+
+def output_problem(out: Path, need_bytes: int, create: bool) -> str | None:
+    """Why ``out`` cannot hold a sweep's files, or None: it must be a folder (made, with its
+    parents, when ``create``; a dry run only looks at what exists), writable, with ``need_bytes``
+    free on its file system."""
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    fix = "choose another --out (or $CLBENCH_RESULTS)"
+    if not existing.is_dir():
+        return f"--out {out}: {existing} is a file, not a folder; {fix}"
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".clbench-write-test.")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            why = err.strerror or str(err)
+            verb = "write into" if out.is_dir() else "create"
+            return f"--out {out}: cannot {verb} it ({why}{': ' + str(err.filename) if err.filename else ''}); {fix}"
+        existing = out
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        return f"--out {out}: {existing} is not writable; {fix}"
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        return (f"--out {out}: {free / 2**30:.2f} GiB free on its file system, but the runs' checkpoints need "
+                f"about {need_bytes / 2**30:.2f} GiB; free some space or {fix}")
+    return None
+
+
+def output_check(runs: list[PlannedRun], out: Path, concurrent: int, create: bool) -> Check:
+    """The output folder's check (``output_problem``) for the unfinished runs, ``concurrent`` of
+    them training at once: each needs twice its backbone's state (``state_bytes``)."""
+    todo = [r.config for r in runs if not r.done]
+    sizes = sorted((state_bytes(c.backbone.name) or 0 for c in todo), reverse=True)
+    need = 2 * sum(sizes[:max(concurrent, 1)])
+    return Check(f"output folder {out} (~{need / 2**30:.2f} GiB of checkpoints)", len(todo),
+                 output_problem(out, need, create) if todo or create else None)
 
 
 def data_problem(config: RunConfig, splits_dir: Path) -> str | None:

@@ -11,6 +11,11 @@ as an uninterrupted one, and the number of DataLoader workers does not change th
 Optimizers are created afresh for every task and stage, so no optimizer state crosses a
 checkpoint.
 
+A non-finite loss or parameter stops the run with ``DivergenceError`` (naming the task, stage,
+epoch and step) before anything of that task is written, unless ``train.on_divergence`` is
+``continue``: then where it happened goes into the result (``diverged``). A checkpoint that
+does not read back is moved aside and the run starts over.
+
 Progress is reported through ``on_progress(tasks_done, num_tasks, elapsed_s)``: once the run
 has started (after a resume, with the restored tasks counted) and after every finished task,
 once its checkpoint is on disk. ``clbench.sweep.run_job`` turns it into the run's status record.
@@ -37,14 +42,14 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import clbench
-from clbench import record
+from clbench import files, record
 from clbench.backbones import create_backbone, normalization
 from clbench.benchmarks import get_benchmark
 from clbench.benchmarks.base import with_transform
 from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
 from clbench.benchmarks.scenario import IndexedSubset, Scenario, validation_split
 from clbench.config import RunConfig, TrainConfig, build_dataclass, without_execution_settings
-from clbench.files import atomic_torch_save
+from clbench.errors import CorruptFileError, DivergenceError
 from clbench.loading import seeded_loader
 from clbench.loggers import CurveLoggers
 from clbench.methods import get_method
@@ -459,13 +464,17 @@ class Run:
             for epoch in range(plan.epochs):
                 epoch_started, lrs = time.time(), [g["lr"] for g in plan.optimizer.param_groups]
                 running = torch.zeros((), device=self.device)
+                first_bad = torch.full((), -1, device=self.device)  # the first step with a non-finite loss
                 for step, (x, y) in enumerate(loader):
                     x, y = self.inputs(x), y.to(self.device, non_blocking=True)
-                    running += optimization_step(self.method, x, y, task, plan.stage, plan.optimizer, plan.params,
-                                                 self.autocast, plan.scaler)
+                    loss = optimization_step(self.method, x, y, task, plan.stage, plan.optimizer, plan.params,
+                                             self.autocast, plan.scaler)
+                    running += loss
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                     bar.update()
                     if step == len(loader) - 1 and self.progress:  # one host sync per epoch
                         bar.set_postfix(epoch=f"{epoch + 1}/{plan.epochs}", loss=f"{running.item() / (step + 1):.3f}")
+                self._check_finite(task, plan, epoch, int(first_bad), len(loader))
                 if plan.scheduler is not None:
                     plan.scheduler.step()
                 self._epoch_done(task, plan, epoch, running.item() / max(len(loader), 1), lrs,
@@ -483,6 +492,41 @@ class Run:
             entry["lr_groups"] = lrs
         self.epoch_log.append(entry)
         self.curves.epoch(task.index, entry)
+
+    def _check_finite(self, task: Task, plan: StagePlan, epoch: int, bad_step: int, steps: int) -> None:
+        """After an epoch: a non-finite loss (at ``bad_step``, -1: none) or a non-finite parameter
+        (a non-finite gradient) stops the run, or with ``train.on_divergence=continue`` is noted
+        once per stage in the result. One host sync per epoch."""
+        if bad_step < 0 and bool(torch.stack([p.isfinite().all() for p in plan.params]).all()):
+            return
+        what = (f"the loss is not finite at step {bad_step + 1}/{steps}" if bad_step >= 0
+                else f"a parameter is not finite after step {steps}/{steps} (its gradient was not)")
+        where = (f"task {task.index + 1}/{task.num_tasks}, stage {plan.stage.name}, "
+                 f"epoch {epoch + 1}/{plan.epochs}")
+        if self.config.train.on_divergence == "continue":
+            if (task.index, plan.stage.name) not in self._diverged_stages:  # the first epoch of each stage
+                self._diverged_stages.add((task.index, plan.stage.name))
+                self.diverged.append(f"{where}: {what}")
+                tqdm.write(f"[{self.key}] warning: training diverged in {where}: {what}; going on "
+                           f"(train.on_divergence=continue)")
+            return
+        lr = max(g["lr"] for g in plan.optimizer.param_groups)
+        kept = (f"its checkpoint after task {task.index} is kept" if task.index else "no checkpoint was written")
+        raise DivergenceError(
+            f"training diverged in {where}: {what}; the learning rate ({lr:g}) is the likely "
+            f"cause: lower train.lr (or set train.grad_clip) and rerun; the run is failed and wrote no "
+            f"result, {kept} (--set train.on_divergence=continue trains on regardless)")
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The run's checkpoint, or None: there is none, or it does not read back (it is then
+        moved aside, and the run starts over)."""
+        if not self.checkpoint_path.exists():
+            return None
+        try:
+            return record.read_checkpoint(self.checkpoint_path)
+        except CorruptFileError as err:
+            files.set_aside(self.checkpoint_path, err.why, "checkpoint", "the run starts over from task 1")
+            return None
 
     @torch.no_grad()
     def _evaluate(self, t: int) -> tuple[list[int], list[int]]:
@@ -523,8 +567,10 @@ class Run:
         total = [[0] * T for _ in range(T)]
         records: list[TaskRecord] = []
         first = 0
-        if self.checkpoint_path.exists():
-            ckpt = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.diverged: list[str] = []
+        self._diverged_stages: set[tuple[int, str]] = set()
+        ckpt = self._read_checkpoint()
+        if ckpt is not None:
             if without_execution_settings(ckpt["config"]) != cfg.identity():
                 raise RuntimeError(f"{self.checkpoint_path} was written by a different configuration; "
                                    f"delete it or rerun with --force")
@@ -536,6 +582,7 @@ class Run:
             correct, total = ckpt["correct"], ckpt["total"]
             records = [TaskRecord(**r) for r in ckpt["tasks"]]
             started -= ckpt["elapsed_s"]
+            self.diverged = list(ckpt.get("diverged", []))
             set_rng_state(ckpt["rng"])
             tqdm.write(f"[{self.key}] resuming after task {first}/{T} from {self.checkpoint_path}")
         self.on_progress(first, T, time.time() - started)
@@ -567,10 +614,11 @@ class Run:
             tqdm.write(f"[{self.key}] task {t + 1}/{T}: acc over {task.num_seen} seen classes "
                        f"{acc_t:.2f}%  ({t1 - t0:.1f}s train, {t2 - t1:.1f}s eval)")
             if t < T - 1:
-                atomic_torch_save(self.checkpoint_path, {
+                record.write_checkpoint(self.checkpoint_path, {
                     "config": cfg.to_dict(), "completed_tasks": t + 1, "method": self.method.state_dict(),
                     "rng": rng_state(), "correct": correct, "total": total,
-                    "tasks": [dataclasses.asdict(r) for r in records], "elapsed_s": time.time() - started})
+                    "tasks": [dataclasses.asdict(r) for r in records], "elapsed_s": time.time() - started,
+                    "diverged": self.diverged})
             self.on_progress(t + 1, T, time.time() - started)
 
         result = RunResult(
@@ -581,7 +629,8 @@ class Run:
             data=self.data_provenance, environment=environment(self.device), tasks=records,
             accuracy_matrix={"correct": correct, "total": total}, metrics=summarize(correct, total),
             cost=records[-1].cost, wall_time_s=time.time() - started,
-            finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv)
+            finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), argv=sys.argv,
+            diverged=self.diverged)
         record.write_result(self.result_path, result)
         self.checkpoint_path.unlink(missing_ok=True)
         self.curves.close()
@@ -596,7 +645,7 @@ def save_model(path: Path, method: CLMethod, config: RunConfig, scenario: Scenar
     run's configuration and class order, and for a method that merges its updates into the
     backbone (``inference_backbone``) that merged backbone, a plain timm ViT, on its own."""
     merged = getattr(method, "inference_backbone", None)
-    atomic_torch_save(path, {
+    files.atomic_torch_save(path, {
         "format": MODEL_FORMAT, "config": config.to_dict(), "completed_tasks": completed_tasks,
         "class_order": scenario.order, "task_sizes": scenario.sizes,
         "method": {k: v.detach().cpu() for k, v in method.state_dict().items()},

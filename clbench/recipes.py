@@ -57,7 +57,6 @@ def resolve_config(benchmark: str, num_tasks: int, method: str, seed: int,
     update_dataclass(run.train, merged.get("train", {}), "train")
     run.train.validate()
     update_dataclass(run.data, merged.get("data", {}), "data")
-    run.data.validate()
     run.method_args = dataclasses.asdict(build_dataclass(method_cls.Config, merged.get("method", {}), "method"))
     run.tag = overrides_tag(overrides)  # command-line overrides that change the numbers: a run of its own
     if run.tag:

@@ -11,19 +11,25 @@ Layout under the results root (``--out``, default ``$CLBENCH_RESULTS`` or ``./re
     tables/, figures/                  written by ``clbench report``
 
 A result file is one ``RunResult`` as JSON, written by ``write_result`` and read by
-``read_result`` alone, with ``SCHEMA_VERSION``. Every metric a report shows is recomputed from
+``read_result`` alone, with ``SCHEMA_VERSION`` and a checksum of its content. A checkpoint is
+written by ``write_checkpoint`` and read by ``read_checkpoint``, with ``CHECKPOINT_FORMAT`` and
+a checksum of its tensors and counts. A file that does not read back raises ``CorruptFileError``
+(its caller moves it aside and redoes the run). Every metric a report shows is recomputed from
 its accuracy matrix of counts; the ``metrics`` it carries are for a reader of the file.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from clbench.files import atomic_write_json
+from clbench.errors import CorruptFileError, UserError
+from clbench.files import atomic_torch_save, atomic_write_json, json_checksum, read_checked_json
 
 # 2: the method's and the benchmark's titles travel with the result (``method_info``, ``benchmark_title``),
 #    clbench's version and a dirty flag that counts untracked files are in ``environment``.
@@ -31,6 +37,7 @@ from clbench.files import atomic_write_json
 SCHEMA_VERSION = 3
 # schema 1 files read with the method's and benchmark's names as titles; 1 and 2 with no curves
 READABLE_SCHEMAS = (1, 2, 3)
+CHECKPOINT_FORMAT = 1  # a checkpoint without one (written before formats) is read without its checksum
 
 
 def default_root() -> Path:
@@ -119,6 +126,8 @@ class RunResult:
     finished_at: str = ""
     argv: list[str] = field(default_factory=list)
     non_finite: list[str] = field(default_factory=list)  # values written as null, and what they were
+    # where training went non-finite and went on (train.on_divergence=continue); empty: it did not
+    diverged: list[str] = field(default_factory=list)
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -140,18 +149,85 @@ class RunResult:
 
 
 def write_result(path: Path, result: RunResult) -> None:
-    atomic_write_json(path, result.to_dict())
+    atomic_write_json(path, result.to_dict(), checksum=True)
 
 
 def read_result(path: Path) -> RunResult:
-    with open(path) as f:
-        data = json.load(f)
+    """The result in ``path``; ``CorruptFileError`` when it does not read back whole (not JSON,
+    a wrong checksum, fields missing, an accuracy matrix that is not num_tasks x num_tasks)."""
+    data = read_checked_json(path)
     if data.get("schema") not in READABLE_SCHEMAS:
-        raise ValueError(f"{path}: result schema {data.get('schema')} is not one of {READABLE_SCHEMAS}")
-    return RunResult.from_dict(data)
+        raise UserError(f"{path}: result schema {data.get('schema')} is not one of {READABLE_SCHEMAS} "
+                        f"(written by another clbench version?)")
+    try:
+        result = RunResult.from_dict(data)
+        n, matrix = result.num_tasks, result.accuracy_matrix
+        if any(len(matrix[k]) != n or any(len(row) != n for row in matrix[k]) for k in ("correct", "total")):
+            raise ValueError(f"its accuracy matrix is not {n} x {n}")
+    except (TypeError, KeyError, ValueError) as err:
+        raise CorruptFileError(path, f"not a result: {err}") from err
+    return result
 
 
 def iter_results(root: Path) -> Iterator[tuple[Path, RunResult]]:
-    """Every finished run under ``root/runs`` (any depth), in path order."""
+    """Every finished run under ``root/runs`` (any depth), in path order. A result file that
+    does not read back is skipped with a warning, and their count is told at the end."""
+    corrupt = 0
     for path in sorted((Path(root) / "runs").rglob("*.json")):
-        yield path, read_result(path)
+        try:
+            result = read_result(path)
+        except CorruptFileError as err:
+            corrupt += 1
+            print(f"warning: skipped {err}; rerun the sweep to redo it", file=sys.stderr)
+            continue
+        yield path, result
+    if corrupt:
+        print(f"warning: {corrupt} corrupt result file(s) skipped", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_digest(ckpt: dict[str, Any]) -> str:
+    """sha256 over the checkpoint's method state (names, dtypes, shapes, bytes) and the JSON of
+    its counts, task records and configuration: torch's zip format checks no content."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, value in ckpt["method"].items():
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(value.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    rest = {k: ckpt[k] for k in ("config", "completed_tasks", "correct", "total", "tasks")}
+    h.update(json_checksum(json.loads(json.dumps(rest))).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    """A run's checkpoint (a mapping with ``config``, ``completed_tasks``, ``method`` (a state
+    dict), ``rng``, ``correct``, ``total``, ``tasks`` and ``elapsed_s``), atomically, with its
+    format and checksum."""
+    atomic_torch_save(path, {**ckpt, "format": CHECKPOINT_FORMAT, "checksum": _checkpoint_digest(ckpt)})
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint in ``path``; ``CorruptFileError`` when it does not load or its checksum
+    does not match."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated zips, bad pickles, ...: whatever torch says
+        raise CorruptFileError(path, f"does not load: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from err
+    try:
+        if "checksum" in ckpt and ckpt["checksum"] != _checkpoint_digest(ckpt):
+            raise ValueError("its checksum does not match its content")
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise CorruptFileError(path, f"not a checkpoint: {err}") from err
+    return ckpt

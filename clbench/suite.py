@@ -24,13 +24,14 @@ from clbench.preflight import (
     forecast,
     format_checks,
     format_forecast,
+    output_check,
     raise_problems,
     read_speed_figures,
 )
 from clbench.report.aggregate import quick_table
 from clbench.report.command import write_report
 from clbench.slurm import launcher
-from clbench.sweep import PlannedRun, plan_from_args, run_local, run_parallel
+from clbench.sweep import PlannedRun, plan_from_args, run_local, run_parallel, tidy
 
 
 def grid_summary(items: list[str]) -> str:
@@ -71,11 +72,22 @@ def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list
     that a loader has to write goes to ``<out>/splits``, or to a temporary folder under
     ``--dry-run`` (which writes nothing)."""
     runs, out = plan_from_args(args)
+    output = output_check(runs, out, concurrent_runs(runs, args), create=not args.dry_run)
     with contextlib.ExitStack() as stack:
-        splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if args.dry_run else out / "splits"
-        checks = check_plan(runs, splits)
+        elsewhere = args.dry_run or output.problem is not None  # nothing goes into a folder that failed
+        splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if elsewhere else out / "splits"
+        checks = [output, *check_plan(runs, splits)]
     raise_problems(checks)
     return runs, out, checks
+
+
+def concurrent_runs(runs: list[PlannedRun], args: argparse.Namespace) -> int:
+    """How many of the plan's unfinished runs train at the same time (and hold checkpoints)."""
+    todo = sum(not r.done for r in runs)
+    if getattr(args, "launcher", "local") != "local":  # (preflight has none: as a serial sweep)
+        return todo
+    devices, jobs = getattr(args, "devices", None), getattr(args, "jobs", 1)
+    return min(todo, len(devices) if devices else max(jobs, 1))
 
 
 def forecast_for(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[launcher.SlurmProfile, list[Forecast]]:
@@ -101,9 +113,9 @@ def fit_or_refuse(runs: list[PlannedRun], args: argparse.Namespace) -> None:
 def preflight_main(args: argparse.Namespace) -> int:
     """``clbench preflight``: every check of the plan, and its forecast against the profile.
     Exit 0: it passes and fits; 1: a run would not fit; 2: a check failed."""
-    runs, _ = plan_from_args(args)  # names, tasks and seeds: a problem there stops here
+    runs, out = plan_from_args(args)  # names, tasks and seeds: a problem there stops here
     with tempfile.TemporaryDirectory() as splits:
-        checks = check_plan(runs, Path(splits))
+        checks = [output_check(runs, out, concurrent_runs(runs, args), create=False), *check_plan(runs, Path(splits))]
     todo = sum(not r.done for r in runs)
     print(f"{len(runs)} runs planned, {todo} to run\nchecks:\n" + (format_checks(checks) or "(nothing to run)"))
     profile, forecasts = forecast_for(runs, args)
@@ -128,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
                 os.replace(r.result_path, r.result_path.with_name(r.result_path.name + ".prev"))
             record.checkpoint_path(out, r.key).unlink(missing_ok=True)  # else it would resume
             r.done = False
+    tidy(runs, out)  # what killed writers left beside the finished runs' files
     todo = [r for r in runs if not r.done]
     if grid_summary(args.overrides):
         print(grid_summary(args.overrides))
@@ -139,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if args.launcher == "local" and (args.jobs > 1 or args.devices):
         failures = run_parallel(todo, out, args.jobs, args.devices, args.threads)
     elif args.launcher == "local":
-        failures = run_local(todo, out, progress=not args.no_progress)
+        failures = run_local(todo, out, progress=not args.no_progress)  # SIGTERM stops it as Ctrl-C does
     else:
         fit_or_refuse(todo, args)
         failures = launcher.launch(todo, args, out)

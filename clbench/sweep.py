@@ -10,7 +10,16 @@ launcher's job wrapper writes a failure with its traceback (``record_failure``).
 written atomically and never read by reports: results come from result files only.
 
 A run is claimed before it trains (``claim``: a record lock on ``<out>/claims/<key>.lock``), so
-concurrent sweeps and jobs on one results root train each run once. ``run_parallel`` runs a plan
+concurrent sweeps and jobs on one results root train each run once. The claim's holder alone
+writes the run's files: it removes the temporary files that a killed holder left, and moves a
+result file that does not read back aside (``*.corrupt``) and redoes the run.
+
+A run that fails for a reason its message states (``RunFailed``: its training diverged) is
+recorded failed with that message, and a serial sweep goes on with the other runs; a
+``UserError`` (bad data, a full disk) is recorded and stops the sweep, its message on one line.
+SIGTERM, like Ctrl-C, stops a serial sweep at once (``stop_on_signals``): every file is
+complete or absent, the run's last checkpoint holds its finished tasks, and running the same
+command again resumes it. ``run_parallel`` runs a plan
 in a process pool on this machine, one worker per device (or ``--jobs`` workers).
 """
 from __future__ import annotations
@@ -20,8 +29,10 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,7 +54,7 @@ from clbench.catalog import (
     unique_seeds,
 )
 from clbench.config import RunConfig
-from clbench.errors import PlanError, UserError
+from clbench.errors import CorruptFileError, PlanError, RunFailed, UserError
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import run
 from clbench.recipes import resolve_config
@@ -55,6 +66,17 @@ class PlannedRun:
     key: str
     result_path: Path
     done: bool
+
+
+def finished(path: Path) -> bool:
+    """Whether ``path`` holds a result that reads back (a corrupt one is redone by ``run_job``)."""
+    if not path.exists():
+        return False
+    try:
+        record.read_result(path)
+    except CorruptFileError:
+        return False
+    return True
 
 
 def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
@@ -80,7 +102,7 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
                     if data_root is not None:
                         cfg.data.root = data_root
                     path = record.result_path(out_root, cfg.key)
-                    runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, path.exists()))
+                    runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, finished(path)))
     return list(runs.values())
 
 
@@ -114,15 +136,26 @@ def status_path(out_root: Path, key: str) -> Path:
 
 
 def read_status(out_root: Path, key: str) -> dict[str, Any] | None:
-    """The run's status record, or None when there is none (or it cannot be read)."""
-    return files.read_json(status_path(out_root, key))
+    """The run's status record, or None when there is none; one that does not read back is
+    moved aside (``*.corrupt``) and the run has none."""
+    path = status_path(out_root, key)
+    try:
+        return files.read_checked_json(path)
+    except FileNotFoundError:
+        return None
+    except CorruptFileError as err:
+        with contextlib.suppress(FileNotFoundError):  # another reader moved it first
+            files.set_aside(path, err.why, "status record", "a new one is started")
+        return None
+    except OSError:  # unreadable (permissions): no record to show
+        return None
 
 
 def update_status(out_root: Path, key: str, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the run's status record (atomically) and return the record."""
     record = read_status(out_root, key) or {}
     record.update(fields, updated_at=time.time())
-    files.atomic_write_json(status_path(out_root, key), record)
+    files.atomic_write_json(status_path(out_root, key), record, checksum=True)
     return record
 
 
@@ -138,8 +171,18 @@ def job_identity() -> dict[str, Any]:
 
 
 def record_failure(out_root: Path, key: str, error: str) -> None:
-    """Mark the run failed with its traceback; called by the launcher that ran the job."""
-    update_status(out_root, key, state="failed", error=error, **job_identity())
+    """Mark the run failed with its traceback or message; called by the launcher that ran the
+    job. A status record that cannot be written (a full disk) is not worth a second error."""
+    with contextlib.suppress(OSError, UserError):
+        update_status(out_root, key, state="failed", error=error, **job_identity())
+
+
+def failure_text(err: BaseException) -> str:
+    """How a failed run's error is recorded: a ``RunFailed``'s or ``UserError``'s message (it
+    says everything), any other exception's traceback."""
+    if isinstance(err, (RunFailed, UserError)):
+        return str(err)
+    return "".join(traceback.format_exception(err))
 
 
 def claim_path(out_root: Path, key: str) -> Path:
@@ -174,6 +217,26 @@ def holder(out_root: Path, key: str) -> str:
     return who or "another process"
 
 
+def remove_leftovers(out_root: Path, key: str) -> None:
+    """Remove the temporary files a killed holder of the run's claim left beside its result,
+    checkpoint and status record; only the claim's holder may."""
+    for written in (record.result_path(out_root, key), record.checkpoint_path(out_root, key),
+                    status_path(out_root, key)):
+        files.remove_temporaries(written)
+
+
+def tidy(runs: list[PlannedRun], out_root: Path) -> None:
+    """``remove_leftovers`` of the plan's finished runs (``run_job`` does it for the others)
+    that no live process holds: a process killed while it wrote a status record after the
+    result. Only finished runs: nobody claims those again, so holding their claim a moment
+    makes no job skip its run."""
+    for r in runs:
+        if r.done:
+            with claim(out_root, r.key) as claimed:
+                if claimed:
+                    remove_leftovers(Path(out_root), r.key)
+
+
 def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any] | None:
     """The job entry point of every launcher: run one configuration and return its metrics.
     A finished run (its result file exists) is not run again. The run is claimed first
@@ -184,14 +247,18 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
     cfg = RunConfig.from_dict(config)
     key = cfg.key
     path = record.result_path(Path(out_root), key)
-    if path.exists():
+    if finished(path):
         return record.read_result(path).metrics
     with claim(Path(out_root), key) as claimed:
         if not claimed:
             print(f"[{key}] skipped: being trained by {holder(Path(out_root), key)}", flush=True)
             return None
-        if path.exists():  # finished by the process that held the claim before us
-            return record.read_result(path).metrics
+        remove_leftovers(Path(out_root), key)
+        if path.exists():  # finished by the process that held the claim before us, or corrupt
+            try:
+                return record.read_result(path).metrics
+            except CorruptFileError as err:
+                files.set_aside(path, err.why, "result file", "the run is redone")
         return _run_claimed(cfg, out_root, progress)
 
 
@@ -213,20 +280,69 @@ def _run_claimed(cfg: RunConfig, out_root: str, progress: bool) -> dict[str, Any
     return result.metrics
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM) that stops a sweep as Ctrl-C does; ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``Interrupted`` (a ``KeyboardInterrupt``, as Ctrl-C
+    does) in the main thread: the run stops at once, its files complete or absent, its claim
+    released. Elsewhere than the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def record_interruption(out_root: Path, key: str, num_tasks: int, where: str) -> None:
+    """Mark the run interrupted (if this process was training it), and say how far it got and
+    how to resume (on stderr)."""
+    status = read_status(out_root, key) or {}
+    done = status.get("tasks_done", 0)
+    if status.get("pid") == os.getpid() and status.get("host") == socket.gethostname():
+        with contextlib.suppress(OSError, UserError):
+            update_status(out_root, key, state="interrupted", error=None)
+    kept = f"its checkpoint holds tasks 1-{done}" if done else "no task had finished"
+    print(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
+          f"run the same command again to resume", file=sys.stderr, flush=True)
+
+
 def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
     """Run the plan in this process, one run after the other. Returns the failures
-    (run, traceback); a failing run does not stop the others."""
+    (run, traceback or message); a failing run does not stop the others, a ``UserError`` (bad
+    data, a full disk) is recorded and stops the sweep, and so does SIGTERM or Ctrl-C
+    (``stop_on_signals``; the run is recorded interrupted and resumes when run again)."""
     failures = []
-    for i, r in enumerate(runs):
-        print(f"[{i + 1}/{len(runs)}] {r.key}", flush=True)
-        try:
-            run_job(r.config.to_dict(), str(out_root), progress)
-        except UserError:
-            raise  # the user must fix these; every later run would fail the same way
-        except Exception:  # keep going: one broken run must not cost the rest of the sweep
-            failures.append((r, traceback.format_exc()))
-            record_failure(out_root, r.key, failures[-1][1])
-            print(f"[{i + 1}/{len(runs)}] {r.key} FAILED:\n{failures[-1][1]}", flush=True)
+    with stop_on_signals():
+        for i, r in enumerate(runs):
+            where = f"[{i + 1}/{len(runs)}]"
+            print(f"{where} {r.key}", flush=True)
+            try:
+                run_job(r.config.to_dict(), str(out_root), progress)
+            except UserError as err:
+                record_failure(out_root, r.key, failure_text(err))
+                raise  # the user must fix these; every later run would fail the same way
+            except KeyboardInterrupt:
+                record_interruption(out_root, r.key, r.config.num_tasks, where)
+                raise
+            except Exception as err:  # keep going: one broken run must not cost the rest of the sweep
+                failures.append((r, failure_text(err)))
+                record_failure(out_root, r.key, failures[-1][1])
+                sep = " " if isinstance(err, RunFailed) else "\n"
+                print(f"{where} {r.key} FAILED:{sep}{failures[-1][1]}", flush=True)
     return failures
 
 
@@ -253,9 +369,10 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
     try:
         metrics = run_job(config, out_root, progress=False)
     except UserError as err:
+        record_failure(Path(out_root), RunConfig.from_dict(config).key, str(err))
         return "user_error", str(err)
-    except Exception:  # recorded like a serial sweep's failure; the other runs go on
-        error = traceback.format_exc()
+    except Exception as err:  # recorded like a serial sweep's failure; the other runs go on
+        error = failure_text(err)
         record_failure(Path(out_root), RunConfig.from_dict(config).key, error)
         return "failed", error
     return ("skipped", None) if metrics is None else ("done", None)

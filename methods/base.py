@@ -40,6 +40,7 @@ and a ``Config`` dataclass, plus its recipe ``benchmarks/recipes/<name>.yaml``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
@@ -48,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_ as timm_trunc_normal_
 
-from clbench.config import TrainConfig
+from clbench.config import TrainConfig, check_choices
 from clbench.errors import ConfigError
 from clbench.record import MethodInfo
 from clbench.task import CostReport, Stage, Task
@@ -73,6 +74,8 @@ class CLMethod(nn.Module):
 
     def __init__(self, backbone: nn.Module, config: Any, num_classes: int, num_tasks: int):
         super().__init__()
+        if dataclasses.is_dataclass(config):
+            check_choices(config, "method")  # its one_of keys, for a Config built directly
         self.backbone = backbone
         self.config = config
         self.num_classes = num_classes

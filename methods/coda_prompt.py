@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.config import one_of
+from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
 INITS = ("gram_schmidt", "orthogonal")
@@ -119,14 +120,12 @@ class CodaPrompt(PromptMethod):
         length: int = 8  # prompt tokens per layer: length/2 key prefix + length/2 value prefix
         layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
         ortho_weight: float = 0.0  # current official code 0; the paper's code 0.1 x 1e-6 = 1e-7
-        init: str = "gram_schmidt"  # gram_schmidt (current code) | orthogonal (the paper's code)
-        head_init: str = "torch_linear"  # CODA's and PILOT's nn.Linear head; see methods.base.HEAD_INITS
+        init: str = one_of("gram_schmidt", INITS)  # gram_schmidt (current code) | orthogonal (the paper's code)
+        head_init: str = one_of("torch_linear", HEAD_INITS)  # CODA's and PILOT's nn.Linear head; see init_head_rows
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         c, d = config, self.embed_dim
-        if c.init not in INITS:
-            raise ValueError(f"coda_prompt: init='{c.init}' is not one of {', '.join(INITS)}")
         if c.length < 2 or c.length % 2:
             raise ValueError(f"coda_prompt: length={c.length} must be even (half key, half value prefix)")
         self.check_layers("layers", c.layers)

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.config import one_of
+from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
 
@@ -57,7 +58,7 @@ class DualPrompt(PromptMethod):
         test_batchwise_selection: bool = False  # PILOT's batch majority vote at test: leaks labels
         pool_size: int | None = 10  # E-prompts at most (the ports' size); None: one per task, always
         train_batchwise_selection: bool = True  # past the pool: the ports' batch vote in training
-        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
+        head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)

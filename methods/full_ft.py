@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from clbench.methods.base import CLMethod, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
+from clbench.config import one_of
+from clbench.methods.base import (
+    HEAD_INITS,
+    CLMethod,
+    ExpandingLinear,
+    Stage,
+    Task,
+    masked_cross_entropy,
+    register_method,
+)
 
 
 @register_method("full_ft", title="Full Fine-Tuning", paper_row=0)
@@ -19,7 +28,7 @@ class FullFineTuning(CLMethod):
     @dataclass
     class Config:
         mask_old_logits: bool = False  # CODA-Prompt's FT++: CE over the current task's logits only
-        head_init: str = "torch_linear"  # CODA's nn.Linear head (models/zoo.py:374); see HEAD_INITS
+        head_init: str = one_of("torch_linear", HEAD_INITS)  # CODA's nn.Linear head (models/zoo.py:374)
 
     def __init__(self, backbone, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)

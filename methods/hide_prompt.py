@@ -55,9 +55,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clbench.config import TrainConfig
+from clbench.config import TrainConfig, one_of
 from clbench.errors import ConfigError
-from clbench.methods.base import ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.base import HEAD_INITS, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
@@ -121,7 +121,7 @@ class HiDePrompt(PromptMethod):
         tap_batch: int = 120  # samples per cluster per epoch and batch size (official 5 x batch)
         # -- prompt pool
         pool_size: int | None = None  # None: one prompt per task; an int must be >= the task count
-        head_init: str = "trunc_normal"  # both heads: timm's ViT head; see methods.base.HEAD_INITS
+        head_init: str = one_of("trunc_normal", HEAD_INITS)  # both heads: timm's ViT head; see init_head_rows
 
     # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the gradient
     # of other tasks' rows at zero during the prompt stage).

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from clbench.config import one_of
 from clbench.errors import ConfigError
-from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.lora import LoRAMethod, input_second_moments
 
 SUBSPACES = ("dualgpm", "gpm", "none")
@@ -130,13 +131,11 @@ class InfLoRA(LoRAMethod):
         projections: list[str] = field(default_factory=lambda: ["k", "v"])
         lambda_begin: float = 0.98  # lamb: 0.98 ImageNet-R, 0.95 CIFAR-100 and DomainNet
         lambda_end: float = 1.0  # lame
-        subspace: str = "dualgpm"  # dualgpm | gpm (official DomainNet variant) | none (ablation)
+        subspace: str = one_of("dualgpm", SUBSPACES)  # dualgpm | gpm (official DomainNet variant) | none (ablation)
         head_lr: float | None = None  # own lr for the head (DomainNet: fc_lrate 0.01); None: train.lr
-        head_init: str = "torch_linear"  # the official classifier_pool of nn.Linear; see HEAD_INITS
+        head_init: str = one_of("torch_linear", HEAD_INITS)  # the official classifier_pool of nn.Linear
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
-        if config.subspace not in SUBSPACES:
-            raise ConfigError(f"method.subspace '{config.subspace}' is unknown; use one of {list(SUBSPACES)}")
         if config.rank < 1:
             raise ConfigError(f"method.rank must be >= 1, got {config.rank}")
         if not 0 < config.lambda_begin <= config.lambda_end <= 1:

@@ -38,8 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.config import one_of
+from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
+
+PROMPT_MODES = ("input", "prefix")
 
 
 @register_method("l2p", title="L2P", paper_row=1)
@@ -53,15 +56,13 @@ class L2P(PromptMethod):
         train_batchwise_selection: bool = True  # the ports' batch majority vote while training
         test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
         test_vote_batch: int | None = None  # the test vote's group of images (PILOT: its test batch, 32)
-        prompt_mode: str = "input"  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
-        head_init: str = "trunc_normal"  # the ports' timm ViT head; see methods.base.HEAD_INITS
+        prompt_mode: str = one_of("input", PROMPT_MODES)  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
+        head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         if not 1 <= config.top_k <= config.pool_size:
             raise ValueError(f"l2p: top_k={config.top_k} must be between 1 and pool_size={config.pool_size}")
-        if config.prompt_mode not in ("input", "prefix"):
-            raise ValueError(f"l2p: prompt_mode='{config.prompt_mode}' is not one of input, prefix")
         if config.test_vote_batch is not None and config.test_vote_batch < 1:
             raise ValueError(f"l2p: test_vote_batch={config.test_vote_batch} must be at least 1 (or null)")
         if config.prompt_length < 1:

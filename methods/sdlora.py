@@ -40,9 +40,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from clbench.config import TrainConfig
+from clbench.config import TrainConfig, one_of
 from clbench.errors import ConfigError
-from clbench.methods.base import Stage, Task, masked_cross_entropy, register_method
+from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.lora import LoRAMethod, LoRAQKV, factor_sq_norms, product_sq_norms, safe_norm
 
 
@@ -79,16 +79,14 @@ def validate_rank_schedule(schedule: list[list[int]]) -> list[tuple[int, int]]:
 class SDLoRA(LoRAMethod):
     @dataclass
     class Config:
-        variant: str = "official"  # official | paper (see the module docstring)
+        variant: str = one_of("official", tuple(VARIANTS))  # official | paper (see the module docstring)
         rank_schedule: list[list[int]] = field(default_factory=lambda: [[0, 10]])  # [from task, rank]
         projections: list[str] = field(default_factory=lambda: ["q", "v"])  # slices of timm's fused qkv
         init_magnitude: float | None = None  # None: the variant's (0.8 official, 1.0 paper)
         paper_lr: float = 0.008  # Adam's lr under variant: paper (Sec. 4.1)
-        head_init: str = "kaiming_linear"  # PILOT's SimpleLinear (backbone/linears.py); see HEAD_INITS
+        head_init: str = one_of("kaiming_linear", HEAD_INITS)  # PILOT's SimpleLinear (backbone/linears.py)
 
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
-        if config.variant not in VARIANTS:
-            raise ConfigError(f"method.variant '{config.variant}' is unknown; use one of {sorted(VARIANTS)}")
         super().__init__(backbone, config, num_classes, num_tasks, config.projections)
         self.rules = VARIANTS[config.variant]
         self.rank_schedule = validate_rank_schedule(config.rank_schedule)

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from clbench.config import one_of
 from clbench.errors import ConfigError
 from clbench.methods.base import CostReport, Task, register_method
 from clbench.methods.lora import LoRAQKV, projection_gram, safe_norm
@@ -121,15 +122,12 @@ class SDLoRAKnowledgeDistillation(SDLoRA):
     @dataclass
     class Config(SDLoRA.Config):
         kd_threshold: float = 9e-4  # tau (paper Sec. 3.5), compared with kd_residual
-        kd_residual: str = "raw_squared"  # one of RESIDUALS (see the module docstring)
-        kd_scope: str = "per_projection"  # per_projection (LibContinual) | joint (one fit, shared magnitudes)
-        kd_fold: str = "scaled"  # scaled: alpha_k += alpha_t * delta_k; literal: alpha_k += delta_k
+        kd_residual: str = one_of("raw_squared", RESIDUALS)  # one of RESIDUALS (see the module docstring)
+        kd_scope: str = one_of("per_projection", SCOPES)  # per_projection (LibContinual) | joint (one fit, shared magnitudes)
+        kd_fold: str = one_of("scaled", FOLDS)  # scaled: alpha_k += alpha_t * delta_k; literal: alpha_k += delta_k
 
     def __init__(self, backbone, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
-        for key, valid in (("kd_fold", FOLDS), ("kd_residual", RESIDUALS), ("kd_scope", SCOPES)):
-            if getattr(config, key) not in valid:
-                raise ConfigError(f"method.{key} '{getattr(config, key)}' is unknown; use one of {list(valid)}")
         if config.kd_threshold < 0:
             raise ConfigError(f"method.kd_threshold must be >= 0, got {config.kd_threshold}")
         self.register_buffer("magnitude_offsets", torch.zeros(0))  # what joint folds added, per task

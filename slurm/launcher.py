@@ -47,7 +47,6 @@ import string
 import subprocess
 import sys
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +58,14 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 from clbench import files
 from clbench.config import RunConfig, build_dataclass, update_dataclass, without_execution_settings
-from clbench.errors import ConfigError
+from clbench.errors import ConfigError, CorruptFileError
 from clbench.methods import METHODS
 from clbench.options import PROFILE_ENV, add_launcher_arguments, add_sweep_arguments
 from clbench.record import RunResult, read_result, result_path, write_result
 from clbench.report.aggregate import load_runs, quick_table
 from clbench.sweep import (
     PlannedRun,
+    failure_text,
     job_identity,
     plan_from_args,
     read_status,
@@ -274,7 +274,11 @@ def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[st
     if state.job_id is None and record and record.get("host") == socket.gethostname():
         state.job_id = "local"
     if run.result_path.exists():
-        result = read_result(run.result_path)
+        try:
+            result = read_result(run.result_path)
+        except CorruptFileError as err:
+            state.note = f"its result file is corrupt ({err.why}); rerun the sweep to redo it"
+            return state
         state.state, state.tasks_done, state.elapsed_s = "done", run.config.num_tasks, result.wall_time_s
         return state
     job_state = slurm.get(source.get("job_id") or "", "")
@@ -335,7 +339,7 @@ def format_states(states: list[RunState], error_lines: int = 5) -> str:
         note = _last_line(s.error) if s.state == "failed" else s.note
         out.append(f"{s.state:11s} {s.key:{width}s} {s.job_id or '-':>{job_width}s} {task:>7s} "
                    f"{_duration(s.elapsed_s):>8s}  {note}".rstrip())
-        if s.state == "failed" and error_lines > 0:
+        if s.state == "failed" and error_lines > 0 and "\n" in (s.error or "").strip():  # else the note has it
             out += [f"    | {line}" for line in _tail(s.error, error_lines).splitlines()]
             if s.log:
                 out.append(f"    | log: {s.log}")
@@ -389,8 +393,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         _limit_threads()
         try:
             return run_job(config, out_root, progress=False)
-        except Exception:
-            record_failure(Path(out_root), RunConfig.from_dict(config).key, traceback.format_exc())
+        except Exception as err:
+            record_failure(Path(out_root), RunConfig.from_dict(config).key, failure_text(err))
             raise
 
     def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
@@ -622,7 +626,11 @@ def collect_main(args: argparse.Namespace) -> int:
     for r in runs:
         candidates = [result_path(source, r.key) for source in args.sources] if not r.done else []
         for path in filter(Path.exists, candidates):
-            result = read_result(path)
+            try:
+                result = read_result(path)
+            except CorruptFileError as err:
+                print(f"[collect] skipped {err}")
+                continue
             if not _same_run(result, r):
                 print(f"[collect] skipped {path}: made by another configuration than this sweep's {r.key}")
                 continue

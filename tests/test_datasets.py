@@ -104,16 +104,25 @@ def test_imr_raw_split_is_stratified_80_20_written_once_and_reused(tmp_path, mon
     assert len(list(splits.glob("imr_split_*.json"))) == 2 and len(train3) + len(test3) == 31
 
 
-def test_imr_split_file_edited_into_nonsense_is_an_error(tmp_path):
+@pytest.mark.parametrize("damage", ["edited", "truncated"])
+def test_imr_split_file_that_does_not_read_back_is_set_aside_and_made_again(tmp_path, capsys, damage):
     data = tmp_path / "imagenet-r"
     class_tree(data, WNIDS, 5)
     D.load_imagenet_r(data, TO_TENSOR, TO_TENSOR, tmp_path, num_classes=3)
     split_file = next(tmp_path.glob("imr_split_*.json"))
-    doc = json.loads(split_file.read_text())
-    doc["test"].append(doc["train"][0])
-    split_file.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=f"{split_file.name} does not partition.*delete"):
-        D.load_imagenet_r(data, TO_TENSOR, TO_TENSOR, tmp_path, num_classes=3)
+    original = split_file.read_bytes()
+    if damage == "edited":  # valid JSON, but not a partition of the images any more
+        doc = json.loads(original)
+        doc["test"].append(doc["train"][0])
+        split_file.write_text(json.dumps(doc))
+    else:
+        split_file.write_bytes(original[: len(original) // 2])
+    damaged = split_file.read_bytes()
+    D.load_imagenet_r(data, TO_TENSOR, TO_TENSOR, tmp_path, num_classes=3)
+    err = capsys.readouterr().err
+    assert f"split file {split_file} is corrupt" in err and "moved to " + split_file.name + ".corrupt" in err
+    assert split_file.read_bytes() == original  # the split is a function of the images: the same again
+    assert split_file.with_name(split_file.name + ".corrupt").read_bytes() == damaged  # kept, never deleted
 
 
 def test_imr_split_lists_yaml_with_prefix_keep_their_labels(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from clbench import files, protocol, record
+from clbench import files, record
 from clbench.benchmarks import BENCHMARKS
 from clbench.methods import METHODS
 from clbench.protocol import Run
@@ -84,7 +84,7 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
         return real_train(self, task)
 
     with monkeypatch.context() as m:
-        m.setattr(protocol, "atomic_torch_save", save_then_crash)
+        m.setattr(record, "atomic_torch_save", save_then_crash)
         m.setattr(Run, "_train_task", train_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
@@ -114,7 +114,7 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, monkeypatch):
             real_save(path, obj)
             raise Crash
 
-        m.setattr(protocol, "atomic_torch_save", save_then_crash)
+        m.setattr(record, "atomic_torch_save", save_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
     config.train.lr *= 2  # same run key, different numbers: resuming would mix two recipes

@@ -15,7 +15,7 @@ import pytest
 import submitit
 import torch
 
-from clbench import record
+from clbench import protocol, record
 from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main
 from clbench.errors import ConfigError
@@ -127,11 +127,17 @@ def test_requeue_is_refused_after_stalled_attempts(tmp_path):
         note_requeue(out, key, max_stalled=2)
 
 
-def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_thread):
+def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_thread, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     assert main(TOY + ["--seeds", "0", "--out", str(elsewhere)]) == 0
     assert main(TOY + ["--seeds", "1"]) == 0
-    assert main(TOY + ["--seeds", "0", "--set", "train.optimizer=nope"]) == 1  # fails inside the run
+
+    def broken(self, task):
+        raise ValueError("unknown optimizer 'nope'")
+
+    with monkeypatch.context() as m:  # a bug inside the run: failed, with its traceback
+        m.setattr(protocol.Run, "_train_task", broken)
+        assert main(TOY + ["--seeds", "0", "--set", "train.lr=0.004"]) == 1
     capsys.readouterr()
 
     assert main(["status"] + TOY + ["--seeds", "0,1", "--launcher", "slurm", "--profile", "gpu"]) == 0  # the sweep's line
@@ -139,7 +145,7 @@ def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_th
     assert lines[1].split()[:2] == ["todo", "toy/N3/full_ft/seed0"]
     assert lines[2].split()[:4] == ["done", "toy/N3/full_ft/seed1", "local", "3/3"]
     assert lines[-1] == "2 runs: 1 done, 1 todo"
-    assert main(["status"] + TOY[:-1] + ["--seeds", "0", "--set", "train.optimizer=nope", "--lines", "2"]) == 0
+    assert main(["status"] + TOY[:-1] + ["--seeds", "0", "--set", "train.lr=0.004", "--lines", "2"]) == 0
     out = capsys.readouterr().out
     assert "failed" in out and "ValueError: unknown optimizer 'nope'" in out and "    | " in out
 

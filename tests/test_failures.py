@@ -1,0 +1,473 @@
+"""When things go wrong: each case a user met (a diverged run, a corrupt file, a full disk, an
+output folder that cannot be written, a bad enum value, a corrupt image read by DataLoader
+workers) gets its exit status, one message without a traceback, and a safe state on disk
+(nothing half-written, the last good checkpoint kept, a corrupt file set aside as ``*.corrupt``).
+Runs are the command line in this process on the tests' ``toy`` benchmark."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from clbench import files, preflight, record
+from clbench.cli import main
+from clbench.config import DataConfig, TrainConfig
+from clbench.errors import ConfigError, DataError
+from clbench.loading import seeded_loader
+from clbench.methods import METHODS, get_method
+from clbench.recipes import resolve_config
+from clbench.sweep import read_status, status_path
+
+ONE_EPOCH = {"train": {"epochs": 1}}  # a toy run in a few seconds
+TOY = ["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train.epochs=1", "--no-progress"]
+KEY = resolve_config("toy", 3, "full_ft", 0, overrides=ONE_EPOCH).key
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sweep(out: Path, *extra: str) -> int:
+    return main([*TOY, "--out", str(out), *extra])
+
+
+def numbers(result_file: Path) -> dict:
+    r = json.loads(result_file.read_text())
+    return {"accuracy_matrix": r["accuracy_matrix"], "metrics": r["metrics"]}
+
+
+def temporaries(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.tmp"))
+
+
+def no_traceback(text: str) -> bool:
+    return "Traceback" not in text and 'File "' not in text
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """The numbers of an uninterrupted toy run."""
+    out = tmp_path_factory.mktemp("reference")
+    assert sweep(out) == 0
+    return numbers(record.result_path(out, KEY))
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_a_diverged_run_fails_with_where_and_why_and_keeps_its_last_checkpoint(tmp_path, capsys):
+    lr = ["--set", "train.lr=1e12", "--set", "train.first_task_lr=0.003"]  # task 1 trains, task 2 diverges
+    assert sweep(tmp_path, *lr) == 1
+    out = capsys.readouterr().out
+    key = next((tmp_path / "status").rglob("*.json")).relative_to(tmp_path / "status").with_suffix("").as_posix()
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and no_traceback(out)
+    assert "training diverged in task 2/3, stage train, epoch 1/1: the loss is not finite at step" in failed[0]
+    assert "learning rate (1e+12) is the likely cause" in failed[0]
+    assert "1 run(s) failed" in out
+    assert not record.result_path(tmp_path, key).exists()  # no result: it is in no table
+    assert record.read_checkpoint(record.checkpoint_path(tmp_path, key))["completed_tasks"] == 1  # kept
+    status = read_status(tmp_path, key)
+    assert status["state"] == "failed" and status["error"].startswith("training diverged in task 2/3")
+    assert main(["status", *TOY[:-1], "--out", str(tmp_path), *lr]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.startswith("failed") and "training diverged in task 2/3" in line
+    assert temporaries(tmp_path) == []
+
+
+def test_on_divergence_continue_trains_on_and_records_where(tmp_path, capsys):
+    assert sweep(tmp_path, "--set", "train.lr=1e12", "--set", "train.on_divergence=continue") == 0
+    result = record.read_result(next((tmp_path / "runs").rglob("*.json")))
+    assert result.config["train"]["on_divergence"] == "continue"
+    assert result.diverged and result.diverged[0].startswith("task 1/3, stage train, epoch 1/1: the loss is not finite")
+    assert "warning: training diverged in task 1/3" in capsys.readouterr().out
+
+
+def test_a_non_finite_gradient_is_divergence_too(tmp_path, monkeypatch):
+    """A finite loss whose gradient is not: the parameters go non-finite at the step."""
+    from clbench import protocol
+
+    real_step = protocol.optimization_step
+    steps = [0]
+
+    def poisoned_step(method, x, y, task, stage, optimizer, params, autocast):
+        loss = real_step(method, x, y, task, stage, optimizer, params, autocast)
+        steps[0] += task.index == 1
+        if steps[0] == 2:  # the last of task 2's two steps: no later loss shows it
+            with torch.no_grad():
+                params[0].fill_(float("inf"))  # what an optimizer step on an infinite gradient leaves
+        return loss
+
+    monkeypatch.setattr(protocol, "optimization_step", poisoned_step)
+    run = protocol.Run(resolve_config("toy", 3, "full_ft", 0, overrides=ONE_EPOCH, device="cpu"), tmp_path,
+                       progress=False)
+    with pytest.raises(protocol.DivergenceError, match="task 2/3, stage train, epoch 1/1: a parameter is not finite"):
+        run.execute()
+
+
+# ----------------------------------------------------------------------------- corrupt files
+
+
+def test_a_truncated_result_is_set_aside_and_redone_and_report_skips_it(tmp_path, capsys, reference):
+    assert sweep(tmp_path) == 0 and sweep(tmp_path, "--seeds", "1") == 0
+    path = record.result_path(tmp_path, KEY)
+    damaged = path.read_bytes()[:-200]
+    path.write_bytes(damaged)
+    capsys.readouterr()
+
+    assert main(["report", "--out", str(tmp_path)]) == 0  # the other run's tables
+    captured = capsys.readouterr()
+    assert f"warning: skipped {path} is corrupt (not valid JSON" in captured.err
+    assert "1 corrupt result file(s) skipped" in captured.err and no_traceback(captured.err)
+    assert "one run (seed 1)" in captured.out
+    assert main(["status", *TOY[:-1], "--out", str(tmp_path)]) == 0
+    assert "its result file is corrupt" in capsys.readouterr().out
+
+    assert sweep(tmp_path) == 0  # the run is redone
+    err = capsys.readouterr().err
+    assert f"warning: result file {path} is corrupt" in err and "moved to seed0.json.corrupt" in err
+    assert numbers(path) == reference
+    assert path.with_name("seed0.json.corrupt").read_bytes() == damaged  # kept, never deleted
+
+
+def test_a_result_whose_numbers_were_changed_fails_its_checksum(tmp_path):
+    assert sweep(tmp_path) == 0
+    path = record.result_path(tmp_path, KEY)
+    doc = json.loads(path.read_text())
+    doc["accuracy_matrix"]["correct"][0][0] += 1  # valid JSON, a plausible number: only the checksum tells
+    path.write_text(json.dumps(doc))
+    with pytest.raises(record.CorruptFileError, match="checksum does not match"):
+        record.read_result(path)
+
+
+def interrupted_after_task(out: Path, task: int, monkeypatch) -> None:
+    """A sweep that dies (a bug in its run) while training task ``task`` (1-based): its
+    checkpoint holds the tasks before."""
+    from clbench import protocol
+
+    real = protocol.Run._train_task
+
+    def dies(self, t):
+        if t.index == task - 1:
+            raise RuntimeError("killed")
+        return real(self, t)
+
+    with monkeypatch.context() as m:
+        m.setattr(protocol.Run, "_train_task", dies)
+        assert sweep(out) == 1
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_the_run_starts_over(tmp_path, capsys, monkeypatch, reference):
+    interrupted_after_task(tmp_path, 3, monkeypatch)
+    ckpt = record.checkpoint_path(tmp_path, KEY)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    capsys.readouterr()
+    assert sweep(tmp_path) == 0
+    captured = capsys.readouterr()
+    assert f"warning: checkpoint {ckpt} is corrupt (does not load" in captured.err
+    assert "moved to seed0.pt.corrupt; the run starts over from task 1" in captured.err
+    assert no_traceback(captured.out + captured.err)
+    assert numbers(record.result_path(tmp_path, KEY)) == reference
+    assert ckpt.with_name("seed0.pt.corrupt").exists() and not ckpt.exists()
+    assert temporaries(tmp_path) == []
+
+
+def test_a_checkpoint_whose_weights_were_flipped_fails_its_checksum(tmp_path, monkeypatch):
+    interrupted_after_task(tmp_path, 3, monkeypatch)
+    path = record.checkpoint_path(tmp_path, KEY)
+    ckpt = torch.load(path, weights_only=False)
+    name = next(iter(ckpt["method"]))
+    ckpt["method"][name].view(-1)[0] += 1  # torch's zip format would load this silently
+    torch.save(ckpt, path)
+    with pytest.raises(record.CorruptFileError, match="checksum does not match"):
+        record.read_checkpoint(path)
+
+
+def test_a_corrupt_status_record_is_set_aside(tmp_path, capsys):
+    path = status_path(tmp_path, KEY)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"state": "runn')
+    assert read_status(tmp_path, KEY) is None
+    assert f"warning: status record {path} is corrupt" in capsys.readouterr().err
+    assert path.with_name("seed0.json.corrupt").exists() and not path.exists()
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL at a write: it leaves the temporary file behind (copied back after
+    ``atomic_path`` removed it, as a killed process would not have), and the target as it was."""
+
+
+def test_killed_at_each_write_point_leaves_nothing_behind_and_resumes_to_the_same_numbers(
+        tmp_path, monkeypatch, reference):
+    real_replace = os.replace
+    writes: list[Path] = []
+
+    def counting(src, dst):
+        writes.append(Path(dst).relative_to(tmp_path / "count"))
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(files.os, "replace", counting)
+        assert sweep(tmp_path / "count") == 0
+    last_status = max(i for i, w in enumerate(writes) if w.parts[0] == "status")  # then the report's files
+    run_writes = writes[: last_status + 1]
+    assert {w.parts[0] for w in run_writes} == {"status", "checkpoints", "runs"}, run_writes
+    assert len(run_writes) >= 8, run_writes
+
+    for n, name in enumerate(run_writes):
+        out = tmp_path / f"kill{n}"
+        count = [0]
+
+        def dies_at_the_nth(src, dst, n=n):
+            if count[0] == n:
+                shutil.copy(src, Path(src).with_name(Path(src).name + "~"))
+                raise Killed
+            count[0] += 1
+            real_replace(src, dst)
+
+        with monkeypatch.context() as m:
+            m.setattr(files.os, "replace", dies_at_the_nth)
+            with pytest.raises(Killed):
+                sweep(out)
+        for leftover in out.rglob("*.tmp~"):  # what a killed writer leaves
+            leftover.rename(leftover.with_name(leftover.name[:-1]))
+        assert temporaries(out), name
+        assert sweep(out) == 0, name
+        assert temporaries(out) == [], name
+        assert numbers(record.result_path(out, KEY)) == reference, name
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_stops_the_run_keeps_its_checkpoint_and_a_rerun_resumes(tmp_path, capsys, monkeypatch,
+                                                                             reference):
+    real = files.atomic_replace
+    checkpoints = [0]
+
+    def disk_fills_at_the_second_checkpoint(path, write):
+        if Path(path).suffix == ".pt":
+            checkpoints[0] += 1
+            if checkpoints[0] == 2:
+                def half_then_full(f):
+                    f.write(b"x" * 1000)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return real(path, half_then_full)
+        return real(path, write)
+
+    with monkeypatch.context() as m:
+        m.setattr(files, "atomic_replace", disk_fills_at_the_second_checkpoint)
+        assert sweep(tmp_path) == 2
+    captured = capsys.readouterr()
+    err_lines = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and no_traceback(captured.out + captured.err)
+    assert f"no space left on the device of {record.checkpoint_path(tmp_path, KEY).parent} while writing seed0.pt" \
+        in err_lines[0]
+    assert record.read_checkpoint(record.checkpoint_path(tmp_path, KEY))["completed_tasks"] == 1  # the last good one
+    assert temporaries(tmp_path) == [] and not record.result_path(tmp_path, KEY).exists()
+    assert read_status(tmp_path, KEY)["state"] == "failed"
+    assert sweep(tmp_path) == 0
+    assert "resuming after task 1/3" in capsys.readouterr().out
+    assert numbers(record.result_path(tmp_path, KEY)) == reference
+
+
+# ----------------------------------------------------------------------------- output folder
+
+
+def refused(capsys, argv: list[str], fragment: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    problem = [line for line in err.splitlines() if "--out" in line]
+    assert len(problem) == 1 and fragment in problem[0], err
+    assert no_traceback(err)
+    return problem[0]
+
+
+def test_out_below_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    refused(capsys, [*TOY, "--out", str(tmp_path / "a-file" / "results")], "is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_out_that_cannot_be_created_is_refused(tmp_path, capsys):
+    refused(capsys, [*TOY, "--out", "/proc/clbench-nonexistent/results"], "cannot create it (No such file")
+
+
+def test_out_on_a_read_only_file_system_is_refused(tmp_path, capsys, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)  # root writes anywhere: simulate the mount
+    refused(capsys, [*TOY, "--out", str(tmp_path)], "cannot write into it (Read-only file system")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_without_room_for_the_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    line = refused(capsys, [*TOY, "--out", str(tmp_path / "r")], "0.00 GiB free on its file system")
+    assert "checkpoints need about" in line
+    model = timm.create_model("vit_toy_patch4_16", num_classes=0)
+    assert preflight.state_bytes("vit_toy_patch4_16") == sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+# ----------------------------------------------------------------------------- enum values
+
+
+def test_a_bad_enum_value_is_refused_at_plan_time_with_the_valid_values(tmp_path, capsys):
+    assert sweep(tmp_path / "r", "--set", "train.optimizer=foo") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: train.optimizer 'foo' is unknown; use one of sgd, adam, adamw"
+    assert not (tmp_path / "r").exists()
+
+
+def one_of_fields(cls) -> list[tuple[str, tuple[str, ...]]]:
+    return [(f.name, f.metadata["choices"]) for f in dataclasses.fields(cls) if "choices" in f.metadata]
+
+
+ENUMS = [("train", name, choices) for name, choices in one_of_fields(TrainConfig)] + \
+        [("data", name, choices) for name, choices in one_of_fields(DataConfig)] + \
+        [(f"method:{m}", name, choices) for m in sorted(METHODS) for name, choices in one_of_fields(get_method(m).Config)]
+
+
+def test_the_enum_like_keys_are_declared():
+    declared = {(section.split(":")[0], name) for section, name, _ in ENUMS}
+    assert {("train", "optimizer"), ("train", "schedule"), ("train", "on_divergence"), ("data", "test_order"),
+            ("method", "variant"), ("method", "head_init"), ("method", "prompt_mode"), ("method", "subspace"),
+            ("method", "init"), ("method", "kd_residual"), ("method", "kd_scope"), ("method", "kd_fold")} <= declared
+
+
+@pytest.mark.parametrize("section, name, choices", ENUMS, ids=[f"{s}.{n}" for s, n, _ in ENUMS])
+def test_every_enum_key_refuses_an_unknown_value_when_resolved(section, name, choices):
+    method = section.split(":")[1] if section.startswith("method:") else "full_ft"
+    where = "method" if section.startswith("method:") else section
+    with pytest.raises(ConfigError, match=f"{where}.{name} 'bogus' is unknown; use one of {', '.join(choices)}"):
+        resolve_config("toy", 3, method, 0, overrides={where: {name: "bogus"}})  # plan time, not in a run
+    for value in choices:  # and takes each valid one (the method checks the rest when built)
+        assert resolve_config("toy", 3, method, 0, overrides={where: {name: value}}) is not None
+
+
+# ----------------------------------------------------------------------------- data workers
+
+
+def image_folder_dataset(root: Path):
+    from clbench.benchmarks import datasets as D
+
+    class_names = [f"n{i:03d}" for i in range(4)]
+    for split in ("train", "test"):
+        for k, c in enumerate(class_names):
+            for i in range(2):
+                path = root / split / c / f"img_{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (40 * k, 128, 20 * i)).save(path, format="JPEG")
+    bad = root / "train" / class_names[2] / "img_1.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    to_tensor = __import__("torchvision").transforms.ToTensor()
+    return D.load_imagenet_r(root, to_tensor, to_tensor, root / "splits", num_classes=4)[0], bad
+
+
+def test_a_corrupt_image_reads_the_same_with_or_without_workers(tmp_path):
+    train, bad = image_folder_dataset(tmp_path / "imagenet-r")
+    messages = []
+    for workers in (0, 2):
+        loader = seeded_loader(train, 0, 4, False, False, workers)
+        with pytest.raises(DataError) as err:
+            list(loader)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"cannot read image {bad}: ") and "\n" not in messages[0]
+
+
+def test_a_corrupt_image_in_a_sweep_with_workers_is_one_line(tmp_path, capsys):
+    root = tmp_path / "data" / "imagenet-r"
+    classes = [f"n{i:03d}" for i in range(200)]
+    for split in ("train", "test"):
+        for k, c in enumerate(classes):
+            path = root / split / c / "img_0.jpg"
+            path.parent.mkdir(parents=True)
+            if split == "train":  # every training image is broken: the first batch meets one
+                path.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+            else:
+                Image.new("RGB", (8, 8), (k, 128, 0)).save(path, format="JPEG")
+    for workers in (0, 2):
+        argv = ["--bench", "imr", "--tasks", "5", "--methods", "full_ft", "--seeds", "0", "--no-progress",
+                "--backbone", "vit_toy_patch4_16", "--set", "backbone.pretrained=false", "--set", "data.image_size=16",
+                "--set", f"train.num_workers={workers}", "--set", "train.epochs=1", "--data-root", str(tmp_path / "data"),
+                "--out", str(tmp_path / f"out{workers}")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot read image ") and err.count("\n") == 1 and no_traceback(err), err
+        assert str(root / "train") in err
+        key = next((tmp_path / f"out{workers}" / "status").rglob("*.json"))
+        assert json.loads(key.read_text())["state"] == "failed"
+
+
+# ----------------------------------------------------------------------------- signals
+
+SYNTH = ["--bench", "synth", "--tasks", "5", "--methods", "full_ft", "--seeds", "0", "--set", "train.epochs=1",
+         "--device", "cpu", "--threads", "1", "--no-progress"]
+
+
+def synth_sweep(out: Path) -> subprocess.Popen:
+    """The command line in a fresh process (SIGINT at its default, as in a terminal)."""
+    return subprocess.Popen([sys.executable, "-m", "clbench", *SYNTH, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(process: subprocess.Popen, folder: Path) -> float:
+    """Wait until a file appears under ``folder`` (``status``: the run started training; ``runs``:
+    it finished); the time it did."""
+    deadline = time.time() + 600
+    while not any(folder.rglob("*.json")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return time.time()
+
+
+@pytest.mark.slow
+def test_sigkill_sigterm_and_sigint_at_a_random_point_then_a_rerun_equal_an_uninterrupted_run(tmp_path):
+    straight = synth_sweep(tmp_path / "straight")
+    training_s = -wait_for(straight, tmp_path / "straight" / "status")
+    training_s += wait_for(straight, tmp_path / "straight" / "runs")  # then the report: not a run's time
+    assert straight.wait(timeout=600) == 0, straight.communicate()
+    expected = numbers(next((tmp_path / "straight" / "runs").rglob("*.json")))
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    for sig, code in ((signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 128 + signal.SIGTERM),
+                      (signal.SIGINT, 128 + signal.SIGINT)):
+        out = tmp_path / sig.name
+        process = synth_sweep(out)
+        wait_for(process, out / "status")
+        delay = rng.uniform(0.0, 0.8 * training_s)
+        time.sleep(delay)
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=600)
+        why = f"{sig.name} after {delay:.2f}s of training (random seed {seed}):\n{stdout}\n{stderr}"
+        assert process.returncode == code, why
+        if sig != signal.SIGKILL:  # stopped in order: nothing half-written, told how to resume
+            assert temporaries(out) == [] and no_traceback(stderr), why
+            assert "run the same command again to resume" in stderr.splitlines()[-1], why
+            key = next((out / "status").rglob("*.json")).relative_to(out / "status").with_suffix("").as_posix()
+            assert read_status(out, key)["state"] == "interrupted", why
+        rerun = synth_sweep(out)
+        stdout, stderr = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, f"{why}\nrerun:\n{stdout}\n{stderr}"
+        assert temporaries(out) == [], why
+        assert numbers(next((out / "runs").rglob("*.json"))) == expected, why
