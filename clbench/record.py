@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clbench.errors import CorruptFileError, UserError
-from clbench.files import atomic_torch_save, atomic_write_json, json_checksum, read_checked_json
+from clbench.files import atomic_torch_save, atomic_write_json, finite_json, json_checksum, read_checked_json
 
 # 2: the method's and the benchmark's titles travel with the result (``method_info``, ``benchmark_title``),
 #    clbench's version and a dirty flag that counts untracked files are in ``environment``.
@@ -203,7 +203,9 @@ def _checkpoint_digest(ckpt: dict[str, Any]) -> str:
         else:
             h.update(repr(value).encode())
     rest = {k: ckpt[k] for k in ("config", "completed_tasks", "correct", "total", "tasks")}
-    h.update(json_checksum(json.loads(json.dumps(rest))).encode())
+    # non-finite values (a run that trains on after diverging) as finite_json writes them, noted
+    safe, notes = finite_json(json.loads(json.dumps(rest)))
+    h.update(json_checksum({"rest": safe, "non_finite": notes}).encode())
     return "sha256:" + h.hexdigest()
 
 

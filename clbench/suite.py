@@ -72,12 +72,19 @@ def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list
     that a loader has to write goes to ``<out>/splits``, or to a temporary folder under
     ``--dry-run`` (which writes nothing)."""
     runs, out = plan_from_args(args)
+    missing = [p for p in (Path(out), *Path(out).parents) if not p.exists()]  # what the check may make
     output = output_check(runs, out, concurrent_runs(runs, args), create=not args.dry_run)
-    with contextlib.ExitStack() as stack:
-        elsewhere = args.dry_run or output.problem is not None  # nothing goes into a folder that failed
-        splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if elsewhere else out / "splits"
-        checks = [output, *check_plan(runs, splits)]
-    raise_problems(checks)
+    try:
+        with contextlib.ExitStack() as stack:
+            elsewhere = args.dry_run or output.problem is not None  # nothing goes into a folder that failed
+            splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if elsewhere else out / "splits"
+            checks = [output, *check_plan(runs, splits)]
+        raise_problems(checks)
+    except PlanError:
+        for folder in missing:  # a plan that fails leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return runs, out, checks
 
 

@@ -107,8 +107,8 @@ def test_a_non_finite_gradient_is_divergence_too(tmp_path, monkeypatch):
     real_step = protocol.optimization_step
     steps = [0]
 
-    def poisoned_step(method, x, y, task, stage, optimizer, params, autocast):
-        loss = real_step(method, x, y, task, stage, optimizer, params, autocast)
+    def poisoned_step(method, x, y, task, stage, optimizer, params, *rest):
+        loss = real_step(method, x, y, task, stage, optimizer, params, *rest)
         steps[0] += task.index == 1
         if steps[0] == 2:  # the last of task 2's two steps: no later loss shows it
             with torch.no_grad():

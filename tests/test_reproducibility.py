@@ -117,10 +117,11 @@ def _strict(text: str):
 
 
 def test_every_json_file_the_harness_writes_is_strict(results_root, tmp_path):
-    """A sweep whose magnitudes diverge to NaN (SD-LoRA at an absurd learning rate), its status
-    records and its report: every .json parses with a strict parser; NaN became null, with a note."""
+    """A sweep whose magnitudes diverge to NaN (SD-LoRA at an absurd learning rate, trained on with
+    ``train.on_divergence=continue``), its status records and its report: every .json parses with
+    a strict parser; NaN became null, with a note."""
     args = ["--bench", "toy", "--methods", "sdlora", "--seeds", "0", "--no-progress",
-            "--set", "train.lr=1e30", "--set", "train.epochs=1"]
+            "--set", "train.lr=1e30", "--set", "train.epochs=1", "--set", "train.on_divergence=continue"]
     main(args)
     written = sorted(results_root.rglob("*.json"))
     assert any("runs" in p.parts for p in written) and any("status" in p.parts for p in written)

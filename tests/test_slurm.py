@@ -15,7 +15,7 @@ import pytest
 import submitit
 import torch
 
-from clbench import protocol, record
+from clbench import files, protocol, record
 from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main
 from clbench.errors import ConfigError
@@ -163,7 +163,8 @@ def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_th
     (results_root / "runs/toy/N3/full_ft/seed0.json").unlink()
     data = json.loads(stale.read_text())
     data["config"]["train"]["lr"] *= 10
-    stale.write_text(json.dumps(data))
+    data.pop("checksum", None)
+    files.atomic_write_json(stale, data, checksum=True)  # a whole file, of another recipe
     assert main(["collect"] + TOY[:-1] + ["--seeds", "0", "--from", str(elsewhere)]) == 1
     assert "made by another configuration" in capsys.readouterr().out
 
