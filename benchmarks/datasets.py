@@ -495,11 +495,19 @@ def load_imagenet_r(data_dir: Path, train_transform: Callable, test_transform: C
     if not classes:
         raise _missing(_IMR, data_dir, "no train/ and test/ folders, split lists or class folders")
     _check_class_count(_IMR, classes, data_dir, num_classes)
+    return _split_class_folders(data_dir, classes, Path(splits_dir), "imr", "ImageNet-R (imr)",
+                                "raw ImageNet-R folders", train_transform, test_transform)
+
+
+def _split_class_folders(data_dir: Path, classes: Sequence[str], splits_dir: Path, prefix: str, who: str,
+                         what: str, train_transform: Callable, test_transform: Callable) -> tuple[Dataset, Dataset]:
+    """One folder of class folders as (train, test), split once by ``split_raw_folder`` (the split
+    file ``<prefix>_split_<hash>.json`` in ``splits_dir``, reused afterwards)."""
     try:
-        train, test, split_file, made = split_raw_folder(data_dir, classes, Path(splits_dir), "imr")
+        train, test, split_file, made = split_raw_folder(data_dir, classes, splits_dir, prefix)
     except FileNotFoundError as err:  # make_dataset: a class folder without a single image
-        raise DataError(f"ImageNet-R (imr): class folders without images in {data_dir}: {err}") from err
-    provenance = (f"raw ImageNet-R folders {data_dir}, stratified 80/20 split "
+        raise DataError(f"{who}: class folders without images in {data_dir}: {err}") from err
+    provenance = (f"{what} {data_dir}, stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split "
                   f"{'written to' if made else 'read from'} {split_file}")
     label = {c: i for i, c in enumerate(classes)}
     make = lambda files, transform: ImageList(  # noqa: E731
@@ -678,17 +686,8 @@ def load_folder(data_dir: Path, train_transform: Callable, test_transform: Calla
         return pre_split
     classes = class_folders(data_dir)
     _check_class_count(info, classes, data_dir, num_classes)
-    try:
-        train, test, split_file, made = split_raw_folder(data_dir, classes, Path(splits_dir), "folder")
-    except FileNotFoundError as err:
-        raise DataError(f"{info.name}: class folders without images in {data_dir}: {err}") from err
-    provenance = (f"class folders {data_dir}, stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%} split "
-                  f"{'written to' if made else 'read from'} {split_file}")
-    label = {c: i for i, c in enumerate(classes)}
-    make = lambda files, transform: ImageList(  # noqa: E731
-        [str(data_dir / f) for f in files], [label[f.split("/", 1)[0]] for f in files], transform,
-        classes=list(classes), provenance=provenance)
-    return make(train, train_transform), make(test, test_transform)
+    return _split_class_folders(data_dir, classes, Path(splits_dir), "folder", info.name, "class folders",
+                                train_transform, test_transform)
 
 
 def folder_benchmark(path: str) -> Benchmark:

@@ -376,30 +376,10 @@ def overrides_tag(overrides: dict[str, Any] | None) -> str:
     return "cfg" + hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def set_arguments(overrides: dict[str, Any]) -> str:
-    """The ``--set`` arguments that give these overrides: ``--set train.lr=0.01 --set method.rank=8``."""
-    flat: list[str] = []
-    if not overrides:
-        return ""
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            text = json.dumps(node) if isinstance(node, (list, dict, bool)) or node is None else str(node)
-            flat.append(f"--set {prefix}={text}")
-
-    walk("", overrides or {})
-    return " ".join(flat)
-
-
-def describe_overrides(overrides: dict[str, Any]) -> str:
-    """A ``--set`` layer as a label: ``{'train': {'lr': 0.005}, 'method': {'rank': 8}}`` ->
-    ``'lr=0.005 rank=8'``; a key's last part names it unless two keys share that part."""
+def flat_overrides(overrides: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A nested ``--set`` layer as ``(dotted key, value)`` pairs, in order:
+    ``{'train': {'lr': 0.01}}`` -> ``[('train.lr', 0.01)]``."""
     flat: list[tuple[str, Any]] = []
-    if not overrides:
-        return ""
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict) and node:
@@ -409,6 +389,23 @@ def describe_overrides(overrides: dict[str, Any]) -> str:
             flat.append((prefix, node))
 
     walk("", overrides or {})
+    return flat
+
+
+def set_arguments(overrides: dict[str, Any]) -> str:
+    """The ``--set`` arguments that give these overrides: ``--set train.lr=0.01 --set method.rank=8``."""
+    def text(node: Any) -> str:
+        return json.dumps(node) if isinstance(node, (list, dict, bool)) or node is None else str(node)
+
+    return " ".join(f"--set {key}={text(value)}" for key, value in flat_overrides(overrides)) if overrides else ""
+
+
+def describe_overrides(overrides: dict[str, Any]) -> str:
+    """A ``--set`` layer as a label: ``{'train': {'lr': 0.005}, 'method': {'rank': 8}}`` ->
+    ``'lr=0.005 rank=8'``; a key's last part names it unless two keys share that part."""
+    if not overrides:
+        return ""
+    flat = flat_overrides(overrides)
     leaves = [k.rsplit(".", 1)[-1] for k, _ in flat]
     parts = []
     for (key, value), leaf in zip(flat, leaves):
