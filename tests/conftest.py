@@ -90,6 +90,17 @@ def synth_results(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: the toy models' tensors are tiny, one thread is faster than
+    two, does not collapse when other processes load the cores, and is what a SLURM job with
+    ``cpus_per_task: 1`` runs with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def results_root(tmp_path, monkeypatch):
     root = tmp_path / "results"
     monkeypatch.setenv("CLBENCH_RESULTS", str(root))

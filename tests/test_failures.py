@@ -36,12 +36,7 @@ TOY = ["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train
 KEY = resolve_config("toy", 3, "full_ft", 0, overrides=ONE_EPOCH).key
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def sweep(out: Path, *extra: str) -> int:

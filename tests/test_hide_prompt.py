@@ -29,14 +29,7 @@ FAST = {"train": {"epochs": 2},
                    "num_centroids": 2, "prompt_layers": [0, 1], "prompt_length": 2}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The toy model's tensors are tiny: one thread is faster than two, and does not collapse
-    when other processes load the cores (two spinning threads were 20x slower here then)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def toy_run(out, bench: str = "toy", overrides=None, run_cls=Run, **kwargs) -> Run:

@@ -20,13 +20,7 @@ class Crash(Exception):
     """Stands in for the job being killed."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny models run several times faster so on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def config_for(bench: str, method: str, num_tasks: int, method_args: dict | None = None, **train):

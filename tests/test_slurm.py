@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import submitit
-import torch
 
 from clbench import files, protocol, record
 from clbench.benchmarks import BENCHMARKS
@@ -28,13 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as a job with ``cpus_per_task: 1`` runs (and faster on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def result(root: Path, key: str) -> RunResult:
