@@ -484,7 +484,7 @@ def check_args(args: argparse.Namespace, benchmarks: Mapping[str, HasBenchmarkFa
                known_methods: Collection[str], complete: bool) -> list[str]:
     """``check_request`` for the sweep options (``clbench.options.add_sweep_arguments``)."""
     problems = [f"--{name} {getattr(args, name)}: must be at least 1" for name in ("jobs", "threads")
-                if getattr(args, name, None) is not None and getattr(args, name) < 1]
+                if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1]
     problems += [f"--joint: {unknown_name('method', m, known_methods)}"
                  for m in joint_methods(args, []) if m not in known_methods]
     problems += [f"--log {name}: unknown; use {', '.join(LOGGERS)}" for name in getattr(args, "log", None) or []

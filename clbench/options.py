@@ -4,6 +4,7 @@ how it runs, and the SLURM launcher's options."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 PROFILE_ENV = "CLBENCH_SLURM_PROFILE"
@@ -67,8 +68,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=["local", "slurm", "sbatch"], default="local",
                    help="where runs execute (default: in this process)")
     g = p.add_argument_group("parallel runs on this machine (--launcher local)")
-    g.add_argument("--jobs", type=int, default=1, metavar="K",
-                   help="run K runs at once, each in its own process on the runs' device (default 1: one after the other)")
+    g.add_argument("--jobs", type=_jobs, default=os.environ.get(JOBS_ENV, "auto"), metavar="K|auto",
+                   help="run K runs at once, each in its own process on the runs' device; auto (default, "
+                        f"or ${JOBS_ENV}): one at a time on a GPU, and on a machine without one a run per "
+                        f"core, at most {MAX_AUTO_JOBS} (small models train faster so than with all cores "
+                        "on one run); 1: one after the other in this process")
     g.add_argument("--devices", type=_devices, default=None, metavar="0,1,..",
                    help="one worker process per device, each running one run at a time: GPU indices "
                         "(cuda:N) or device names (cpu)")
@@ -76,6 +80,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per run (torch.set_num_threads); default: torch's own for one run, "
                         "the cores divided among the workers for several")
     add_launcher_arguments(p)
+
+
+JOBS_ENV = "CLBENCH_JOBS"
+MAX_AUTO_JOBS = 8
+
+
+def _jobs(text: str) -> int | str:
+    """``--jobs``: a count of at least 1, or ``auto``."""
+    if str(text).strip() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of runs at once: give 1 or more, or auto") from None
 
 
 def _devices(text: str) -> list[str]:

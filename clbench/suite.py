@@ -16,7 +16,7 @@ import torch
 from clbench import record
 from clbench.config import describe_overrides, split_values
 from clbench.errors import PlanError
-from clbench.options import PROFILE_ENV, add_preflight_arguments
+from clbench.options import MAX_AUTO_JOBS, PROFILE_ENV, add_preflight_arguments
 from clbench.preflight import (
     Check,
     Forecast,
@@ -88,13 +88,27 @@ def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list
     return runs, out, checks
 
 
+def local_jobs(runs: list[PlannedRun], args: argparse.Namespace) -> int:
+    """How many runs ``--jobs`` trains at once on this machine: its number, or for ``auto`` one
+    when a run goes to a GPU, else one per CPU core (at most ``MAX_AUTO_JOBS`` and the runs to
+    do). With ``--threads`` unset, the workers share the cores (``run_parallel``)."""
+    jobs = getattr(args, "jobs", 1)
+    todo = sum(not r.done for r in runs)
+    if jobs != "auto":
+        return jobs
+    if any(r.config.device.startswith("cuda") or (r.config.device == "auto" and torch.cuda.is_available())
+           for r in runs if not r.done):
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_JOBS, todo))
+
+
 def concurrent_runs(runs: list[PlannedRun], args: argparse.Namespace) -> int:
     """How many of the plan's unfinished runs train at the same time (and hold checkpoints)."""
     todo = sum(not r.done for r in runs)
     if getattr(args, "launcher", "local") != "local":  # (preflight has none: as a serial sweep)
         return todo
-    devices, jobs = getattr(args, "devices", None), getattr(args, "jobs", 1)
-    return min(todo, len(devices) if devices else max(jobs, 1))
+    devices = getattr(args, "devices", None)
+    return min(todo, len(devices) if devices else local_jobs(runs, args))
 
 
 def forecast_for(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[launcher.SlurmProfile, list[Forecast]]:
@@ -156,8 +170,9 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.launcher == "local" and (args.jobs > 1 or args.devices):
-        failures = run_parallel(todo, out, args.jobs, args.devices, args.threads)
+    jobs = local_jobs(todo, args)
+    if args.launcher == "local" and (jobs > 1 or args.devices):
+        failures = run_parallel(todo, out, jobs, args.devices, args.threads)
     elif args.launcher == "local":
         failures = run_local(todo, out, progress=not args.no_progress)  # SIGTERM stops it as Ctrl-C does
     else:

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import queue as queue_module
 import signal
 import socket
 import sys
@@ -352,12 +353,15 @@ def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> 
 _worker_device: str | None = None  # the device this pool worker runs on (None: the run's own)
 
 
-def _init_worker(devices: Any, threads: int) -> None:
-    """A pool worker's start: take one device from the queue (one worker per device) and use
-    ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them."""
+def _init_worker(devices: Any, threads: int, pids: Any) -> None:
+    """A pool worker's start: take one device from the queue (one worker per device), use
+    ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them,
+    and say its pid (so that an interrupted sweep can stop it); SIGTERM stops its run as Ctrl-C."""
     global _worker_device
     _worker_device = devices.get()
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    pids.put(os.getpid())
 
 
 def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]:
@@ -366,14 +370,18 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
     failed (with its traceback, recorded) or user_error (with its message)."""
     if _worker_device is not None:
         config = {**config, "device": _worker_device}
+    key = RunConfig.from_dict(config).key
     try:
         metrics = run_job(config, out_root, progress=False)
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM from the sweep
+        record_interruption(Path(out_root), key, RunConfig.from_dict(config).num_tasks, "[worker]")
+        return "interrupted", None
     except UserError as err:
-        record_failure(Path(out_root), RunConfig.from_dict(config).key, str(err))
+        record_failure(Path(out_root), key, str(err))
         return "user_error", str(err)
     except Exception as err:  # recorded like a serial sweep's failure; the other runs go on
         error = failure_text(err)
-        record_failure(Path(out_root), RunConfig.from_dict(config).key, error)
+        record_failure(Path(out_root), key, error)
         return "failed", error
     return ("skipped", None) if metrics is None else ("done", None)
 
@@ -395,19 +403,32 @@ def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices:
     user_errors: list[str] = []
     print(f"{len(runs)} run(s) on {workers} worker(s)"
           + (f" ({', '.join(devices)})" if devices else "") + f", {threads} thread(s) each", flush=True)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(queue, threads)) as pool:
-        futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
-        for i, future in enumerate(as_completed(futures)):
-            r = futures[future]
-            outcome, detail = future.result()
-            print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
-            if outcome == "failed":
-                failures.append((r, detail or "failed"))
-                print(detail, flush=True)
-            elif outcome == "user_error":
-                user_errors.append(f"{r.key}: {detail}")
-                pool.shutdown(cancel_futures=True)  # every later run would fail the same way
+    pids = context.Queue()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(queue, threads, pids))
+    try:
+        with stop_on_signals():
+            futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
+            for i, future in enumerate(as_completed(futures)):
+                r = futures[future]
+                outcome, detail = future.result()
+                print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
+                if outcome == "failed":
+                    failures.append((r, detail or "failed"))
+                    print(detail, flush=True)
+                elif outcome == "user_error":
+                    user_errors.append(f"{r.key}: {detail}")
+                    pool.shutdown(cancel_futures=True)  # every later run would fail the same way
+    except KeyboardInterrupt:
+        # Start no other run, and stop the running ones: a Ctrl-C at the terminal reaches the
+        # workers already, a SIGTERM to this process does not. Each records itself interrupted.
+        pool.shutdown(wait=False, cancel_futures=True)
+        while not pids.empty():
+            with contextlib.suppress(ProcessLookupError, queue_module.Empty):
+                os.kill(pids.get_nowait(), signal.SIGTERM)
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
     if user_errors:
         raise UserError("\n".join(user_errors))
     return failures

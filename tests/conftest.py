@@ -12,6 +12,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
 
+# Sweeps in the tests run in their own process, one run after the other, unless a test asks for
+# --jobs: the benchmarks and models the tests register here do not exist in a spawned worker.
+os.environ.setdefault("CLBENCH_JOBS", "1")
+
 TOY_CLASSES = 12
 
 

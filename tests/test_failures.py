@@ -420,10 +420,12 @@ SYNTH = ["--bench", "synth", "--tasks", "5", "--methods", "full_ft", "--seeds", 
          "--device", "cpu", "--threads", "1", "--no-progress"]
 
 
-def synth_sweep(out: Path) -> subprocess.Popen:
-    """The command line in a fresh process (SIGINT at its default, as in a terminal)."""
-    return subprocess.Popen([sys.executable, "-m", "clbench", *SYNTH, "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def synth_sweep(out: Path, *extra: str) -> subprocess.Popen:
+    """The command line in a fresh process (SIGINT at its default, as in a terminal), in a process
+    group of its own (what a terminal's Ctrl-C reaches)."""
+    return subprocess.Popen([sys.executable, "-m", "clbench", *SYNTH, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -466,3 +468,40 @@ def test_sigkill_sigterm_and_sigint_at_a_random_point_then_a_rerun_equal_an_unin
         assert rerun.returncode == 0, f"{why}\nrerun:\n{stdout}\n{stderr}"
         assert temporaries(out) == [], why
         assert numbers(next((out / "runs").rglob("*.json"))) == expected, why
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_stop_a_parallel_sweep_at_once_and_a_rerun_finishes_it(tmp_path):
+    """--jobs 2: SIGTERM to the sweep (a scheduler, kill) or SIGINT to its process group (Ctrl-C)
+    stops the running runs and starts no other; the rerun resumes them to a serial sweep's numbers."""
+    two = ["--methods", "full_ft,sdlora", "--threads", "1"]
+    serial = synth_sweep(tmp_path / "serial", *two, "--jobs", "1")
+    assert serial.wait(timeout=600) == 0, serial.communicate()
+    def results(root: Path) -> dict:
+        return {p.relative_to(root / "runs").as_posix(): numbers(p) for p in (root / "runs").rglob("*.json")}
+
+    expected = results(tmp_path / "serial")
+    assert len(expected) == 2
+    for sig, code in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 128 + signal.SIGINT)):
+        out = tmp_path / sig.name
+        process = synth_sweep(out, *two, "--jobs", "2")
+        deadline = time.time() + 600
+        while len(list((out / "status").rglob("*.json"))) < 2 and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # both runs are training
+        time.sleep(1.0)
+        sent = time.time()
+        if sig == signal.SIGINT:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=600)
+        why = f"{sig.name}:\n{stdout}\n{stderr}"
+        assert process.returncode == code and time.time() - sent < 20, why
+        assert temporaries(out) == [] and "run the same command again to resume" in stderr.splitlines()[-1], why
+        states = {read_status(out, p.relative_to(out / "status").with_suffix("").as_posix())["state"]
+                  for p in (out / "status").rglob("*.json")}
+        assert "interrupted" in states and states <= {"interrupted", "done"}, (states, why)
+        rerun = synth_sweep(out, *two, "--jobs", "2")
+        stdout, stderr = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, f"{why}\nrerun:\n{stdout}\n{stderr}"
+        assert results(out) == expected, why
