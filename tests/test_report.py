@@ -438,3 +438,26 @@ def test_joint_training_runs_are_reference_rows_and_lines(tmp_path):
     write_run(only_joint, "toy", "full_ft", 0, [97.0])
     table = next(t for t in build_report(only_joint, ReportOptions(figures=False)).tables if t.name == "acc_toy")
     assert [g for g, _ in table.groups] == ["N=1"] and table.rows[0][0].text == "Full Fine-Tuning"
+
+
+def test_ranking_against_the_paper_with_kendalls_tau(tmp_path):
+    """synth is ranked against ImageNet-R at the same N (Table 2); reference rows are not ranked."""
+    ours = {"sdlora": 14.0, "l2p": 13.0, "inflora": 12.0, "full_ft": 4.0, "simplecil": 9.0}
+    for seed in (0, 1):
+        for method, acc in ours.items():
+            write_run(tmp_path, "synth", method, seed, [50.0] * 9 + [acc])
+        write_run(tmp_path, "synth", "full_ft", seed, [30.0])  # joint training: a reference row
+        for method, acc in (("sdlora", 77.0), ("inflora", 75.0), ("full_ft", 60.0)):
+            write_run(tmp_path, "imr", method, seed, [90.0] * 9 + [acc])  # only 3: still ranked
+    table = next(t for t in build_report(tmp_path, ReportOptions(figures=False)).tables if t.name == "ranking")
+    rows = [[c.text for c in r] for r in table.rows]
+    synth = [r for r in rows if r[0] == "Synthetic"]
+    # Table 2, N=10: SD-LoRA 77.34 > InfLoRA 74.75 > L2P 71.26 > Full FT 60.57
+    assert [(r[2], r[3], r[4], r[6], r[7]) for r in synth] == [
+        ("SD-LoRA", "14.00", "1", "77.34", "1"), ("L2P", "13.00", "2", "71.26", "3"),
+        ("InfLoRA", "12.00", "3", "74.75", "2"), ("Full Fine-Tuning", "4.00", "4", "60.57", "4")]
+    assert {r[5] for r in synth} == {"ImageNet-R N=10 (Table 2)"}
+    # one discordant pair (L2P, InfLoRA) of six: tau = (5 - 1) / 6
+    assert "Synthetic N=10 against ImageNet-R N=10 (Table 2): Kendall's tau-b = +0.67" in " ".join(table.notes)
+    assert "ImageNet-R N=10 against ImageNet-R N=10 (Table 2): Kendall's tau-b = +1.00" in " ".join(table.notes)
+    assert not any("SimpleCIL" in r[2] or "joint" in r[2] for r in rows)

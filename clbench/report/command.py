@@ -15,6 +15,8 @@ Tables:
   bold; cells with fewer seeds than the table's carry a dagger and a note names the missing ones.
 - ``comparison``: ours beside the paper's (Tables 2, 3, 4, 6), the difference, and ``!`` where
   it exceeds two of the paper's standard errors.
+- ``ranking``: our order of the paper's methods beside the paper's, with Kendall's tau (synth is
+  ranked against ImageNet-R at the same N).
 - ``cost``: the paper's Table 5 measured: FLOPs per test image (torch's FLOP counter on the
   model after the last task), backbone passes, trainable parameters per task, stored parameters
   and features, training time per run and peak memory.
@@ -40,6 +42,7 @@ import pandas as pd
 from clbench import files, record
 from clbench.report.aggregate import HIGHER_IS_BETTER, JOINT_SUFFIX, SPREADS, Names, aggregate, load_runs, split_joint
 from clbench.report.figures import write_figures
+from clbench.report.ranking import ranking_table
 from clbench.report.reference import PaperNumbers, load_paper
 from clbench.report.select import select_best_val, selection_table
 from clbench.report.stats import TEST_ASSUMPTIONS, TEST_CAPTION, interval_text, paired_difference, tied_with_best
@@ -553,7 +556,8 @@ def build_report(root: Path, opts: ReportOptions | None = None, paper: PaperNumb
         return report
     report.tables += [results_table(groups, layout, opts) for layout in layouts_for(groups)]
     difference = difference_table(groups, opts.reference, opts) if opts.reference else None
-    report.tables += [t for t in (difference, comparison_table(groups, paper, opts), cost_table(groups, opts),
+    report.tables += [t for t in (difference, comparison_table(groups, paper, opts),
+                                  ranking_table(groups, paper, opts.digits), cost_table(groups, opts),
                                   cost_comparison_table(groups, paper)) if t]
     report.tables += [metrics_table(groups, b, opts) for b in sorted(groups["benchmark"].unique(), key=_benchmark_rank)]
     return report
