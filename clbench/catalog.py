@@ -114,8 +114,8 @@ BUILTIN_BENCHMARKS: dict[str, BenchmarkFacts] = {b.name: b for b in (
         cub/CUB_200_2011/images/<class>/*.jpg""",
         source="https://www.vision.caltech.edu/datasets/cub_200_2011/ (original release); the pre-split "
                "archive is linked from the LAMDA-PILOT README (https://github.com/sun-hailong/LAMDA-PILOT)"),
-    # 60 classes: 5, 10 or 20 tasks
-    BenchmarkFacts("synth", "Synthetic", 60, [5, 10], image_size=32, folder="synth",
+    # 200 classes, as ImageNet-R: 5, 10 or 20 tasks; the default suite runs N=10 (README)
+    BenchmarkFacts("synth", "Synthetic", 200, [10], image_size=32, folder="synth",
                    source="built in: generated offline by benchmarks/synth.py", backbone="vit_synth_patch8_32"),
 )}
 

@@ -360,8 +360,22 @@ def _init_worker(devices: Any, threads: int, pids: Any) -> None:
     global _worker_device
     _worker_device = devices.get()
     torch.set_num_threads(threads)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt_run)
     pids.put(os.getpid())
+
+
+_worker_in_run = False  # whether this pool worker is inside a run (else it waits for one)
+
+
+def _interrupt_run(signum: int, frame: Any) -> None:
+    """A pool worker's SIGINT/SIGTERM: stop the run it trains (recorded interrupted); a worker
+    waiting for a run ignores it and exits when the pool, being shut down, tells it to, and so
+    does a run already stopping (Ctrl-C reaches the worker, then the sweep's SIGTERM)."""
+    global _worker_in_run
+    if _worker_in_run:
+        _worker_in_run = False
+        raise Interrupted(signum)
 
 
 def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]:
@@ -370,8 +384,10 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
     failed (with its traceback, recorded) or user_error (with its message)."""
     if _worker_device is not None:
         config = {**config, "device": _worker_device}
+    global _worker_in_run
     key = RunConfig.from_dict(config).key
     try:
+        _worker_in_run = True
         metrics = run_job(config, out_root, progress=False)
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM from the sweep
         record_interruption(Path(out_root), key, RunConfig.from_dict(config).num_tasks, "[worker]")
@@ -383,6 +399,8 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
         error = failure_text(err)
         record_failure(Path(out_root), key, error)
         return "failed", error
+    finally:
+        _worker_in_run = False
     return ("skipped", None) if metrics is None else ("done", None)
 
 

@@ -217,7 +217,7 @@ def test_speed_prints_the_official_branch_forms_flops_beside_ours(results_root, 
     from tests.test_speed import SYNTH, data_rows
 
     report = tmp_path / "speed.json"
-    assert main(SYNTH + ["--methods", "sdlora", "--vs", "sdlora", "--tasks", "3", "--batch-size", "16",
+    assert main(SYNTH + ["--methods", "sdlora", "--vs", "sdlora", "--tasks", "4", "--batch-size", "16",
                          "--eval-batch-size", "16", "--json", str(report)]) == 0
     header, *rows = data_rows(capsys.readouterr().out)
     column = header.index("official GFLOP/img")

@@ -39,13 +39,13 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> tuple[subprocess.C
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "0"], "the number of tasks must be positive"),
-    (["--tasks", "7"], "synth with 7 tasks: 60 classes do not split into 7 equal tasks"),
+    (["--tasks", "7"], "synth with 7 tasks: 200 classes do not split into 7 equal tasks"),
     (["--bench", "imr", "--tasks", "7"], "imr with 7 tasks: 200 classes do not split into 7 equal tasks"),
     (["--seeds", "-1"], "seed(s) -1 out of range"),
     (["--seeds", "4294967296"], "seed(s) 4294967296 out of range"),
     (["--methods", "sdlroa"], "unknown method 'sdlroa' (did you mean 'sdlora'?)"),
     (["reprot"], "unknown sub-command 'reprot' (did you mean 'report'?)"),
-], ids=["tasks 0", "tasks 7 on 60 classes", "tasks 7 on 200 classes", "seed -1", "seed 2**32",
+], ids=["tasks 0", "tasks 7 on synth", "tasks 7 on imr", "seed -1", "seed 2**32",
         "method typo", "sub-command typo"])
 def test_a_bad_plan_fails_at_once_with_one_message(tmp_path, argv, message):
     done, seconds = run_cli(*argv, "--out", str(tmp_path)) if argv[0] != "reprot" else run_cli(*argv)

@@ -375,7 +375,7 @@ def test_bad_configurations_are_refused_with_the_fix():
 
 @pytest.mark.slow
 def test_each_method_learns_synth_and_forgets_less_than_full_ft(tmp_path):
-    """On ``synth`` with 5 tasks (12 classes each, chance 1/60 at the end): every prompt method
+    """On ``synth`` with 5 tasks (40 classes each, chance 1/200 at the end): every prompt method
     ends far above chance and keeps more of task 1 than full fine-tuning."""
     from clbench.protocol import run
     from clbench.recipes import resolve_config
@@ -390,5 +390,5 @@ def test_each_method_learns_synth_and_forgets_less_than_full_ft(tmp_path):
     ft = task1_after_last(result("full_ft"))
     for method in METHODS:
         r = result(method)
-        assert r.metrics["acc"] > 15.0, (method, r.metrics)  # 25-28% measured, chance 1.7%
+        assert r.metrics["acc"] > 5.0, (method, r.metrics)  # MEASURED, chance 0.5%
         assert task1_after_last(r) > ft, (method, task1_after_last(r), ft)

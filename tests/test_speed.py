@@ -29,12 +29,12 @@ def data_rows(out: str) -> list[list[str]]:
 
 def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, tmp_path, capsys):
     report = tmp_path / "speed.json"
-    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "3", "--batch-size", "16", "--eval-batch-size", "32",
+    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "4", "--batch-size", "16", "--eval-batch-size", "32",
                          "--json", str(report)]) == 0
     out = capsys.readouterr().out
     header, *rows = data_rows(out)
     assert header == speed.COLUMNS
-    assert [r[:2] for r in rows] == [["plain backbone", "—"], ["full_ft", "1"], ["", "3"]]
+    assert [r[:2] for r in rows] == [["plain backbone", "—"], ["full_ft", "1"], ["", "4"]]
     official = speed.COLUMNS.index("official GFLOP/img")
     for row in rows[1:]:
         measured = row[2:official] + row[official + 1:13]
@@ -45,24 +45,24 @@ def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, t
 
     measured = json.loads(report.read_text())
     first, last = measured["methods"][0]["tasks"]
-    assert (first["task"], last["task"]) == (1, 3)
+    assert (first["task"], last["task"]) == (1, 4)
     assert first["train_vs_baseline"] == last["train_vs_baseline"] == 1.0  # full_ft against itself
     assert first["train_vs_first"] == 1.0 and 0.2 < last["train_vs_first"] < 5
-    # FLOPs: the backbone plus the 96-wide head over the classes seen (20, then 60); training ~3x a forward
+    # FLOPs: the backbone plus the 96-wide head over the classes seen (50, then 200); training ~3x a forward
     backbone_flops = measured["backbone"]["infer_flops"]
-    assert first["infer_flops"] == backbone_flops + 2 * 96 * 20 and last["infer_flops"] == backbone_flops + 2 * 96 * 60
+    assert first["infer_flops"] == backbone_flops + 2 * 96 * 50 and last["infer_flops"] == backbone_flops + 2 * 96 * 200
     assert 2.5 < first["train_flops"] / first["infer_flops"] < 3.5
     assert first["train_peak_mib"] > first["infer_peak_mib"] > 0
     paired = measured["methods"][0]["backbone_s_per_image"]
     assert len(paired) == 2 * 3  # beside the method at task 1 and task 3, 3 steps each
     assert measured["backbone"]["infer_images_per_s"] == pytest.approx(1 / statistics.median(paired))
-    assert (measured["bench"], measured["num_tasks"], measured["device"]) == ("synth", 3, "cpu")
+    assert (measured["bench"], measured["num_tasks"], measured["device"]) == ("synth", 4, "cpu")
 
     # the figures as `clbench preflight --speed` reads them: a forecast for the same runs
-    assert main(["preflight", "--bench", "synth", "--tasks", "3", "--methods", "full_ft", "--seeds", "0",
+    assert main(["preflight", "--bench", "synth", "--tasks", "4", "--methods", "full_ft", "--seeds", "0",
                  "--profile", "local", "--speed", str(report), "--out", str(tmp_path / "r")]) == 0
     forecast = capsys.readouterr().out
-    assert "synth/N3/full_ft/seed0: " in forecast and " h of 0.50 h" in forecast and "1 of 1 run(s)" in forecast
+    assert "synth/N4/full_ft/seed0: " in forecast and " h of 0.50 h" in forecast and "1 of 1 run(s)" in forecast
 
 
 @pytest.mark.slow
@@ -77,8 +77,8 @@ def test_speed_command_measures_every_registered_method(results_root, capsys):
 def test_speed_command_errors_are_messages(capsys):
     assert main(SYNTH + ["--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
-    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "61"]) == 2
-    assert "synth has 60 classes" in capsys.readouterr().err
+    assert main(SYNTH + ["--methods", "full_ft", "--tasks", "201"]) == 2
+    assert "synth has 200 classes" in capsys.readouterr().err
     assert main(SYNTH + ["--methods", "full_ft", "--set", "train.nope=1"]) == 2
     assert "Valid keys in 'train'" in capsys.readouterr().err
 

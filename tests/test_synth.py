@@ -12,6 +12,7 @@ import pickle
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def test_generation_is_deterministic_per_seed():
     assert not np.array_equal(a[0], c[0])
 
 
+def test_the_pretraining_pool_is_photos_of_other_objects():
+    _, _, styles = S.generate_pool(0, S._POOL_PRETRAIN, 3, 12, S._SPLIT_PRETRAIN)
+    assert set(styles.tolist()) == {S.STYLES.index("photo")}
+
+
 def test_a_class_does_not_depend_on_how_many_are_generated():
     two = S.generate_pool(0, S._POOL_CL, 2, 6, S._SPLIT_TEST)[0]
     three = S.generate_pool(0, S._POOL_CL, 3, 6, S._SPLIT_TEST)[0]
@@ -80,11 +86,15 @@ def test_cl_arrays_shapes_ranges_and_disjoint_splits(tmp_cache):
     assert a["test_x"].shape == (n_test, 3, 32, 32) and a["test_x"].dtype == np.uint8
     assert np.bincount(a["train_y"]).tolist() == [S.TRAIN_PER_CLASS] * S.NUM_CLASSES
     assert np.bincount(a["test_y"]).tolist() == [S.TEST_PER_CLASS] * S.NUM_CLASSES
-    # images use the whole range, and every class is drawn in every rendition in both splits
+    # images use the whole range, and every class is drawn in every rendition but photo, equally
+    # often, in both splits (as ImageNet-R holds renditions of ImageNet's classes, no photos)
     assert a["train_x"].min() == 0 and a["train_x"].max() == 255
-    for split in ("train", "test"):
-        pairs = {(int(y), int(s)) for y, s in zip(a[f"{split}_y"], a[f"{split}_style"])}
-        assert len(pairs) == S.NUM_CLASSES * len(S.STYLES), split
+    renditions = S.POOL_RENDITIONS[S._POOL_CL]
+    assert S.STYLES.index("photo") not in renditions and len(renditions) == len(S.STYLES) - 1
+    for split, per_class in (("train", S.TRAIN_PER_CLASS), ("test", S.TEST_PER_CLASS)):
+        pairs = Counter(zip(a[f"{split}_y"].tolist(), a[f"{split}_style"].tolist()))
+        assert set(pairs.values()) == {per_class // len(renditions)}, split
+        assert len(pairs) == S.NUM_CLASSES * len(renditions), split
     # train and test are different images
     train = {x.tobytes() for x in a["train_x"]}
     assert not any(x.tobytes() in train for x in a["test_x"])
@@ -96,8 +106,8 @@ def test_cl_arrays_shapes_ranges_and_disjoint_splits(tmp_cache):
 
 def test_benchmark_is_registered_with_its_backbone():
     bench = get_benchmark("synth")
-    assert bench.num_classes == 60 and bench.image_size == 32 and bench.default_tasks == [5, 10]
-    assert all(60 % n == 0 for n in (5, 10, 20))
+    assert bench.num_classes == 200 and bench.image_size == 32 and bench.default_tasks == [10]
+    assert all(200 % n == 0 for n in (5, 10, 20))
     assert bench.defaults["backbone"] == {"name": S.MODEL_NAME, "pretrained": True}
     assert bench.source.startswith("built in")
 
@@ -266,13 +276,13 @@ def test_concurrent_builders_build_once(tmp_cache, tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_features_separate_the_cl_classes(pretrained_backbone):
-    """Nearest class mean on frozen [CLS] features (a weak probe) is far above chance (1/60):
-    34% with the default recipe (photo 53%, sketch 6%, grayscale 8%: the colourless renditions
-    are the hard domain shift, as sketches are on ImageNet-R)."""
+    """Nearest class mean on frozen [CLS] features (a weak probe) is far above chance (1/200):
+    about 9% (Euclidean; cosine, SimpleCIL's, 8.9%) on renditions the backbone never saw in
+    pretraining, where a linear probe on the same features reaches about 31% (``clbench probe``)."""
     a = S.load_arrays()
     with torch.no_grad():
         train = pretrained_backbone(torch.from_numpy(a["train_x"]).float() / 255)
         test = pretrained_backbone(torch.from_numpy(a["test_x"]).float() / 255)
     means = torch.stack([train[torch.from_numpy(a["train_y"] == c)].mean(0) for c in range(S.NUM_CLASSES)])
     pred = torch.cdist(test, means).argmin(1).numpy()
-    assert (pred == a["test_y"]).mean() > 0.25
+    assert (pred == a["test_y"]).mean() > 0.05
