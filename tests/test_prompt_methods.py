@@ -390,5 +390,5 @@ def test_each_method_learns_synth_and_forgets_less_than_full_ft(tmp_path):
     ft = task1_after_last(result("full_ft"))
     for method in METHODS:
         r = result(method)
-        assert r.metrics["acc"] > 5.0, (method, r.metrics)  # MEASURED, chance 0.5%
+        assert r.metrics["acc"] > 5.0, (method, r.metrics)  # 13.5-19.2% measured, chance 0.5%
         assert task1_after_last(r) > ft, (method, task1_after_last(r), ft)
