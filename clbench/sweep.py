@@ -317,8 +317,9 @@ def record_interruption(out_root: Path, key: str, num_tasks: int, where: str) ->
         with contextlib.suppress(OSError, UserError):
             update_status(out_root, key, state="interrupted", error=None)
     kept = f"its checkpoint holds tasks 1-{done}" if done else "no task had finished"
-    print(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
-          f"run the same command again to resume", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
+                     "run the same command again to resume\n")  # one write: workers' lines do not interleave
+    sys.stderr.flush()
 
 
 def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
@@ -353,12 +354,13 @@ def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> 
 _worker_device: str | None = None  # the device this pool worker runs on (None: the run's own)
 
 
-def _init_worker(devices: Any, threads: int, pids: Any) -> None:
+def _init_worker(devices: Any, threads: int, pids: Any, stop: Any) -> None:
     """A pool worker's start: take one device from the queue (one worker per device), use
     ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them,
     and say its pid (so that an interrupted sweep can stop it); SIGTERM stops its run as Ctrl-C."""
-    global _worker_device
+    global _worker_device, _worker_stop
     _worker_device = devices.get()
+    _worker_stop = stop
     torch.set_num_threads(threads)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt_run)
@@ -366,6 +368,7 @@ def _init_worker(devices: Any, threads: int, pids: Any) -> None:
 
 
 _worker_in_run = False  # whether this pool worker is inside a run (else it waits for one)
+_worker_stop: Any = None  # set when the sweep is interrupted: a run the pool still hands out is not started
 
 
 def _interrupt_run(signum: int, frame: Any) -> None:
@@ -386,6 +389,8 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
         config = {**config, "device": _worker_device}
     global _worker_in_run
     key = RunConfig.from_dict(config).key
+    if _worker_stop is not None and _worker_stop.is_set():
+        return "cancelled", None
     try:
         _worker_in_run = True
         metrics = run_job(config, out_root, progress=False)
@@ -421,9 +426,9 @@ def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices:
     user_errors: list[str] = []
     print(f"{len(runs)} run(s) on {workers} worker(s)"
           + (f" ({', '.join(devices)})" if devices else "") + f", {threads} thread(s) each", flush=True)
-    pids = context.Queue()
+    pids, stop = context.Queue(), context.Event()
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(queue, threads, pids))
+                               initargs=(queue, threads, pids, stop))
     try:
         with stop_on_signals():
             futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
@@ -438,13 +443,15 @@ def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices:
                     user_errors.append(f"{r.key}: {detail}")
                     pool.shutdown(cancel_futures=True)  # every later run would fail the same way
     except KeyboardInterrupt:
-        # Start no other run, and stop the running ones: a Ctrl-C at the terminal reaches the
-        # workers already, a SIGTERM to this process does not. Each records itself interrupted.
-        pool.shutdown(wait=False, cancel_futures=True)
+        # Start no other run (the pool has already handed some to its queue: ``stop`` turns
+        # them away), and stop the running ones: a Ctrl-C at the terminal reaches the workers
+        # already, a SIGTERM to this process does not. Each records itself interrupted; the
+        # sweep's own message comes after theirs, once every worker has exited.
+        stop.set()
         while not pids.empty():
             with contextlib.suppress(ProcessLookupError, queue_module.Empty):
                 os.kill(pids.get_nowait(), signal.SIGTERM)
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
     if user_errors:
