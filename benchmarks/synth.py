@@ -64,7 +64,7 @@ from clbench.files import atomic_replace, build_once
 GENERATOR_VERSION = 3
 DEFAULT_SEED = 0
 IMAGE_SIZE = BUILTIN_BENCHMARKS["synth"].image_size  # 32
-NUM_CLASSES = BUILTIN_BENCHMARKS["synth"].num_classes  # 60: divisible by 5, 10 and 20 tasks
+NUM_CLASSES = BUILTIN_BENCHMARKS["synth"].num_classes  # 200: divisible by 5, 10 and 20 tasks
 TRAIN_PER_CLASS = 30
 TEST_PER_CLASS = 10
 PRETRAIN_CLASSES = 200

@@ -87,7 +87,7 @@ MAX_AUTO_JOBS = 8
 
 
 def _jobs(text: str) -> int | str:
-    """``--jobs``: a count of at least 1, or ``auto``."""
+    """``--jobs``: a count (``check_args`` refuses one below 1 at plan time), or ``auto``."""
     if str(text).strip() == "auto":
         return "auto"
     try:

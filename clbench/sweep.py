@@ -388,14 +388,15 @@ def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]
     if _worker_device is not None:
         config = {**config, "device": _worker_device}
     global _worker_in_run
-    key = RunConfig.from_dict(config).key
+    run_config = RunConfig.from_dict(config)
+    key = run_config.key
     if _worker_stop is not None and _worker_stop.is_set():
         return "cancelled", None
     try:
         _worker_in_run = True
         metrics = run_job(config, out_root, progress=False)
     except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM from the sweep
-        record_interruption(Path(out_root), key, RunConfig.from_dict(config).num_tasks, "[worker]")
+        record_interruption(Path(out_root), key, run_config.num_tasks, "[worker]")
         return "interrupted", None
     except UserError as err:
         record_failure(Path(out_root), key, str(err))
@@ -451,9 +452,9 @@ def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices:
         while not pids.empty():
             with contextlib.suppress(ProcessLookupError, queue_module.Empty):
                 os.kill(pids.get_nowait(), signal.SIGTERM)
-        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
+    finally:  # waits for every worker to exit (a run it had started ends first)
+        pool.shutdown(wait=True, cancel_futures=True)
     if user_errors:
         raise UserError("\n".join(user_errors))
     return failures

@@ -56,8 +56,10 @@ def ranking_table(groups: pd.DataFrame, paper: PaperNumbers, digits: int = 2) ->
     rules, notes = set(), []
     for (bench, n), g in recipes.groupby(["benchmark", "num_tasks"], sort=False):
         n = int(n)
-        against = bench if paper_ranking(paper, bench, n) else RANKED_AGAINST.get(bench)
-        found = paper_ranking(paper, against, n) if against else None
+        against, found = bench, paper_ranking(paper, bench, n)
+        if found is None and bench in RANKED_AGAINST:
+            against = RANKED_AGAINST[bench]
+            found = paper_ranking(paper, against, n)
         if found is None:
             continue
         table, theirs = found
