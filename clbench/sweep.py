@@ -435,14 +435,15 @@ def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices:
             futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
             for i, future in enumerate(as_completed(futures)):
                 r = futures[future]
-                outcome, detail = future.result()
+                outcome, detail = ("cancelled", None) if future.cancelled() else future.result()
                 print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
                 if outcome == "failed":
                     failures.append((r, detail or "failed"))
                     print(detail, flush=True)
                 elif outcome == "user_error":
                     user_errors.append(f"{r.key}: {detail}")
-                    pool.shutdown(cancel_futures=True)  # every later run would fail the same way
+                    stop.set()  # every later run would fail the same way: start none
+                    pool.shutdown(cancel_futures=True)
     except KeyboardInterrupt:
         # Start no other run (the pool has already handed some to its queue: ``stop`` turns
         # them away), and stop the running ones: a Ctrl-C at the terminal reaches the workers
