@@ -28,10 +28,10 @@ SUBCOMMANDS = {
                                "accuracy of its frozen pretrained backbone, per rendition"),
     "gpu-check": ("clbench.gpu_check", "the GPU path in one command: speed of every method, SD-LoRA's precisions "
                                        "and compile, one short run through the image cache (no data or weights)"),
-    "preflight": ("clbench.suite", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
+    "preflight": ("clbench.sweep", "check a sweep's plan (names, tasks, seeds, backbone, weights, data) and "
                                    "forecast its GPU hours and memory against a SLURM profile"),
 }
-SWEEP_MODULE = "clbench.suite"
+SWEEP_MODULE = "clbench.sweep"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.sweep.stop_on_signals)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.jobs.stop_on_signals)
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"error: interrupted by {signal.Signals(signum).name}; every file is complete or absent: "
               f"run the same command again to resume", file=sys.stderr)

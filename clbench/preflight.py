@@ -36,7 +36,7 @@ from clbench.benchmarks import get_benchmark
 from clbench.catalog import backbone_size_message
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError, did_you_mean
-from clbench.sweep import PlannedRun
+from clbench.plan import PlannedRun
 
 
 @dataclass

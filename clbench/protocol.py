@@ -18,7 +18,7 @@ does not read back is moved aside and the run starts over.
 
 Progress is reported through ``on_progress(tasks_done, num_tasks, elapsed_s)``: once the run
 has started (after a resume, with the restored tasks counted) and after every finished task,
-once its checkpoint is on disk. ``clbench.sweep.run_job`` turns it into the run's status record.
+once its checkpoint is on disk. ``clbench.jobs.run_job`` turns it into the run's status record.
 """
 from __future__ import annotations
 

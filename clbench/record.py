@@ -6,7 +6,7 @@ Layout under the results root (``--out``, default ``$CLBENCH_RESULTS`` or ``./re
     checkpoints/<same path>.pt         the last finished task of an unfinished run
     models/<same path>/task<t>.pt      the trained method after task t (``--save-model``)
     logs/<same path>/                  TensorBoard event files (``--log tensorboard``)
-    status/<same path>.json            how far each run got (``clbench.sweep``), never read by reports
+    status/<same path>.json            how far each run got (``clbench.jobs``), never read by reports
     splits/                            splits a loader had to make (raw ImageNet-R's 80/20)
     tables/, figures/                  written by ``clbench report``
 

@@ -269,7 +269,7 @@ class Setting:
 
 
 def resolve(setting: Setting, method: str) -> RunConfig:
-    """The run configuration, exactly as ``clbench.sweep.plan`` resolves it."""
+    """The run configuration, exactly as ``clbench.plan.plan`` resolves it."""
     return resolve_config(setting.bench.name, setting.num_tasks, method, setting.seed, None,
                           copy.deepcopy(setting.overrides) or None, str(setting.device))
 

@@ -1,461 +1,191 @@
-"""A sweep plan: benchmark × number of tasks × method × seed, each resolved to a ``RunConfig``.
-
-The plan is plain data; launchers (in-process here, SLURM in ``clbench.slurm``) turn each planned run
-into a call of ``run_job``, the one job entry point, which needs nothing but the run's
-configuration dictionary and the results root.
-
-Each run also has a status record, ``<out>/status/<key>.json``, for ``clbench status``:
-``run_job`` writes its progress (state, task reached, time so far, who runs it) and the
-launcher's job wrapper writes a failure with its traceback (``record_failure``). Records are
-written atomically and never read by reports: results come from result files only.
-
-A run is claimed before it trains (``claim``: a record lock on ``<out>/claims/<key>.lock``), so
-concurrent sweeps and jobs on one results root train each run once. The claim's holder alone
-writes the run's files: it removes the temporary files that a killed holder left, and moves a
-result file that does not read back aside (``*.corrupt``) and redoes the run.
-
-A run that fails for a reason its message states (``RunFailed``: its training diverged) is
-recorded failed with that message, and a serial sweep goes on with the other runs; a
-``UserError`` (bad data, a full disk) is recorded and stops the sweep, its message on one line.
-SIGTERM, like Ctrl-C, stops a serial sweep at once (``stop_on_signals``): every file is
-complete or absent, the run's last checkpoint holds its finished tasks, and running the same
-command again resumes it. ``run_parallel`` runs a plan
-in a process pool on this machine, one worker per device (or ``--jobs`` workers).
-"""
+"""The sweep command (``clbench`` with no sub-command): plan and check the plan
+(``clbench.preflight``), then run here (one run after the other, or several at once with
+``--jobs``/``--devices``) or on SLURM, then print the sweep's table and write the report; and
+``clbench preflight``: the same checks, plus a forecast against a SLURM profile."""
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import multiprocessing
 import os
-import queue as queue_module
-import signal
-import socket
-import sys
-import threading
+import tempfile
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
-from clbench import files, record
-from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import (
-    absolute_benchmark,
-    check_args,
-    import_plugins,
-    joint_methods,
-    request_layers,
-    requested_methods,
-    unique_seeds,
+from clbench import record
+from clbench.config import describe_overrides, split_values
+from clbench.errors import PlanError
+from clbench.jobs import run_local, run_parallel, tidy
+from clbench.options import MAX_AUTO_JOBS, PROFILE_ENV, add_preflight_arguments
+from clbench.plan import PlannedRun, plan_from_args
+from clbench.preflight import (
+    Check,
+    Forecast,
+    check_plan,
+    forecast,
+    format_checks,
+    format_forecast,
+    output_check,
+    raise_problems,
+    read_speed_figures,
 )
-from clbench.config import RunConfig
-from clbench.errors import CorruptFileError, PlanError, RunFailed, UserError
-from clbench.methods import METHODS, ordered_methods
-from clbench.protocol import run
-from clbench.recipes import resolve_config
+from clbench.report.aggregate import quick_table
+from clbench.report.command import write_report
+from clbench.slurm import launcher
 
 
-@dataclass
-class PlannedRun:
-    config: RunConfig
-    key: str
-    result_path: Path
-    done: bool
+def grid_summary(items: list[str]) -> str:
+    """``--set grid: 4 configurations (train.lr: 0.005, 0.01 × method.rank: 4, 8)``; empty without a grid."""
+    lists = [(item.split("=", 1)[0], split_values(item.split("=", 1)[1])) for item in items if "=" in item]
+    lists = [(key, values) for key, values in lists if len(values) > 1]
+    if not lists:
+        return ""
+    count = 1
+    for _, values in lists:
+        count *= len(values)
+    return (f"--set grid: {count} configurations ("
+            + " × ".join(f"{key}: {', '.join(values)}" for key, values in lists) + ")")
 
 
-def finished(path: Path) -> bool:
-    """Whether ``path`` holds a result that reads back (a corrupt one is redone by ``run_job``)."""
-    if not path.exists():
-        return False
-    try:
-        record.read_result(path)
-    except CorruptFileError:
-        return False
-    return True
-
-
-def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None, seeds: list[int],
-         out_root: Path, class_order_seed: int | None = None, overrides: dict[str, Any] | None = None,
-         device: str = "auto", data_root: str | None = None, grid: list[dict[str, Any]] | None = None,
-         joint: list[str] | None = None) -> list[PlannedRun]:
-    """Resolve every run of the sweep; ``tasks=None`` takes each benchmark's defaults and
-    ``methods=None`` every registered method, in the paper's row order. ``grid``: several
-    override layers (``--set key=v1,v2``), each a configuration of its own; default: ``[overrides]``.
-    ``joint``: methods also trained on every class at once (one task: the reference rows' upper
-    bound), after the sweep's own runs. A run planned twice (``--tasks 1`` and ``joint``) is
-    planned once."""
-    method_names = ordered_methods(list(METHODS)) if not methods else methods
-    runs: dict[str, PlannedRun] = {}
-    for bench_name in benches:
-        bench = get_benchmark(bench_name)
-        shapes = [(n, m) for n in tasks or bench.default_tasks for m in method_names]
-        shapes += [(1, m) for m in ordered_methods(list(joint or []))]
-        for n, m in shapes:
-            for point in grid if grid is not None else [overrides]:
-                for seed in seeds:
-                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, point, device)
-                    if data_root is not None:
-                        cfg.data.root = data_root
-                    path = record.result_path(out_root, cfg.key)
-                    runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, finished(path)))
-    return list(runs.values())
-
-
-def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
-    """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
-    results root."""
-    import_plugins(getattr(args, "plugins", None) or [])
-    args.bench = [absolute_benchmark(b) for b in args.bench]
-    problems = check_args(args, BENCHMARKS, METHODS, complete=True)
-    if problems:
-        raise PlanError(problems)
-    grid = [layer or None for layer in request_layers(args)]
-    seeds, repeated = unique_seeds(args.seeds)
-    if repeated:
-        print(f"warning: seed(s) {', '.join(map(str, sorted(set(repeated))))} given more than once; "
-              f"each run is planned once", file=sys.stderr)
-    out = args.out or record.default_root()
-    methods = requested_methods(args)
-    runs = plan(args.bench, args.tasks, methods, seeds, out, args.class_order_seed, device=args.device,
-                data_root=args.data_root, grid=grid, joint=joint_methods(args, methods or list(METHODS)))
-    for r in runs:  # what a run writes beside its result, and what a worker imports first
-        r.config.log = list(getattr(args, "log", None) or [])
-        r.config.save_model = getattr(args, "save_model", None) or "none"
-        r.config.plugins = list(getattr(args, "plugins", None) or [])
-    return runs, out
-
-
-def status_path(out_root: Path, key: str) -> Path:
-    """Where a run's status record lives: ``<out>/status/<key>.json``."""
-    return Path(out_root) / "status" / f"{key}.json"
-
-
-def read_status(out_root: Path, key: str) -> dict[str, Any] | None:
-    """The run's status record, or None when there is none; one that does not read back is
-    moved aside (``*.corrupt``) and the run has none."""
-    path = status_path(out_root, key)
-    try:
-        return files.read_checked_json(path)
-    except FileNotFoundError:
-        return None
-    except CorruptFileError as err:
-        with contextlib.suppress(FileNotFoundError):  # another reader moved it first
-            files.set_aside(path, err.why, "status record", "a new one is started")
-        return None
-    except OSError:  # unreadable (permissions): no record to show
-        return None
-
-
-def update_status(out_root: Path, key: str, **fields: Any) -> dict[str, Any]:
-    """Merge ``fields`` into the run's status record (atomically) and return the record."""
-    record = read_status(out_root, key) or {}
-    record.update(fields, updated_at=time.time())
-    files.atomic_write_json(status_path(out_root, key), record, checksum=True)
-    return record
-
-
-def job_identity() -> dict[str, Any]:
-    """Who runs this process: the SLURM job id (``<array>_<index>`` for an array element, as
-    ``squeue``/``sacct`` print it), the host and the process id."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    else:
-        job_id = env.get("SLURM_JOB_ID")
-    return {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid()}
-
-
-def record_failure(out_root: Path, key: str, error: str) -> None:
-    """Mark the run failed with its traceback or message; called by the launcher that ran the
-    job. A status record that cannot be written (a full disk) is not worth a second error."""
-    with contextlib.suppress(OSError, UserError):
-        update_status(out_root, key, state="failed", error=error, **job_identity())
-
-
-def failure_text(err: BaseException) -> str:
-    """How a failed run's error is recorded: a ``RunFailed``'s or ``UserError``'s message (it
-    says everything), any other exception's traceback."""
-    if isinstance(err, (RunFailed, UserError)):
-        return str(err)
-    return "".join(traceback.format_exception(err))
-
-
-def claim_path(out_root: Path, key: str) -> Path:
-    """The run's claim: ``<out>/claims/<key>.lock``, locked by the process that trains it."""
-    return Path(out_root) / "claims" / f"{key}.lock"
-
-
-@contextlib.contextmanager
-def claim(out_root: Path, key: str) -> Iterator[bool]:
-    """Hold the run's claim while the block runs; yields False (and holds nothing) when a live
-    process holds it. A POSIX record lock (``fcntl.lockf``): NFS supports it across nodes, and the
-    kernel (or the NFS lock manager) releases it when its holder dies, so a dead holder's claim is
-    free to take. The lock file is never deleted: a deletion could race with another taker."""
-    path = claim_path(out_root, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:  # "a+": no truncation, the file is shared
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: held by a live process
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
-def holder(out_root: Path, key: str) -> str:
-    """Who trains the run, as its status record says."""
-    status = read_status(out_root, key) or {}
-    who = ", ".join(f"{k} {status[k]}" for k in ("job_id", "host", "pid") if status.get(k))
-    return who or "another process"
-
-
-def remove_leftovers(out_root: Path, key: str) -> None:
-    """Remove the temporary files a killed holder of the run's claim left beside its result,
-    checkpoint and status record; only the claim's holder may."""
-    for written in (record.result_path(out_root, key), record.checkpoint_path(out_root, key),
-                    status_path(out_root, key)):
-        files.remove_temporaries(written)
-
-
-def tidy(runs: list[PlannedRun], out_root: Path) -> None:
-    """``remove_leftovers`` of the plan's finished runs (``run_job`` does it for the others)
-    that no live process holds: a process killed while it wrote a status record after the
-    result. Only finished runs: nobody claims those again, so holding their claim a moment
-    makes no job skip its run."""
+def print_plan(runs: list[PlannedRun], overrides: list[str] | None = None) -> None:
+    grid = grid_summary(overrides or [])
+    if grid:
+        print(grid)
     for r in runs:
-        if r.done:
-            with claim(out_root, r.key) as claimed:
-                if claimed:
-                    remove_leftovers(Path(out_root), r.key)
+        c = r.config
+        t = c.train
+        state = "done" if r.done else "todo"
+        batch = f"{t.batch_size}" if t.micro_batch_size is None else f"{t.batch_size}(micro {t.micro_batch_size})"
+        schedule = t.schedule + (f"(lag {t.schedule_offset})" if t.schedule_offset else "")
+        test_order = f" test_order={c.data.test_order}" if c.data.test_order != "dataset" else ""
+        variant = f" [{describe_overrides(c.overrides)}]" if c.overrides else ""
+        eval_on = f" eval_on={c.data.eval_on}" if c.data.eval_on != "test" else ""
+        print(f"{state:5s} {r.key:48s}{variant} backbone={c.backbone.name} epochs={t.epochs} bs={batch} "
+              f"{t.optimizer} lr={t.lr:g} {schedule} drop_last={t.drop_last}{test_order}{eval_on} "
+              f"method={c.method_args}")
+    todo = sum(not r.done for r in runs)
+    print(f"{len(runs)} runs planned, {len(runs) - todo} already done, {todo} to run")
 
 
-def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any] | None:
-    """The job entry point of every launcher: run one configuration and return its metrics.
-    A finished run (its result file exists) is not run again. The run is claimed first
-    (``claim``): while another live process trains it, this one says so and returns None. While
-    it runs, its status record says how far it got; ``attempts`` lists every start
-    (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died)."""
-    import_plugins(config.get("plugins") or [])  # a worker registers what the sweep's process did
-    cfg = RunConfig.from_dict(config)
-    key = cfg.key
-    path = record.result_path(Path(out_root), key)
-    if finished(path):
-        return record.read_result(path).metrics
-    with claim(Path(out_root), key) as claimed:
-        if not claimed:
-            print(f"[{key}] skipped: being trained by {holder(Path(out_root), key)}", flush=True)
-            return None
-        remove_leftovers(Path(out_root), key)
-        if path.exists():  # finished by the process that held the claim before us, or corrupt
-            try:
-                return record.read_result(path).metrics
-            except CorruptFileError as err:
-                files.set_aside(path, err.why, "result file", "the run is redone")
-        return _run_claimed(cfg, out_root, progress)
-
-
-def _run_claimed(cfg: RunConfig, out_root: str, progress: bool) -> dict[str, Any]:
-    key = cfg.key
-    identity = job_identity()
-    attempt: dict[str, Any] = {}
-
-    def on_progress(tasks_done: int, num_tasks: int, elapsed_s: float) -> None:
-        fields = {"state": "running", "tasks_done": tasks_done, "num_tasks": num_tasks,
-                  "elapsed_s": elapsed_s, "error": None, **identity}
-        if not attempt:  # this process's first report: the run (re)started here
-            attempt.update(started_at=time.time(), from_task=tasks_done, **identity)
-            fields["attempts"] = (read_status(out_root, key) or {}).get("attempts", []) + [attempt]
-        update_status(out_root, key, **fields)
-
-    result = run(cfg, Path(out_root), progress, on_progress)
-    update_status(out_root, key, state="done", elapsed_s=result.wall_time_s)
-    return result.metrics
-
-
-class Interrupted(KeyboardInterrupt):
-    """A signal (SIGTERM) that stops a sweep as Ctrl-C does; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``Interrupted`` (a ``KeyboardInterrupt``, as Ctrl-C
-    does) in the main thread: the run stops at once, its files complete or absent, its claim
-    released. Elsewhere than the main thread, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list[Check]]:
+    """The plan, with every check of ``clbench.preflight`` passed (else one ``PlanError``). A split
+    that a loader has to write goes to ``<out>/splits``, or to a temporary folder under
+    ``--dry-run`` (which writes nothing)."""
+    runs, out = plan_from_args(args)
+    missing = [p for p in (Path(out), *Path(out).parents) if not p.exists()]  # what the check may make
+    output = output_check(runs, out, concurrent_runs(runs, args), create=not args.dry_run)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def record_interruption(out_root: Path, key: str, num_tasks: int, where: str) -> None:
-    """Mark the run interrupted (if this process was training it), and say how far it got and
-    how to resume (on stderr)."""
-    status = read_status(out_root, key) or {}
-    done = status.get("tasks_done", 0)
-    if status.get("pid") == os.getpid() and status.get("host") == socket.gethostname():
-        with contextlib.suppress(OSError, UserError):
-            update_status(out_root, key, state="interrupted", error=None)
-    kept = f"its checkpoint holds tasks 1-{done}" if done else "no task had finished"
-    sys.stderr.write(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
-                     "run the same command again to resume\n")  # one write: workers' lines do not interleave
-    sys.stderr.flush()
-
-
-def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
-    """Run the plan in this process, one run after the other. Returns the failures
-    (run, traceback or message); a failing run does not stop the others, a ``UserError`` (bad
-    data, a full disk) is recorded and stops the sweep, and so does SIGTERM or Ctrl-C
-    (``stop_on_signals``; the run is recorded interrupted and resumes when run again)."""
-    failures = []
-    with stop_on_signals():
-        for i, r in enumerate(runs):
-            where = f"[{i + 1}/{len(runs)}]"
-            print(f"{where} {r.key}", flush=True)
-            try:
-                run_job(r.config.to_dict(), str(out_root), progress)
-            except UserError as err:
-                record_failure(out_root, r.key, failure_text(err))
-                raise  # the user must fix these; every later run would fail the same way
-            except KeyboardInterrupt:
-                record_interruption(out_root, r.key, r.config.num_tasks, where)
-                raise
-            except Exception as err:  # keep going: one broken run must not cost the rest of the sweep
-                failures.append((r, failure_text(err)))
-                record_failure(out_root, r.key, failures[-1][1])
-                sep = " " if isinstance(err, RunFailed) else "\n"
-                print(f"{where} {r.key} FAILED:{sep}{failures[-1][1]}", flush=True)
-    return failures
-
-
-# ----------------------------------------------------------------------------- parallel
-
-
-_worker_device: str | None = None  # the device this pool worker runs on (None: the run's own)
-
-
-def _init_worker(devices: Any, threads: int, pids: Any, stop: Any) -> None:
-    """A pool worker's start: take one device from the queue (one worker per device), use
-    ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them,
-    and say its pid (so that an interrupted sweep can stop it); SIGTERM stops its run as Ctrl-C."""
-    global _worker_device, _worker_stop
-    _worker_device = devices.get()
-    _worker_stop = stop
-    torch.set_num_threads(threads)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt_run)
-    pids.put(os.getpid())
-
-
-_worker_in_run = False  # whether this pool worker is inside a run (else it waits for one)
-_worker_stop: Any = None  # set when the sweep is interrupted: a run the pool still hands out is not started
-
-
-def _interrupt_run(signum: int, frame: Any) -> None:
-    """A pool worker's SIGINT/SIGTERM: stop the run it trains (recorded interrupted); a worker
-    waiting for a run ignores it and exits when the pool, being shut down, tells it to, and so
-    does a run already stopping (Ctrl-C reaches the worker, then the sweep's SIGTERM)."""
-    global _worker_in_run
-    if _worker_in_run:
-        _worker_in_run = False
-        raise Interrupted(signum)
-
-
-def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]:
-    """One run in a pool worker, on the worker's device (an execution setting: the run's identity
-    and numbers do not change). Returns ``(outcome, detail)``: done, skipped (claimed elsewhere),
-    failed (with its traceback, recorded) or user_error (with its message)."""
-    if _worker_device is not None:
-        config = {**config, "device": _worker_device}
-    global _worker_in_run
-    run_config = RunConfig.from_dict(config)
-    key = run_config.key
-    if _worker_stop is not None and _worker_stop.is_set():
-        return "cancelled", None
-    try:
-        _worker_in_run = True
-        metrics = run_job(config, out_root, progress=False)
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM from the sweep
-        record_interruption(Path(out_root), key, run_config.num_tasks, "[worker]")
-        return "interrupted", None
-    except UserError as err:
-        record_failure(Path(out_root), key, str(err))
-        return "user_error", str(err)
-    except Exception as err:  # recorded like a serial sweep's failure; the other runs go on
-        error = failure_text(err)
-        record_failure(Path(out_root), key, error)
-        return "failed", error
-    finally:
-        _worker_in_run = False
-    return ("skipped", None) if metrics is None else ("done", None)
-
-
-def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices: list[str] | None = None,
-                 threads: int | None = None) -> list[tuple[PlannedRun, str]]:
-    """Run the plan in ``len(devices)`` worker processes, one per device, or in ``jobs`` workers
-    on the runs' own device: a ``ProcessPoolExecutor`` (spawn, so no CUDA state is forked) whose
-    workers each take one device. Each worker uses ``threads`` CPU threads (default: the cores
-    divided among the workers). Runs go through ``run_job`` as in a serial sweep: same claims,
-    status records and result files. Returns the failures (run, traceback)."""
-    workers = len(devices) if devices else jobs
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    for device in devices or [None] * workers:
-        queue.put(device)
-    failures: list[tuple[PlannedRun, str]] = []
-    user_errors: list[str] = []
-    print(f"{len(runs)} run(s) on {workers} worker(s)"
-          + (f" ({', '.join(devices)})" if devices else "") + f", {threads} thread(s) each", flush=True)
-    pids, stop = context.Queue(), context.Event()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(queue, threads, pids, stop))
-    try:
-        with stop_on_signals():
-            futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
-            for i, future in enumerate(as_completed(futures)):
-                r = futures[future]
-                outcome, detail = ("cancelled", None) if future.cancelled() else future.result()
-                print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
-                if outcome == "failed":
-                    failures.append((r, detail or "failed"))
-                    print(detail, flush=True)
-                elif outcome == "user_error":
-                    user_errors.append(f"{r.key}: {detail}")
-                    stop.set()  # every later run would fail the same way: start none
-                    pool.shutdown(cancel_futures=True)
-    except KeyboardInterrupt:
-        # Start no other run (the pool has already handed some to its queue: ``stop`` turns
-        # them away), and stop the running ones: a Ctrl-C at the terminal reaches the workers
-        # already, a SIGTERM to this process does not. Each records itself interrupted; the
-        # sweep's own message comes after theirs, once every worker has exited.
-        stop.set()
-        while not pids.empty():
-            with contextlib.suppress(ProcessLookupError, queue_module.Empty):
-                os.kill(pids.get_nowait(), signal.SIGTERM)
+        with contextlib.ExitStack() as stack:
+            elsewhere = args.dry_run or output.problem is not None  # nothing goes into a folder that failed
+            splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if elsewhere else out / "splits"
+            checks = [output, *check_plan(runs, splits)]
+        raise_problems(checks)
+    except PlanError:
+        for folder in missing:  # a plan that fails leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    finally:  # waits for every worker to exit (a run it had started ends first)
-        pool.shutdown(wait=True, cancel_futures=True)
-    if user_errors:
-        raise UserError("\n".join(user_errors))
-    return failures
+    return runs, out, checks
+
+
+def local_jobs(runs: list[PlannedRun], args: argparse.Namespace) -> int:
+    """How many runs ``--jobs`` trains at once on this machine: its number, or for ``auto`` one
+    when a run goes to a GPU, else one per CPU core (at most ``MAX_AUTO_JOBS`` and the runs to
+    do). With ``--threads`` unset, the workers share the cores (``run_parallel``)."""
+    jobs = getattr(args, "jobs", 1)
+    todo = sum(not r.done for r in runs)
+    if jobs != "auto":
+        return jobs
+    if any(r.config.device.startswith("cuda") or (r.config.device == "auto" and torch.cuda.is_available())
+           for r in runs if not r.done):
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_JOBS, todo))
+
+
+def concurrent_runs(runs: list[PlannedRun], args: argparse.Namespace) -> int:
+    """How many of the plan's unfinished runs train at the same time (and hold checkpoints)."""
+    todo = sum(not r.done for r in runs)
+    if getattr(args, "launcher", "local") != "local":  # (preflight has none: as a serial sweep)
+        return todo
+    devices = getattr(args, "devices", None)
+    return min(todo, len(devices) if devices else local_jobs(runs, args))
+
+
+def forecast_for(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[launcher.SlurmProfile, list[Forecast]]:
+    """The profile the options name, and each unfinished run's forecast against it."""
+    profile = launcher.profile_from_args(args)
+    return profile, forecast(runs, read_speed_figures(args.speed), profile.time_limit, profile.memory_gib())
+
+
+def fit_or_refuse(runs: list[PlannedRun], args: argparse.Namespace) -> None:
+    """Before a SLURM submission: refuse (``PlanError``) runs that the ``--speed`` figures say
+    exceed the profile's time limit or memory, unless ``--ignore-forecast``."""
+    if not args.speed or args.ignore_forecast:
+        return
+    _, forecasts = forecast_for(runs, args)
+    unfit = [f for f in forecasts if f.fits is False]
+    if unfit:
+        raise PlanError([f"{f.key}: forecast {f.hours:.2f} h (limit {f.limit_hours:.2f} h)"
+                         + ("" if f.peak_gib is None else f", peak {f.peak_gib:.2f} GiB (of {f.memory_gib})")
+                         + "; raise the profile's limits (--slurm time_min=...), or --ignore-forecast"
+                         for f in unfit])
+
+
+def preflight_main(args: argparse.Namespace) -> int:
+    """``clbench preflight``: every check of the plan, and its forecast against the profile.
+    Exit 0: it passes and fits; 1: a run would not fit; 2: a check failed."""
+    runs, out = plan_from_args(args)  # names, tasks and seeds: a problem there stops here
+    with tempfile.TemporaryDirectory() as splits:
+        checks = [output_check(runs, out, concurrent_runs(runs, args), create=False), *check_plan(runs, Path(splits))]
+    todo = sum(not r.done for r in runs)
+    print(f"{len(runs)} runs planned, {todo} to run\nchecks:\n" + (format_checks(checks) or "(nothing to run)"))
+    profile, forecasts = forecast_for(runs, args)
+    print(f"forecast against profile {args.profile or os.environ.get(PROFILE_ENV) or 'local'} "
+          f"({profile.describe()}):\n{format_forecast(forecasts)}")
+    raise_problems(checks)
+    return 1 if any(f.fits is False for f in forecasts) else 0
+
+
+COMMANDS = {"preflight": (add_preflight_arguments, preflight_main)}
+
+
+def main(args: argparse.Namespace) -> int:
+    runs, out, checks = checked_plan(args)
+    if args.dry_run:
+        print_plan(runs, args.overrides)
+        print("checks:\n" + (format_checks(checks) or "(nothing to run)"))
+        return 0
+    if args.force:  # start every run afresh; a finished result is kept beside it as .json.prev
+        for r in runs:
+            if r.result_path.exists():
+                os.replace(r.result_path, r.result_path.with_name(r.result_path.name + ".prev"))
+            record.checkpoint_path(out, r.key).unlink(missing_ok=True)  # else it would resume
+            r.done = False
+    tidy(runs, out)  # what killed writers left beside the finished runs' files
+    todo = [r for r in runs if not r.done]
+    if grid_summary(args.overrides):
+        print(grid_summary(args.overrides))
+    print(f"{len(runs)} runs planned, {len(runs) - len(todo)} already done, {len(todo)} to run "
+          f"-> {out.resolve()}", flush=True)
+    start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    jobs = local_jobs(todo, args)
+    if args.launcher == "local" and (jobs > 1 or args.devices):
+        failures = run_parallel(todo, out, jobs, args.devices, args.threads)
+    elif args.launcher == "local":
+        failures = run_local(todo, out, progress=not args.no_progress)  # SIGTERM stops it as Ctrl-C does
+    else:
+        fit_or_refuse(todo, args)
+        failures = launcher.launch(todo, args, out)
+        if failures is None:  # submitted or emitted without waiting
+            return 0
+    print(f"\nsweep finished in {time.time() - start:.0f}s; its runs:")
+    print(quick_table(out, only={str(r.result_path) for r in runs}))
+    print(f"\nresult files: {(out / 'runs').resolve()}")
+    if failures:
+        print(f"\n{len(failures)} run(s) failed: " + ", ".join(r.key for r, _ in failures))
+        return 1
+    write_report(out)
+    return 0

@@ -10,7 +10,7 @@ How a sweep runs on the cluster:
 
 * **One array per sweep.** Every run of the plan that has no result file becomes one element
   of a submitit job array (``slurm_array_parallelism`` from the profile). Each element calls
-  ``clbench.sweep.run_job``, the entry point the local launcher calls too, and writes its own
+  ``clbench.jobs.run_job``, the entry point the local launcher calls too, and writes its own
   result file; nothing is shared in memory. SLURM gives all elements of an array one time
   limit, so runs whose methods have different limits go into one array per limit.
 * **Preemption and time limits.** The protocol checkpoints atomically at every task boundary.
@@ -59,21 +59,12 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 from clbench import files
 from clbench.config import RunConfig, build_dataclass, update_dataclass, without_execution_settings
 from clbench.errors import ConfigError, CorruptFileError
+from clbench.jobs import failure_text, job_identity, read_status, record_failure, run_job, status_path, update_status
 from clbench.methods import METHODS
 from clbench.options import PROFILE_ENV, add_launcher_arguments, add_sweep_arguments
+from clbench.plan import PlannedRun, plan_from_args
 from clbench.record import RunResult, read_result, result_path, write_result
 from clbench.report.aggregate import load_runs, quick_table
-from clbench.sweep import (
-    PlannedRun,
-    failure_text,
-    job_identity,
-    plan_from_args,
-    read_status,
-    record_failure,
-    run_job,
-    status_path,
-    update_status,
-)
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 ARRAY_TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
@@ -381,7 +372,7 @@ def note_requeue(out_root: str, key: str, max_stalled: int) -> None:
 
 
 class SlurmRun(submitit.helpers.Checkpointable):
-    """What each array element runs: ``clbench.sweep.run_job``, with a failure recorded with its
+    """What each array element runs: ``clbench.jobs.run_job``, with a failure recorded with its
     traceback. Checkpointable: on preemption or time-out submitit calls ``checkpoint`` and
     requeues the same call, which resumes from the run's last task checkpoint (the protocol's;
     nothing of this object needs saving)."""

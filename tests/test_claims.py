@@ -17,8 +17,8 @@ import pytest
 
 from clbench import record
 from clbench.cli import main
+from clbench.jobs import claim_path, read_status, run_job, update_status
 from clbench.recipes import resolve_config
-from clbench.sweep import claim_path, read_status, run_job, update_status
 
 TESTS = Path(__file__).resolve().parent
 # The command line in a fresh process, with the tests' ``toy`` benchmark registered.

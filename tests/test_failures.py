@@ -26,10 +26,10 @@ from clbench import files, preflight, record
 from clbench.cli import main
 from clbench.config import DataConfig, TrainConfig
 from clbench.errors import ConfigError, DataError
+from clbench.jobs import read_status, status_path
 from clbench.loading import seeded_loader
 from clbench.methods import METHODS, get_method
 from clbench.recipes import resolve_config
-from clbench.sweep import read_status, status_path
 
 ONE_EPOCH = {"train": {"epochs": 1}}  # a toy run in a few seconds
 TOY = ["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--set", "train.epochs=1", "--no-progress"]

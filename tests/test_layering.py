@@ -27,9 +27,9 @@ LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
-    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.sweep",
+    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.plan", "clbench.jobs",
                 "clbench.preflight", "clbench.speed", "clbench.probe", "clbench.gpu_check"]),
-    ("top", ["clbench.slurm", "clbench.report", "clbench.suite", "clbench.cli", "clbench.__main__"]),
+    ("top", ["clbench.slurm", "clbench.report", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other
 

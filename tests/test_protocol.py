@@ -13,8 +13,8 @@ from clbench.cli import main
 from clbench.errors import DataError
 from clbench.methods import METHODS, CLMethod, register_method
 from clbench.metrics import summarize
-from clbench.suite import print_plan
-from clbench.sweep import plan
+from clbench.plan import plan
+from clbench.sweep import print_plan
 
 RUN = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
 

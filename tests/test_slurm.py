@@ -18,10 +18,10 @@ from clbench import files, protocol, record
 from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main
 from clbench.errors import ConfigError
+from clbench.jobs import read_status, update_status
 from clbench.record import RunResult
 from clbench.slurm import launcher
 from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
-from clbench.sweep import read_status, update_status
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
@@ -73,7 +73,7 @@ def test_submitit_accepts_the_profile_parameters(tmp_path):
 
 
 def test_run_state_joins_record_submission_and_sacct(tmp_path):
-    from clbench.sweep import plan
+    from clbench.plan import plan
 
     out = tmp_path / "r"
     run = plan(["toy"], None, ["full_ft"], [0], out)[0]

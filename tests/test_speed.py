@@ -13,10 +13,9 @@ import torch
 from clbench import speed
 from clbench.benchmarks import get_benchmark
 from clbench.cli import main
-from clbench.methods import METHODS
+from clbench.methods import METHODS, ordered_methods
 from clbench.methods.full_ft import FullFineTuning
 from clbench.protocol import autocast_for, compile_blocks, optimization_step
-from clbench.sweep import ordered_methods
 
 SYNTH = ["speed", "--bench", "synth", "--device", "cpu", "--set", "backbone.pretrained=false",
          "--steps", "3", "--warmup", "1", "--images-per-class", "2", "--threads", "1"]

@@ -363,7 +363,7 @@ def test_a_worker_process_imports_the_plugins_its_run_names(results_root, plugin
     import_plugins([str(plugin_file)])
     cfg = resolve_config("blobs", 2, "plugin_ft", 0, device="cpu")
     cfg.plugins = [str(plugin_file)]
-    code = ("import json, sys; from clbench.sweep import run_job; "
+    code = ("import json, sys; from clbench.jobs import run_job; "
             "print(json.dumps(run_job(json.loads(sys.argv[1]), sys.argv[2], progress=False)))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict()), str(results_root)],
                           capture_output=True, text=True, timeout=300)
