@@ -375,7 +375,13 @@ def learn_task(method: CLMethod, task: Task, train_stage: Callable[[StagePlan], 
 
 
 class Run:
-    """One run of one method on one scenario. ``execute()`` writes and returns its ``RunResult``."""
+    """One run of one method on one scenario. ``execute()`` writes and returns its ``RunResult``.
+
+    ``execute`` is made of public steps that a test or a notebook can drive one by one, without
+    writing anything: ``prepare()`` (load the data, build the scenario and the method), then for
+    each task ``t``: ``learn(task(t))`` (train it; returns the parameters its optimizers updated)
+    and ``evaluate(t)`` (counts of correct and total test images per task seen). ``loader``
+    makes a loader as the run does (seeded for training, in order for evaluation)."""
 
     def __init__(self, config: RunConfig, out_root: Path, progress: bool = True,
                  on_progress: Callable[[int, int, float], None] | None = None):
@@ -389,11 +395,13 @@ class Run:
         self.device = resolve_device(config.device)
         self.autocast = autocast_for(self.device, config.train.precision)
         self.epoch_log: list[dict[str, Any]] = []  # the task being trained's curve (TaskRecord.epochs)
+        self.diverged: list[str] = []  # where training diverged, with train.on_divergence=continue
+        self._diverged_stages: set[tuple[int, str]] = set()
         self.curves = CurveLoggers([], record.log_dir(self.out_root, self.key), config)  # execute() opens the asked ones
 
     # -- set-up ----------------------------------------------------------------------------------
 
-    def _build(self) -> None:
+    def prepare(self) -> None:
         cfg = self.config
         bench = get_benchmark(cfg.benchmark)
         train_tf, test_tf = bench.transforms(cfg.data.image_size)
@@ -424,7 +432,7 @@ class Run:
         self.method, self.weights_id = build_method(cfg, self.scenario.sizes, self.device)
         self.inputs = Inputs(self.device, normalization(self.method.backbone) if cfg.backbone.normalize else None)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
                 seed: int | None) -> DataLoader:
         """A training loader (``seed``: its stream) whose batches do not depend on the worker
         count (``clbench.loading``), or, without a seed, an evaluation loader in order."""
@@ -435,7 +443,7 @@ class Run:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, num_workers=workers,
                           persistent_workers=False, pin_memory=pin)
 
-    def _task(self, t: int) -> Task:
+    def task(self, t: int) -> Task:
         train_cfg = self.config.train.for_task(t)
         calls = [0]  # each loader made for this task gets its own, reproducible seed
 
@@ -444,7 +452,7 @@ class Run:
             calls[0] += 1
             scenario = self.scenario if augment else self.plain_scenario
             seed = (self.config.seed * 1_000_003 + t * 10_007 + calls[0]) % 2**63
-            loader = self._loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
+            loader = self.loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
                                   train_cfg.drop_last if drop_last is None else drop_last, seed)
             if self.device_augment is not None:
                 loader = DeviceBatches(loader, self.device_augment, self.device, train=augment, seed=seed)
@@ -454,7 +462,7 @@ class Run:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _train_task(self, task: Task) -> int:
+    def learn(self, task: Task) -> int:
         """Learn one task (``learn_task``), its stages trained for their epochs over the task's
         augmented, shuffled training data; returns the parameters its optimizers updated."""
         def train_stage(plan: StagePlan) -> None:
@@ -529,14 +537,14 @@ class Run:
             return None
 
     @torch.no_grad()
-    def _evaluate(self, t: int) -> tuple[list[int], list[int]]:
+    def evaluate(self, t: int) -> tuple[list[int], list[int]]:
         """Counts (correct, total) per task ``i <= t`` on the test data of every seen class."""
         self.method.eval()
         sizes = self.scenario.sizes
         bounds = np.cumsum(sizes[: t + 1])
         class_sorted = self.config.data.test_order == "class_sorted"
         test = ConcatDataset([self.scenario.test_subset(i, class_sorted) for i in range(t + 1)])
-        loader = self._loader(test, self.config.train.eval_batch_size, False, False, None)
+        loader = self.loader(test, self.config.train.eval_batch_size, False, False, None)
         correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         bounds_t = torch.as_tensor(bounds, device=self.device)
@@ -561,14 +569,12 @@ class Run:
         cfg = self.config
         started = time.time()
         memory = TaskMemory(self.device)  # before the build: the model and the data count
-        self._build()  # data errors surface here, before anything is written
+        self.prepare()  # data errors surface here, before anything is written
         T = self.scenario.num_tasks
         correct = [[0] * T for _ in range(T)]
         total = [[0] * T for _ in range(T)]
         records: list[TaskRecord] = []
         first = 0
-        self.diverged: list[str] = []
-        self._diverged_stages: set[tuple[int, str]] = set()
         ckpt = self._read_checkpoint()
         if ckpt is not None:
             if without_execution_settings(ckpt["config"]) != cfg.identity():
@@ -576,7 +582,7 @@ class Run:
                                    f"delete it or rerun with --force")
             first = ckpt["completed_tasks"]
             for t in range(first):
-                self.method.grow(self._task(t))
+                self.method.grow(self.task(t))
             self.method.load_state_dict(ckpt["method"])
             self.method.to(self.device)
             correct, total = ckpt["correct"], ckpt["total"]
@@ -590,15 +596,15 @@ class Run:
                                    resumed_epochs=sum(len(r.epochs) for r in records))
 
         for t in range(first, T):
-            task = self._task(t)
+            task = self.task(t)
             self.epoch_log = []
             memory.start_task()
             t0 = time.time()
-            trainable = self._train_task(task)
+            trainable = self.learn(task)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t1 = time.time()
-            row_c, row_n = self._evaluate(t)
+            row_c, row_n = self.evaluate(t)
             correct[t][: t + 1], total[t][: t + 1] = row_c, row_n
             t2 = time.time()
             cost = self.method.cost_report(task, trainable)

@@ -157,7 +157,7 @@ def interrupted_after_task(out: Path, task: int, monkeypatch) -> None:
     checkpoint holds the tasks before."""
     from clbench import protocol
 
-    real = protocol.Run._train_task
+    real = protocol.Run.learn
 
     def dies(self, t):
         if t.index == task - 1:
@@ -165,7 +165,7 @@ def interrupted_after_task(out: Path, task: int, monkeypatch) -> None:
         return real(self, t)
 
     with monkeypatch.context() as m:
-        m.setattr(protocol.Run, "_train_task", dies)
+        m.setattr(protocol.Run, "learn", dies)
         assert sweep(out) == 1
 
 

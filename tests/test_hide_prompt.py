@@ -50,8 +50,8 @@ class ProbingRun(Run):
         self.probe = probe_images()
         self.probes: list[torch.Tensor] = []
 
-    def _evaluate(self, t):
-        counts = super()._evaluate(t)  # puts the method in eval mode
+    def evaluate(self, t):
+        counts = super().evaluate(t)  # puts the method in eval mode
         self.probes.append(self.method.predict(self.probe))
         return counts
 
@@ -319,7 +319,7 @@ def test_a_resumed_run_ends_with_the_same_numbers_and_the_state_round_trips(tmp_
     state = whole.method.state_dict()
     fresh = make_method()
     for t in range(3):
-        fresh.grow(whole._task(t))
+        fresh.grow(whole.task(t))
     fresh.load_state_dict(state)
     fresh.eval()
     x = probe_images()

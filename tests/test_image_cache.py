@@ -140,8 +140,8 @@ def test_protocol_feeds_the_same_test_tensors_with_and_without_the_cache(data_ro
         cfg = resolve_config("jpegs", 2, "full_ft", 0, overrides={"data": {"image_cache": cache}})
         cfg.data.root = str(data_root)
         run = Run(cfg, results_root, progress=False)
-        run._build()
-        return [run.inputs(x) for x, _ in run._loader(run.scenario.test, 5, False, False, None)]
+        run.prepare()
+        return [run.inputs(x) for x, _ in run.loader(run.scenario.test, 5, False, False, None)]
 
     plain, cached = test_tensors(False), test_tensors(True)
     assert len(plain) == len(cached) == 3

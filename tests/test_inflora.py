@@ -198,15 +198,15 @@ def first_two_tasks_on_synth(tmp_path, subspace: str) -> tuple[torch.Tensor, tor
     cfg = resolve_config("synth", 10, "inflora", 0, device="cpu",
                          overrides={"method": {"subspace": subspace}})
     run = Run(cfg, tmp_path, progress=False)
-    run._build()
+    run.prepare()
     test0 = run.scenario.test_subset(0)
     x0 = torch.stack([test0[i][0] for i in range(len(test0))])
     logits = []
     for t in range(2):
-        task = run._task(t)
+        task = run.task(t)
         run.method.grow(task)
         run.method.begin_task(task)
-        run._train_task(task)
+        run.learn(task)
         run.method.end_task(task)
         run.method.eval()
         logits.append(run.method.predict(x0)[:, : run.scenario.sizes[0]])  # task 0's head

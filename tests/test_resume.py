@@ -64,7 +64,7 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
     """Crash right after the checkpoint of task ``crash_after_task`` (1-based count of finished
     tasks), or halfway through training task ``crash_in_task`` (0-based); then resume."""
     real_save = files.atomic_torch_save
-    real_train = Run._train_task
+    real_train = Run.learn
 
     def save_then_crash(path, obj):
         real_save(path, obj)
@@ -79,7 +79,7 @@ def interrupted_then_resumed(config, out, monkeypatch, crash_after_task: int | N
 
     with monkeypatch.context() as m:
         m.setattr(record, "atomic_torch_save", save_then_crash)
-        m.setattr(Run, "_train_task", train_then_crash)
+        m.setattr(Run, "learn", train_then_crash)
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
     assert record.checkpoint_path(out, config.key).exists()

@@ -128,7 +128,7 @@ def test_status_and_collect_of_local_runs(results_root, tmp_path, capsys, one_th
         raise ValueError("unknown optimizer 'nope'")
 
     with monkeypatch.context() as m:  # a bug inside the run: failed, with its traceback
-        m.setattr(protocol.Run, "_train_task", broken)
+        m.setattr(protocol.Run, "learn", broken)
         assert main(TOY + ["--seeds", "0", "--set", "train.lr=0.004"]) == 1
     capsys.readouterr()
 
