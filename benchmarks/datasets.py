@@ -35,7 +35,6 @@ that sample is loaded.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import pickle
@@ -53,8 +52,8 @@ from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 from torchvision.datasets.utils import check_integrity
 
-from clbench.benchmarks.base import BENCHMARK_FACTORIES, Benchmark, register_benchmark
-from clbench.catalog import BUILTIN_BENCHMARKS, FOLDER_PREFIX, BenchmarkFacts, folder_facts, missing_data_message
+from clbench.benchmarks.base import BENCHMARKS, Benchmark
+from clbench.catalog import missing_data_message
 from clbench.errors import CorruptFileError, DataError
 from clbench.files import atomic_write_json, read_checked_json, set_aside
 
@@ -148,7 +147,7 @@ class _Info:
     source: str  # where the data is published
 
 
-def _missing(info: _Info | BenchmarkFacts, data_dir: Path, why: str) -> DataError:
+def _missing(info: _Info | Benchmark, data_dir: Path, why: str) -> DataError:
     """The one message for 'no usable data here' (``clbench.catalog.missing_data_message``)."""
     return DataError(missing_data_message(info, data_dir, why))
 
@@ -478,7 +477,7 @@ def split_raw_folder(data_dir: Path, classes: Sequence[str], splits_dir: Path,
 
 # ----------------------------------------------------------------------------- ImageNet-R
 
-_IMR = BUILTIN_BENCHMARKS["imr"]  # folder, accepted layouts, source: clbench.catalog
+_IMR = BENCHMARKS["imr"]  # folder, accepted layouts, source: its registration (builtin.py)
 
 
 def load_imagenet_r(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -518,7 +517,7 @@ def _split_class_folders(data_dir: Path, classes: Sequence[str], splits_dir: Pat
 
 # ----------------------------------------------------------------------------- ImageNet-A
 
-_IMA = BUILTIN_BENCHMARKS["ima"]  # folder, accepted layouts, source: clbench.catalog
+_IMA = BENCHMARKS["ima"]  # folder, accepted layouts, source: its registration (builtin.py)
 
 
 def load_imagenet_a(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -541,7 +540,7 @@ def load_imagenet_a(data_dir: Path, train_transform: Callable, test_transform: C
 
 # ----------------------------------------------------------------------------- DomainNet
 
-_DN = BUILTIN_BENCHMARKS["dn"]  # folder, accepted layouts, source: clbench.catalog
+_DN = BENCHMARKS["dn"]  # folder, accepted layouts, source: its registration (builtin.py)
 
 
 def load_domainnet(data_dir: Path, train_transform: Callable, test_transform: Callable, splits_dir: Path,
@@ -561,7 +560,7 @@ def load_domainnet(data_dir: Path, train_transform: Callable, test_transform: Ca
 
 # ----------------------------------------------------------------------------- CIFAR-100
 
-_C100 = BUILTIN_BENCHMARKS["c100"]  # folder, accepted layouts, source: clbench.catalog
+_C100 = BENCHMARKS["c100"]  # folder, accepted layouts, source: its registration (builtin.py)
 
 
 def cifar_test_transform(size: int) -> Callable:
@@ -598,7 +597,7 @@ def load_cifar100(data_dir: Path, train_transform: Callable, test_transform: Cal
 
 # ----------------------------------------------------------------------------- CUB-200
 
-_CUB = BUILTIN_BENCHMARKS["cub"]  # folder, accepted layouts, source: clbench.catalog
+_CUB = BENCHMARKS["cub"]  # folder, accepted layouts, source: its registration (builtin.py)
 
 
 def _read_id_table(path: Path) -> dict[int, tuple[str, str]]:
@@ -688,24 +687,3 @@ def load_folder(data_dir: Path, train_transform: Callable, test_transform: Calla
     _check_class_count(info, classes, data_dir, num_classes)
     return _split_class_folders(data_dir, classes, Path(splits_dir), "folder", info.name, "class folders",
                                 train_transform, test_transform)
-
-
-def folder_benchmark(path: str) -> Benchmark:
-    """The benchmark ``folder:PATH``: its classes counted from the folder (``catalog.folder_facts``),
-    the ImageNet-R transforms at 224 pixels (``--set data.image_size=N`` for another size)."""
-    facts = folder_facts(FOLDER_PREFIX + path)
-    return Benchmark(**{**facts.fields(), "folder": Path(path).name, "source": "your own images"}, location=path,
-                     load=functools.partial(load_folder, num_classes=facts.num_classes))
-
-
-BENCHMARK_FACTORIES["folder"] = folder_benchmark
-
-# ----------------------------------------------------------------------------- registry
-
-# Names, titles, class counts and default task counts: clbench.catalog (the command line checks a
-# plan against them without importing torch).
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["imr"].fields(), load=load_imagenet_r))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["ima"].fields(), load=load_imagenet_a))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["dn"].fields(), load=load_domainnet))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["c100"].fields(), load=load_cifar100, test_transform=cifar_test_transform))
-register_benchmark(Benchmark(**BUILTIN_BENCHMARKS["cub"].fields(), load=load_cub))

@@ -51,13 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from clbench.benchmarks.base import Benchmark, with_transform
+from clbench.benchmarks.base import Benchmark
+from clbench.benchmarks.transforms import with_transform
 from clbench.errors import DataError
 from clbench.files import atomic_path, atomic_replace, atomic_write_json, build_once
 
 CACHE_FORMAT = 1  # bump when the stored bytes of a cache would change
 CACHE_FOLDER = ".clbench_cache"
-# The official repositories' RandomResizedCrop (benchmarks.base.default_train_transform).
+# The official repositories' RandomResizedCrop (benchmarks.transforms.default_train_transform).
 CROP_SCALE = (0.05, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 

@@ -57,18 +57,17 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import Dataset
 
 from clbench.backbones import register_pretrained_builder
-from clbench.benchmarks.base import Benchmark, register_benchmark
-from clbench.catalog import BUILTIN_BENCHMARKS
+from clbench.benchmarks.base import BENCHMARKS
 from clbench.files import atomic_replace, build_once
 
 GENERATOR_VERSION = 3
 DEFAULT_SEED = 0
-IMAGE_SIZE = BUILTIN_BENCHMARKS["synth"].image_size  # 32
-NUM_CLASSES = BUILTIN_BENCHMARKS["synth"].num_classes  # 200: divisible by 5, 10 and 20 tasks
+IMAGE_SIZE = BENCHMARKS["synth"].image_size  # 32
+NUM_CLASSES = BENCHMARKS["synth"].num_classes  # 200: divisible by 5, 10 and 20 tasks
 TRAIN_PER_CLASS = 30
 TEST_PER_CLASS = 10
 PRETRAIN_CLASSES = 200
-MODEL_NAME = BUILTIN_BENCHMARKS["synth"].backbone
+MODEL_NAME = BENCHMARKS["synth"].backbone
 
 PRETRAIN_THREADS = 2  # CPU threads that pretraining uses, whatever the process's own setting
 
@@ -662,10 +661,3 @@ def pretrained_weights(seed: int = DEFAULT_SEED, config: PretrainConfig = Pretra
 
 
 register_pretrained_builder(MODEL_NAME, pretrained_weights)
-
-SYNTH = register_benchmark(Benchmark(
-    **BUILTIN_BENCHMARKS["synth"].fields(), load=load_synth,
-    defaults={"backbone": {"name": MODEL_NAME, "pretrained": True},
-              # in-memory tensors: worker processes would only add start-up time
-              "train": {"num_workers": 0}},
-    train_transform=synth_train_transform, test_transform=synth_test_transform))

@@ -14,9 +14,10 @@ import importlib
 import signal
 import sys
 
-from clbench.catalog import BUILTIN_BENCHMARKS, check_args, check_args_resources, import_plugins, method_names
+from clbench.benchmarks import BENCHMARKS
 from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.options import add_run_arguments, add_sweep_arguments
+from clbench.request import check_args_files, checked, method_names
 
 # sub-command -> (the module whose COMMANDS holds it, one-line description)
 SUBCOMMANDS = {
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="methods:    " + ", ".join(method_names())
                + "\nbenchmarks: " + ", ".join(f"{b.name} ({b.title}, {b.num_classes} classes)"
-                                              for b in BUILTIN_BENCHMARKS.values())
+                                              for b in BENCHMARKS.values())
                + "\n\nsub-commands (clbench <cmd> --help):\n"
                + "\n".join(f"  {name:10s} {about}" for name, (_, about) in SUBCOMMANDS.items()))
     add_sweep_arguments(parser)
@@ -63,18 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             add_arguments(sub)
             return int(command(sub.parse_args(argv[1:])) or 0)
         args = build_parser().parse_args(argv)
-        import_plugins(args.plugins)  # their methods and benchmarks are checked like built-in ones
         # What can be checked without torch fails here, before the ~5 s of importing it: names,
-        # tasks and seeds, then the built-in backbones, weights and data folders.
-        problems = check_args(args, BUILTIN_BENCHMARKS, method_names(), complete=False)
-        problems = problems or check_args_resources(args)
+        # tasks, seeds and recipes, then (unless --dry-run, which shows the plan first) whether the
+        # data folders and weight files are there at all.
+        checked(args)
+        problems = [] if args.dry_run else check_args_files(args)
         if problems:
             raise PlanError(problems)
         return int(importlib.import_module(SWEEP_MODULE).main(args) or 0)
-    except (UserError, KeyError) as err:
-        # Problems the user can fix get their message, not a traceback.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"error: {message}", file=sys.stderr)
+    except UserError as err:  # a problem the user can fix: its message, no traceback
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.jobs.stop_on_signals)
         signum = getattr(err, "signum", signal.SIGINT)

@@ -32,16 +32,23 @@ def one_of(default: str, choices: Sequence[str]) -> Any:
     return field(default=default, metadata={"choices": tuple(choices)})
 
 
-def choices_of(cls: type, name: str) -> tuple[str, ...] | None:
-    """The values field ``name`` of dataclass ``cls`` takes (``one_of``), or None: any value."""
-    return next((f.metadata.get("choices") for f in fields(cls) if f.name == name), None)
-
-
 def choice_problem(where: str, value: Any, choices: Sequence[str]) -> str | None:
     """Why ``value`` is not a valid value of key ``where`` (``one_of``), or None."""
     if value in choices:
         return None
     return f"{where} '{value}' is unknown; use one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+
+
+def validate(obj: Any, where: str, num_tasks: int | None = None) -> None:
+    """Check a configuration dataclass whole: its ``one_of`` keys, then its own
+    ``validate(num_tasks)`` hook, where it states the relations between its keys (and with the
+    number of tasks of the run, where that is known). Raises ``ConfigError``.
+    ``clbench.recipes.resolve_config`` calls it for every section of a run, so the plan refuses
+    a bad combination before anything runs; a method checks a ``Config`` built directly too."""
+    check_choices(obj, where)
+    hook = getattr(obj, "validate", None)
+    if hook is not None:
+        hook(num_tasks)
 
 
 def check_choices(obj: Any, where: str) -> None:
@@ -69,7 +76,7 @@ SCHEDULES = ("constant", "multistep", "cosine", "coda_cosine")  # see methods.ba
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # TrainConfig.precision
 TEST_ORDERS = ("dataset", "class_sorted")  # DataConfig.test_order
 EVAL_SPLITS = ("test", "val")  # DataConfig.eval_on
-SAVE_MODEL = ("none", "final", "every-task")  # RunConfig.save_model
+SAVE_MODEL = ("none", "final", "every-task")  # RunConfig.save_model (--save-model)
 LOGGERS = ("tensorboard", "wandb")  # RunConfig.log
 ON_DIVERGENCE = ("stop", "continue")  # TrainConfig.on_divergence
 
@@ -100,7 +107,6 @@ class TrainConfig:
     # epoch). 1: CODA's CosineSchedule (InfLoRA, CODA, PILOT's CODA port) and timm's
     # step(epoch) (HiDe-Prompt), which train the first two epochs at lr(0).
     schedule_offset: int = 0
-    first_task_epochs: int | None = None
     first_task_lr: float | None = None
     first_task_milestones: list[int] | None = None
     first_task_lr_decay: float | None = None
@@ -115,7 +121,7 @@ class TrainConfig:
     # "continue" trains on and records where in the result (``diverged``), for research on it.
     on_divergence: str = one_of("stop", ON_DIVERGENCE)
 
-    def validate(self) -> None:
+    def validate(self, num_tasks: int | None = None) -> None:
         """Raise ``ConfigError`` for values no run could use (checked when a run is resolved)."""
         if self.schedule_offset < 0:
             raise ConfigError(f"train.schedule_offset must be >= 0 (epochs the schedule lags), "
@@ -130,7 +136,7 @@ class TrainConfig:
         if task_index != 0:
             return self
         out = dataclasses.replace(self)
-        for name in ("epochs", "lr", "milestones", "lr_decay"):
+        for name in ("lr", "milestones", "lr_decay"):
             value = getattr(self, f"first_task_{name}")
             if value is not None:
                 setattr(out, name, value)
@@ -160,7 +166,7 @@ class DataConfig:
     val_fraction: float = 0.1
     val_seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, num_tasks: int | None = None) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         if self.eval_on == "val" and self.image_cache:
@@ -180,11 +186,28 @@ EXECUTION_SETTINGS = (("device",), ("data", "root"), ("train", "num_workers"), (
                       ("train", "on_divergence"), ("overrides",), ("log",), ("save_model",), ("plugins",))
 
 
+# Keys that configurations no longer have, with the value every run had when they were dropped
+# (``train.first_task_epochs``: set by no recipe). Older result files and checkpoints that hold
+# them read as if they did not (``without_retired_keys``), so their runs keep their identity.
+RETIRED_KEYS = {("train", "first_task_epochs"): None}
+
+
+def without_retired_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a configuration dictionary without the ``RETIRED_KEYS`` that hold their old
+    value; a retired key set to anything else stays, and the configuration does not load."""
+    out = copy.deepcopy(config)
+    for (section, key), value in RETIRED_KEYS.items():
+        node = out.get(section)
+        if isinstance(node, dict) and key in node and node[key] == value:
+            del node[key]
+    return out
+
+
 def without_execution_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a configuration dictionary (or of a layer of overrides) without the execution
-    settings; a section that held nothing else is dropped (``--set train.num_workers=2`` alone
-    changes no run's identity)."""
-    out = copy.deepcopy(config)
+    settings (nor retired keys at their old value); a section that held nothing else is dropped
+    (``--set train.num_workers=2`` alone changes no run's identity)."""
+    out = without_retired_keys(config)
     for *sections, key in EXECUTION_SETTINGS:
         node = out
         for section in sections:
@@ -245,7 +268,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        d = dict(d)
+        d = without_retired_keys(d)
         d["backbone"] = BackboneConfig(**d.get("backbone", {}))
         d["train"] = TrainConfig(**d.get("train", {}))
         d["data"] = DataConfig(**d.get("data", {}))

@@ -45,6 +45,7 @@ import torch
 from clbench import speed
 from clbench.backbones import create_backbone
 from clbench.benchmarks import get_benchmark
+from clbench.catalog import unknown_name
 from clbench.errors import ConfigError
 from clbench.files import atomic_write_json
 from clbench.methods import METHODS, ordered_methods
@@ -170,7 +171,7 @@ def speed_row(setting: speed.Setting, name: str, label: str, precision: str, com
 def run_row(plan: Plan, data_root: Path, out_root: Path, device: torch.device, workers: int,
             log: Callable[[str], None]) -> Row:
     """One short SD-LoRA run through the protocol and the image cache, one epoch per task."""
-    short = {"train": {"epochs": 1, "first_task_epochs": 1, "num_workers": workers},
+    short = {"train": {"epochs": 1, "num_workers": workers},
              "data": {"image_cache": True, "root": str(data_root)}}
     if plan.run_batch_size:
         short["train"]["batch_size"] = plan.run_batch_size
@@ -238,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in names:
         if m not in METHODS:
-            raise KeyError(f"unknown method '{m}'; registered: {', '.join(sorted(METHODS))}")
+            raise ConfigError(unknown_name("method", m, METHODS))
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
 
     def log(msg: str) -> None:

@@ -12,20 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from clbench import record
-from clbench.benchmarks import BENCHMARKS, get_benchmark
-from clbench.catalog import (
-    absolute_benchmark,
-    check_args,
-    import_plugins,
-    joint_methods,
-    request_layers,
-    requested_methods,
-    unique_seeds,
-)
+from clbench.benchmarks import get_benchmark
+from clbench.catalog import unique_seeds
 from clbench.config import RunConfig
-from clbench.errors import CorruptFileError, PlanError
+from clbench.errors import ConfigError, CorruptFileError, PlanError
 from clbench.methods import METHODS, ordered_methods
 from clbench.recipes import resolve_config
+from clbench.request import checked, joint_methods, request_layers, requested_methods
 
 
 @dataclass
@@ -56,9 +49,11 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
     override layers (``--set key=v1,v2``), each a configuration of its own; default: ``[overrides]``.
     ``joint``: methods also trained on every class at once (one task: the reference rows' upper
     bound), after the sweep's own runs. A run planned twice (``--tasks 1`` and ``joint``) is
-    planned once."""
+    planned once. Every run is resolved, and validated (``resolve_config``), once: a
+    configuration that fails is one ``PlanError`` listing every distinct problem."""
     method_names = ordered_methods(list(METHODS)) if not methods else methods
     runs: dict[str, PlannedRun] = {}
+    problems: dict[str, list[str]] = {}  # a problem -> where it is, each (method, benchmark, N) once
     for bench_name in benches:
         bench = get_benchmark(bench_name)
         shapes = [(n, m) for n in tasks or bench.default_tasks for m in method_names]
@@ -66,22 +61,28 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
         for n, m in shapes:
             for point in grid if grid is not None else [overrides]:
                 for seed in seeds:
-                    cfg = resolve_config(bench_name, n, m, seed, class_order_seed, point, device)
+                    try:
+                        cfg = resolve_config(bench_name, n, m, seed, class_order_seed, point, device)
+                    except ConfigError as err:
+                        where = problems.setdefault(str(err), [])
+                        if f"{m} on {bench_name} N={n}" not in where:
+                            where.append(f"{m} on {bench_name} N={n}")
+                        continue
                     if data_root is not None:
                         cfg.data.root = data_root
                     path = record.result_path(out_root, cfg.key)
                     runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, finished(path)))
+    if problems:
+        raise PlanError([f"{problem} ({', '.join(where[:3])}{f' and {len(where) - 3} more' if len(where) > 3 else ''})"
+                         for problem, where in problems.items()])
     return list(runs.values())
 
 
 def plan_from_args(args: argparse.Namespace) -> tuple[list[PlannedRun], Path]:
     """The plan the sweep options (``clbench.options.add_sweep_arguments``) describe, and its
-    results root."""
-    import_plugins(getattr(args, "plugins", None) or [])
-    args.bench = [absolute_benchmark(b) for b in args.bench]
-    problems = check_args(args, BENCHMARKS, METHODS, complete=True)
-    if problems:
-        raise PlanError(problems)
+    results root. The request's torch-free checks run first, once (``clbench.request.checked``:
+    the command line has usually run them before importing torch)."""
+    checked(args)
     grid = [layer or None for layer in request_layers(args)]
     seeds, repeated = unique_seeds(args.seeds)
     if repeated:

@@ -32,11 +32,13 @@ import timm
 import torch
 
 from clbench.backbones import weights_problem
-from clbench.benchmarks import get_benchmark
+from clbench.benchmarks import get_benchmark, import_all
 from clbench.catalog import backbone_size_message
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError, did_you_mean
 from clbench.plan import PlannedRun
+
+import_all()  # what the benchmark modules register (synth's ViT and its weights' builder) is checked too
 
 
 @dataclass

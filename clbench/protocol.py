@@ -44,12 +44,12 @@ from tqdm.auto import tqdm
 import clbench
 from clbench import files, record
 from clbench.backbones import create_backbone, normalization
-from clbench.benchmarks import get_benchmark
-from clbench.benchmarks.base import with_transform
+from clbench.benchmarks import get_benchmark, import_all
 from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
 from clbench.benchmarks.scenario import IndexedSubset, Scenario, validation_split
+from clbench.benchmarks.transforms import with_transform
 from clbench.config import RunConfig, TrainConfig, build_dataclass, without_execution_settings
-from clbench.errors import CorruptFileError, DivergenceError
+from clbench.errors import ConfigError, CorruptFileError, DivergenceError
 from clbench.loading import seeded_loader
 from clbench.loggers import CurveLoggers
 from clbench.methods import get_method
@@ -59,6 +59,7 @@ from clbench.record import RunResult, TaskRecord
 from clbench.task import Stage, Task, task_classes
 
 SOURCE_ROOT = Path(clbench.__file__).resolve().parent.parent  # the checkout, for an editable install
+import_all()  # every benchmark module: what they register (synth's ViT with timm) is there for build_method
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError(f"--device {name} was asked for, but torch sees no CUDA device; use --device cpu (or auto)")
     return device
 
 
@@ -578,8 +579,8 @@ class Run:
         ckpt = self._read_checkpoint()
         if ckpt is not None:
             if without_execution_settings(ckpt["config"]) != cfg.identity():
-                raise RuntimeError(f"{self.checkpoint_path} was written by a different configuration; "
-                                   f"delete it or rerun with --force")
+                raise ConfigError(f"{self.checkpoint_path} was written by a different configuration; "
+                                  f"delete it or rerun with --force")
             first = ckpt["completed_tasks"]
             for t in range(first):
                 self.method.grow(self.task(t))

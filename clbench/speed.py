@@ -83,11 +83,6 @@ from clbench.protocol import build_method as protocol_build_method
 from clbench.recipes import resolve_config
 from clbench.task import Task, task_classes
 
-# Nominal split sizes for a projection when the data is not on this machine (ImageNet-R's
-# 30,000 images split 80/20, as SD-LoRA's PILOT archive).
-NOMINAL_SIZES = {"imr": (24000, 6000)}
-
-
 # ------------------------------------------------------------------------------ measurements
 
 
@@ -653,14 +648,15 @@ def projected_run_s(speed: MethodSpeed, num_tasks: int, train_images: int, test_
 
 
 def split_sizes(setting: Setting, cfg) -> tuple[int, int] | None:
-    """Training and test images of the benchmark: counted if the data is here, else nominal."""
+    """Training and test images of the benchmark: counted if the data is here, else the
+    registration's ``num_images`` (ImageNet-R's 30,000 images split 80/20, as SD-LoRA's archive)."""
     bench = setting.bench
     try:
         train_tf, test_tf = bench.transforms(cfg.data.image_size)
         train, test = bench.load(bench.data_dir(cfg.data.root), train_tf, test_tf, record.default_root() / "splits")
         return len(train), len(test)
     except (DataError, OSError):
-        return NOMINAL_SIZES.get(bench.name)
+        return bench.num_images
 
 
 # ------------------------------------------------------------------------------ the table

@@ -71,7 +71,8 @@ def print_plan(runs: list[PlannedRun], overrides: list[str] | None = None) -> No
 def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list[Check]]:
     """The plan, with every check of ``clbench.preflight`` passed (else one ``PlanError``). A split
     that a loader has to write goes to ``<out>/splits``, or to a temporary folder under
-    ``--dry-run`` (which writes nothing)."""
+    ``--dry-run`` (which writes nothing, and prints the plan, each run's recipe and the checks
+    before any problem they found)."""
     runs, out = plan_from_args(args)
     missing = [p for p in (Path(out), *Path(out).parents) if not p.exists()]  # what the check may make
     output = output_check(runs, out, concurrent_runs(runs, args), create=not args.dry_run)
@@ -80,6 +81,9 @@ def checked_plan(args: argparse.Namespace) -> tuple[list[PlannedRun], Path, list
             elsewhere = args.dry_run or output.problem is not None  # nothing goes into a folder that failed
             splits = Path(stack.enter_context(tempfile.TemporaryDirectory())) if elsewhere else out / "splits"
             checks = [output, *check_plan(runs, splits)]
+        if args.dry_run:
+            print_plan(runs, args.overrides)
+            print("checks:\n" + (format_checks(checks) or "(nothing to run)"), flush=True)
         raise_problems(checks)
     except PlanError:
         for folder in missing:  # a plan that fails leaves no empty --out behind
@@ -153,8 +157,6 @@ COMMANDS = {"preflight": (add_preflight_arguments, preflight_main)}
 def main(args: argparse.Namespace) -> int:
     runs, out, checks = checked_plan(args)
     if args.dry_run:
-        print_plan(runs, args.overrides)
-        print("checks:\n" + (format_checks(checks) or "(nothing to run)"))
         return 0
     if args.force:  # start every run afresh; a finished result is kept beside it as .json.prev
         for r in runs:

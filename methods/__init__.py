@@ -4,6 +4,8 @@ Importing this package imports every module in it, which registers its methods."
 import importlib
 import pkgutil
 
+from clbench.catalog import unknown_name
+from clbench.errors import ConfigError
 from clbench.methods.base import METHODS, CLMethod, CostReport, Stage, Task, register_method
 
 for _info in pkgutil.iter_modules(__path__):
@@ -14,7 +16,7 @@ for _info in pkgutil.iter_modules(__path__):
 def get_method(name: str) -> type[CLMethod]:
     """The registered method class of that name."""
     if name not in METHODS:
-        raise KeyError(f"unknown method '{name}'; registered: {', '.join(sorted(METHODS))}")
+        raise ConfigError(unknown_name("method", name, METHODS))
     return METHODS[name]
 
 

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_ as timm_trunc_normal_
 
-from clbench.config import TrainConfig, check_choices
+from clbench.config import TrainConfig, validate
 from clbench.errors import ConfigError
 from clbench.record import MethodInfo
 from clbench.task import CostReport, Stage, Task
@@ -75,7 +75,7 @@ class CLMethod(nn.Module):
     def __init__(self, backbone: nn.Module, config: Any, num_classes: int, num_tasks: int):
         super().__init__()
         if dataclasses.is_dataclass(config):
-            check_choices(config, "method")  # its one_of keys, for a Config built directly
+            validate(config, "method", num_tasks)  # for a Config built directly; resolve_config checked a run's
         self.backbone = backbone
         self.config = config
         self.num_classes = num_classes

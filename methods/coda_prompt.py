@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clbench.config import one_of
+from clbench.errors import ConfigError
 from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
@@ -123,20 +124,22 @@ class CodaPrompt(PromptMethod):
         init: str = one_of("gram_schmidt", INITS)  # gram_schmidt (current code) | orthogonal (the paper's code)
         head_init: str = one_of("torch_linear", HEAD_INITS)  # CODA's and PILOT's nn.Linear head; see init_head_rows
 
+        def validate(self, num_tasks: int | None = None) -> None:
+            if self.length < 2 or self.length % 2:
+                raise ConfigError(f"method.length={self.length} must be even (half key, half value prefix)")
+            if num_tasks is not None and self.num_components < num_tasks:
+                raise ConfigError(f"method.num_components={self.num_components} gives no component per task for "
+                                  f"{num_tasks} tasks; set method.num_components to at least {num_tasks}")
+
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         c, d = config, self.embed_dim
-        if c.length < 2 or c.length % 2:
-            raise ValueError(f"coda_prompt: length={c.length} must be even (half key, half value prefix)")
         self.check_layers("layers", c.layers)
-        self.per_task = c.num_components // num_tasks
-        if self.per_task < 1:
-            raise ValueError(f"coda_prompt: num_components={c.num_components} gives no component per task "
-                             f"for {num_tasks} tasks; set method.num_components to at least {num_tasks}")
+        self.per_task = c.num_components // num_tasks  # at least 1 (Config.validate)
         used = self.per_task * num_tasks
         if used > d:
-            raise ValueError(f"coda_prompt: {used} components cannot have orthogonal keys of width {d}; "
-                             f"set method.num_components to at most {d}")
+            raise ConfigError(f"method.num_components: {used} components cannot have orthogonal keys of width "
+                              f"{d}; set method.num_components to at most {d}")
         reservoir = used if c.init == "orthogonal" else None
         self.pools = nn.ModuleList([ComponentPool(c.length, d, reservoir) for _ in c.layers])
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from clbench.config import one_of
+from clbench.errors import ConfigError
 from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
@@ -60,15 +61,17 @@ class DualPrompt(PromptMethod):
         train_batchwise_selection: bool = True  # past the pool: the ports' batch vote in training
         head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
 
+        def validate(self, num_tasks: int | None = None) -> None:
+            if self.g_layers and self.g_length < 1 or self.e_layers and self.e_length < 1:
+                raise ConfigError("method.g_length and method.e_length: a prompt with layers needs a length of at "
+                                  "least 1 (to switch one off, give it no layers: method.g_layers=[])")
+            if self.pool_size is not None and self.pool_size < 1:
+                raise ConfigError(f"method.pool_size={self.pool_size} must be at least 1 (or null: one per task)")
+
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
         for name in ("g_layers", "e_layers"):
             self.check_layers(name, getattr(config, name))
-        if config.g_layers and config.g_length < 1 or config.e_layers and config.e_length < 1:
-            raise ValueError("dualprompt: a prompt with layers needs a length of at least 1 "
-                             "(to switch one off, give it no layers: g_layers=[])")
-        if config.pool_size is not None and config.pool_size < 1:
-            raise ValueError(f"dualprompt: pool_size={config.pool_size} must be at least 1 (or null: one per task)")
         d = self.embed_dim
         # [layer, key/value, token, D], the ports' 'uniform' initialiser U(-1, 1)
         self.g_prompt = nn.Parameter(torch.empty(len(config.g_layers), 2, config.g_length, d).uniform_(-1, 1))

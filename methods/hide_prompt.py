@@ -123,6 +123,18 @@ class HiDePrompt(PromptMethod):
         pool_size: int | None = None  # None: one prompt per task; an int must be >= the task count
         head_init: str = one_of("trunc_normal", HEAD_INITS)  # both heads: timm's ViT head; see init_head_rows
 
+        def validate(self, num_tasks: int | None = None) -> None:
+            for key in ("tii_align_batch", "tap_batch", "prompt_length", "tii_mlp_ratio"):
+                if getattr(self, key) < 1:
+                    raise ConfigError(f"method.{key} must be at least 1, got {getattr(self, key)}")
+            if num_tasks is not None and self.pool_size is not None and self.pool_size < num_tasks:
+                raise ConfigError(
+                    f"hide_prompt: pool_size={self.pool_size} holds fewer prompts than the {num_tasks} tasks. The official "
+                    f"code has no behaviour past its pool: it indexes the pool by the task id that TII predicts "
+                    f"(vits/hide_prompt_vision_transformer.py:587-601, peft/prompt/hide_prompt.py:79-115), which runs "
+                    f"past --size {self.pool_size} from task {self.pool_size + 1} on; use method.pool_size=null (one "
+                    f"prompt per task, the official run with --size {num_tasks})")
+
     # TAP re-trains every row of the head, so no row is frozen (the CE mask keeps the gradient
     # of other tasks' rows at zero during the prompt stage).
     freeze_old_head_rows = False
@@ -131,16 +143,6 @@ class HiDePrompt(PromptMethod):
         super().__init__(backbone, config, num_classes, num_tasks)
         cfg = config
         self.check_layers("prompt_layers", cfg.prompt_layers, required=True)
-        for key in ("tii_align_batch", "tap_batch", "prompt_length", "tii_mlp_ratio"):
-            if getattr(cfg, key) < 1:
-                raise ValueError(f"method.{key} must be at least 1, got {getattr(cfg, key)}")
-        if cfg.pool_size is not None and cfg.pool_size < num_tasks:
-            raise ConfigError(
-                f"hide_prompt: pool_size={cfg.pool_size} holds fewer prompts than the {num_tasks} tasks. The official "
-                f"code has no behaviour past its pool: it indexes the pool by the task id that TII predicts "
-                f"(vits/hide_prompt_vision_transformer.py:587-601, peft/prompt/hide_prompt.py:79-115), which runs "
-                f"past --size {cfg.pool_size} from task {cfg.pool_size + 1} on; use method.pool_size=null (one "
-                f"prompt per task, the official run with --size {num_tasks})")
         d = self.feature_dim
         self.tii_mlp = ResidualMLP(d, cfg.tii_mlp_ratio, cfg.tii_dropout)
         self.tii_head = ExpandingLinear(d, init=cfg.head_init)

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from clbench.config import one_of
+from clbench.errors import ConfigError
 from clbench.methods.base import HEAD_INITS, Stage, Task, masked_cross_entropy, register_method
 from clbench.methods.prompts import Prefix, PromptMethod, cosine_similarity, prompted_forward, select_prompts
 
@@ -59,17 +60,19 @@ class L2P(PromptMethod):
         prompt_mode: str = one_of("input", PROMPT_MODES)  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
         head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
 
+        def validate(self, num_tasks: int | None = None) -> None:
+            if not 1 <= self.top_k <= self.pool_size:
+                raise ConfigError(f"method.top_k={self.top_k} must be between 1 and method.pool_size={self.pool_size}")
+            if self.test_vote_batch is not None and self.test_vote_batch < 1:
+                raise ConfigError(f"method.test_vote_batch={self.test_vote_batch} must be at least 1 (or null)")
+            if self.prompt_length < 1:
+                raise ConfigError(f"method.prompt_length must be at least 1, got {self.prompt_length}")
+            if self.prompt_mode == "prefix" and self.prompt_length % 2:
+                raise ConfigError(f"method.prompt_mode=prefix splits a prompt into key and value halves; "
+                                  f"method.prompt_length={self.prompt_length} must be even")
+
     def __init__(self, backbone: nn.Module, config: Config, num_classes: int, num_tasks: int):
         super().__init__(backbone, config, num_classes, num_tasks)
-        if not 1 <= config.top_k <= config.pool_size:
-            raise ValueError(f"l2p: top_k={config.top_k} must be between 1 and pool_size={config.pool_size}")
-        if config.test_vote_batch is not None and config.test_vote_batch < 1:
-            raise ValueError(f"l2p: test_vote_batch={config.test_vote_batch} must be at least 1 (or null)")
-        if config.prompt_length < 1:
-            raise ValueError(f"l2p: prompt_length must be at least 1, got {config.prompt_length}")
-        if config.prompt_mode == "prefix" and config.prompt_length % 2:
-            raise ValueError(f"l2p: prompt_mode=prefix splits a prompt into key and value halves; "
-                             f"prompt_length={config.prompt_length} must be even")
         d = self.embed_dim
         # The ports' 'uniform' initialiser for prompts and keys: U(-1, 1).
         self.prompts = nn.Parameter(torch.empty(config.pool_size, config.prompt_length, d).uniform_(-1, 1))

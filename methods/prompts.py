@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clbench.errors import ConfigError
 from clbench.methods.base import CLMethod, ExpandingLinear, Task
 
 __all__ = ["Prefix", "PromptedTokens", "check_vit", "prefix_attention", "prompted_forward",
@@ -285,7 +286,7 @@ class PromptMethod(CLMethod):
         depth = len(self.backbone.blocks)
         if (any(not 0 <= i < depth for i in layers) or len(set(layers)) != len(layers)
                 or (required and not layers)):
-            raise ValueError(f"method.{name}={layers} must be distinct block indices in 0..{depth - 1} "
+            raise ConfigError(f"method.{name}={layers} must be distinct block indices in 0..{depth - 1} "
                              f"(this backbone has {depth} blocks); e.g. [0, 1, 2, 3, 4]")
 
     def grow(self, task: Task) -> None:

@@ -1,14 +1,16 @@
 """Recipe layering and validation: unknown keys are errors that list the valid ones."""
 import dataclasses
+import json
 
 import pytest
 
 from clbench import catalog
 from clbench.benchmarks import BENCHMARKS
-from clbench.config import TrainConfig, parse_set
+from clbench.catalog import load_recipe
+from clbench.config import RunConfig, TrainConfig, parse_set, without_execution_settings
 from clbench.errors import ConfigError
 from clbench.methods import get_method
-from clbench.recipes import load_recipe, resolve_config
+from clbench.recipes import resolve_config
 
 FT = get_method("full_ft").Config
 
@@ -67,9 +69,8 @@ def test_unknown_key_lists_valid_keys(resolve):
 
 
 def test_first_task_overrides():
-    t = TrainConfig(epochs=20, lr=0.01, first_task_epochs=5, first_task_lr=0.1, milestones=[10],
-                    first_task_milestones=[3])
-    assert (t.for_task(0).epochs, t.for_task(0).lr, t.for_task(0).milestones) == (5, 0.1, [3])
+    t = TrainConfig(epochs=20, lr=0.01, first_task_lr=0.1, milestones=[10], first_task_milestones=[3])
+    assert (t.for_task(0).epochs, t.for_task(0).lr, t.for_task(0).milestones) == (20, 0.1, [3])
     assert (t.for_task(1).epochs, t.for_task(1).lr, t.for_task(1).milestones) == (20, 0.01, [10])
 
 
@@ -93,3 +94,15 @@ def test_an_extends_cycle_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "RECIPE_DIR", tmp_path)
     with pytest.raises(ConfigError, match="a -> b -> a"):
         load_recipe("a")
+
+
+def test_a_retired_key_at_its_old_value_reads_as_absent():
+    """Result files and checkpoints written before ``train.first_task_epochs`` was dropped hold
+    it (always null): they load, and their runs keep their identity."""
+    new = RunConfig("synth", 5, "full_ft").to_dict()
+    old = json.loads(json.dumps(new))
+    old["train"]["first_task_epochs"] = None
+    assert RunConfig.from_dict(old).to_dict() == new
+    assert without_execution_settings(old) == without_execution_settings(new)
+    old["train"]["first_task_epochs"] = 3  # it changed the numbers: not the same run
+    assert without_execution_settings(old) != without_execution_settings(new)

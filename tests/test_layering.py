@@ -27,6 +27,7 @@ LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
+    ("the request, checked without torch", ["clbench.request"]),
     ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.plan", "clbench.jobs",
                 "clbench.preflight", "clbench.speed", "clbench.probe", "clbench.gpu_check"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
@@ -148,3 +149,49 @@ def test_the_command_line_starts_and_reports_without_torch(tmp_path, argv):
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('no torch')")
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "no torch" in done.stdout, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- one home per fact
+
+REGISTRY_HOMES = {"METHODS": "clbench.methods.base", "BENCHMARKS": "clbench.benchmarks.base"}
+
+
+def registered_names() -> set[str]:
+    from clbench.benchmarks import BENCHMARKS
+    from clbench.request import builtin_method_names
+
+    return set(builtin_method_names()) | set(BENCHMARKS)
+
+
+def literal_names(node: ast.AST) -> set[str]:
+    """The strings a literal collection names: a dict's keys, a list's, tuple's or set's items."""
+    if isinstance(node, ast.Dict):
+        items = node.keys
+    elif isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        items = node.elts
+    else:
+        return set()
+    return {i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)}
+
+
+def test_methods_and_benchmarks_have_one_registry_and_no_second_list():
+    """A method's or a benchmark's facts live on its registration: only its registry's module
+    defines the registry, no other module defines a dict, list, tuple or set of method or benchmark
+    names (a table keyed by them, or a list of two or more: a second home that a new method or
+    benchmark would have to be added to)."""
+    names = registered_names()
+    problems = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in REGISTRY_HOMES and REGISTRY_HOMES[target.id] != name:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: a second {target.id} registry")
+            value = getattr(node, "value", None)
+            listed = literal_names(value) & names if value is not None else set()
+            if targets and len(listed) >= (1 if isinstance(value, ast.Dict) else 2):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: a list of methods or benchmarks "
+                                f"({', '.join(sorted(listed))}): put the fact on their registrations")
+    assert not problems, "\n".join(problems)

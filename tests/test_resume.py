@@ -125,7 +125,7 @@ TOY_METHOD_ARGS = {"coda_prompt": {"num_components": 30}}  # orthogonal keys mus
 @pytest.mark.slow
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_every_method_resumes_exactly(results_root, tmp_path, monkeypatch, method):
-    config = config_for("toy", method, 3, TOY_METHOD_ARGS.get(method), epochs=1, first_task_epochs=None)
+    config = config_for("toy", method, 3, TOY_METHOD_ARGS.get(method), epochs=1)
     uninterrupted = finish(config, tmp_path / "straight")
     run, result, started_from = interrupted_then_resumed(config, tmp_path / "resumed", monkeypatch,
                                                          crash_after_task=1)

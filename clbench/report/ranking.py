@@ -4,7 +4,8 @@ For every benchmark and N with results of at least three of the paper's methods 
 runs), the methods ranked by our mean final Acc and by the paper's, and Kendall's tau-b between
 the two orders (``scipy.stats.kendalltau``, which counts ties) with its two-sided p-value. A
 benchmark the paper reports is ranked against its own numbers; one it does not is ranked against
-the benchmark it stands in for (``RANKED_AGAINST``: synth against ImageNet-R at the same N).
+the benchmark it stands in for (its registration's ``stands_in_for``: synth against ImageNet-R at
+the same N).
 Reference rows (SimpleCIL, joint training) have no paper number and are left out.
 """
 from __future__ import annotations
@@ -14,13 +15,11 @@ import math
 import pandas as pd
 from scipy import stats
 
-from clbench.catalog import BUILTIN_BENCHMARKS
+from clbench.benchmarks import BENCHMARKS
 from clbench.report.aggregate import Names, split_joint
 from clbench.report.reference import PaperNumbers
 from clbench.report.table import Cell, Table
 
-# A benchmark the paper has no table for -> the one whose ranking it is meant to be read beside.
-RANKED_AGAINST = {"synth": "imr"}
 MIN_METHODS = 3
 
 
@@ -57,8 +56,9 @@ def ranking_table(groups: pd.DataFrame, paper: PaperNumbers, digits: int = 2) ->
     for (bench, n), g in recipes.groupby(["benchmark", "num_tasks"], sort=False):
         n = int(n)
         against, found = bench, paper_ranking(paper, bench, n)
-        if found is None and bench in RANKED_AGAINST:
-            against = RANKED_AGAINST[bench]
+        stands_in_for = BENCHMARKS[bench].stands_in_for if bench in BENCHMARKS else None
+        if found is None and stands_in_for is not None:
+            against = stands_in_for
             found = paper_ranking(paper, against, n)
         if found is None:
             continue
@@ -72,8 +72,7 @@ def ranking_table(groups: pd.DataFrame, paper: PaperNumbers, digits: int = 2) ->
         their_rank = theirs.rank(ascending=False, method="min").astype(int)
         tau, p = kendall_tau(ours, theirs)
         rules.add(len(rows))
-        title = names.benchmarks.get(against) or (BUILTIN_BENCHMARKS[against].title if against in BUILTIN_BENCHMARKS
-                                                  else against)
+        title = names.benchmarks.get(against) or (BENCHMARKS[against].title if against in BENCHMARKS else against)
         where = f"{title} N={n} (Table {table})"
         for m in sorted(common, key=lambda m: (our_rank[m], m)):
             rows.append([Cell(names.benchmark(bench)), Cell(str(n)), Cell(names.label(m, "")),

@@ -15,12 +15,10 @@ import pandas as pd
 import yaml
 
 import clbench.paper as paper_numbers
+from clbench.request import method_names
 
 # The paper's numbers are data: the repository's results/paper/, installed as clbench.paper.
 PAPER_DIR = Path(paper_numbers.__file__).resolve().parent
-# The paper's rows, by the names this harness registers them under.
-PAPER_METHODS = ("full_ft", "l2p", "dualprompt", "coda_prompt", "hide_prompt", "inflora", "sdlora", "sdlora_rr",
-                 "sdlora_kd")
 ACCURACY_METRICS = ("acc", "aaa")
 COST_FIELDS = ("gflops", "learnable_params_m", "stored_features_m")
 
@@ -83,7 +81,8 @@ def _entry(path: Path, where: str, value: Any) -> tuple[float, float]:
 
 
 def _known_methods() -> set[str]:
-    return set(PAPER_METHODS)
+    """The names a paper's row may name: the registered methods (``clbench.request.method_names``)."""
+    return set(method_names())
 
 
 def _check_keys(path: Path, where: str, d: Any, required: set[str], optional: set[str] = frozenset()) -> None:
