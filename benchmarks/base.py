@@ -30,7 +30,8 @@ class Benchmark:
     image_size: int = 224
     # A configuration layer applied before the recipe's benchmark section (e.g. synth's backbone).
     defaults: dict[str, Any] = field(default_factory=dict)
-    train_transform: Callable[[int], Callable] | None = None  # None: the spec's ImageNet-R pipeline
+    # None: the common pipeline below (docs/methods/README.md §Input pipeline)
+    train_transform: Callable[[int], Callable] | None = None
     test_transform: Callable[[int], Callable] | None = None
     location: str | None = None  # the data's own folder (``folder:PATH``); the data root is then ignored
 
