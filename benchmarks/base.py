@@ -66,7 +66,8 @@ class Benchmark:
     image_size: int = 224
     # A configuration layer applied before the recipe's benchmark section (e.g. synth's backbone).
     defaults: dict[str, Any] = field(default_factory=dict)
-    train_transform: Callable[[int], Callable] | str | None = None  # None: the official repositories' pipeline
+    # None: the common pipeline (benchmarks/transforms.py; docs/methods/README.md §Input pipeline)
+    train_transform: Callable[[int], Callable] | str | None = None
     test_transform: Callable[[int], Callable] | str | None = None
     location: str | None = None  # the data's own folder (``folder:PATH``); the data root is then ignored
     # The benchmark whose published numbers this one is compared with (synth stands in for

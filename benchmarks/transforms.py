@@ -10,7 +10,9 @@ from torchvision import transforms as T
 
 
 def default_train_transform(size: int) -> Callable:
-    """All official repositories: RandomResizedCrop(scale 0.05–1) + flip, inputs in [0, 1]."""
+    """PILOT's ``build_transform`` (SD-LoRA's), also the L2P/DualPrompt ports' and HiDe-Prompt's:
+    RandomResizedCrop(scale 0.05–1) + flip, inputs in [0, 1]. CODA-Prompt and InfLoRA crop with
+    torchvision's default scale (docs/methods/README.md §Input pipeline)."""
     return T.Compose([T.RandomResizedCrop(size, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3)),
                       T.RandomHorizontalFlip(), T.ToTensor()])
 

@@ -6,11 +6,12 @@ One import name. The engine lives in this folder; the repository's ``methods/``,
 ``clbench.benchmarks`` and ``clbench.slurm`` (``pyproject.toml``'s package-dir), and
 ``results/paper/`` as ``clbench.paper`` (the paper's numbers, data only).
 
-Dependencies run one way (``tests/test_layering.py`` enforces it): the core (``config``,
-``errors``, ``io``, ``record``, ``task``, ``metrics``, ``backbones``) at the bottom; ``methods``
-and ``benchmarks`` above it; the engine (``recipes``, ``protocol``, ``sweep``, ``speed``) above
-those; the SLURM launcher, the report and the command line (``cli``) on top. Importing this
-package imports nothing else.
+Dependencies run one way (``tests/test_layering.py`` enforces it and lists every module): the
+core (``config``, ``errors``, ``files``, ``record``, ``task``, ``metrics``, ``backbones``,
+``options``, ``catalog``) at the bottom; ``methods`` and ``benchmarks`` above it; the engine
+(``loading``, ``recipes``, ``protocol``, ``sweep``, ``speed``, ...) above those; the SLURM
+launcher, the report and the command line (``cli``) on top. Importing this package imports
+nothing else.
 """
 from importlib.metadata import PackageNotFoundError, version
 

@@ -4,7 +4,7 @@
 classified correctly, and in all, after training task ``t``; entries with ``i > t`` are 0.
 Tasks are 0-indexed. Percentages are returned in [0, 100].
 
-Definitions (see ../shared/specs, "Metrics"):
+Definitions (which official code computes which: docs/methods/README.md §Metrics):
 
 - ``acc_curve[t]``: sample-weighted accuracy over every class seen after task ``t`` (PILOT,
   SD-LoRA, InfLoRA: "CNN top1 curve").

@@ -28,7 +28,8 @@ the components in use, summed over layers): 0 in every shipped script of the cur
 default). The paper's code used mu = 0.1 with an extra factor 1e-6 inside the penalty:
 ``ortho_weight: 1.0e-7`` with ``init: orthogonal`` reproduces it.
 
-Specs: baselines.md §3, and §10 for SD-LoRA's PILOT config (the recipe's ``imr`` default).
+Sources, recipe provenance (SD-LoRA's PILOT config is the recipe's ``imr`` default) and
+departures: ``docs/methods/coda_prompt.md``.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ Two prefix-tuned prompts (key and value prefixes per head, methods/prompts.py):
   each image takes the prompt whose key is most similar to its query (top-1). The result file
   records, per task, how often the task's own training images pick its prompt.
 
-The head reads the final [CLS]. Specs: baselines.md §2 (``JH-LEE-KR/dualprompt-pytorch``) and §10
-(SD-LoRA's PILOT config, the recipe's default). Differences from the ports, on purpose:
+The head reads the final [CLS]. Sources, recipe provenance and departures:
+``docs/methods/dualprompt.md`` (``JH-LEE-KR/dualprompt-pytorch``, and SD-LoRA's PILOT config, the
+recipe's default). Differences from the ports, on purpose:
 
 * Prefixes are built per sample with K and V kept apart. The ports' reshape without a permute
   (dualprompt-pytorch issue #8) gives the first half of a training batch the K-prefix as both

@@ -1,7 +1,7 @@
 """Sequential full fine-tuning: every backbone weight plus an expanding linear head.
 
-The lower bound of the paper's tables. No official ImageNet-R recipe exists (specs,
-baselines.md §6); the closest official code is CODA-Prompt's ``NormalNN`` (plain
+The lower bound of the paper's tables. No official ImageNet-R recipe exists
+(docs/methods/full_ft.md §Sources); the closest official code is CODA-Prompt's ``NormalNN`` (plain
 cross-entropy over the seen classes, the default here) and ``FinetunePlus`` ("FT++",
 previous tasks' logits masked out of the loss: ``mask_old_logits: true``).
 """

@@ -1,7 +1,7 @@
 """HiDe-Prompt (Wang et al., NeurIPS 2023), as its official code runs it (thu-ml/HiDe-Prompt).
 
 HiDe splits class-incremental prediction into task identity, then the class within the task.
-Per task ``t`` (specs, baselines.md §4):
+Per task ``t`` (docs/methods/hide_prompt.md §Stages of a task):
 
 1. **Task-identity inference (TII)**, stage ``"tii"``: on the frozen backbone's final [CLS]
    feature, a residual MLP + LayerNorm (:class:`ResidualMLP`) and a linear head over all classes
@@ -26,15 +26,15 @@ Per task ``t`` (specs, baselines.md §4):
 
 The TII model here learns from the current task's data only, as the protocol hands a method
 nothing else; the first public HiDe-Prompt release trained it with access to every task
-(spec §11, its issue 1).
+(its issue 1; docs/methods/hide_prompt.md §Departures).
 
 Choices (see also ``benchmarks/recipes/hide_prompt.yaml``):
 
 * One backbone serves both models: the official code loads two copies of the same frozen
   weights (the TII ``original_model`` and the prompted model).
 * Prefix attention is :mod:`methods.prompts`' correct one; the official code inherits the
-  DualPrompt port's reshape without a permute (baselines.md §2), which mammoth's maintainers
-  report makes no measurable difference.
+  DualPrompt port's reshape without a permute (docs/methods/dualprompt.md §The ports' prefix
+  reshape), which mammoth's maintainers report makes no measurable difference.
 * One prompt per task at any N (``pool_size: null``). The official pool holds ``--size`` 10
   prompts, and past it the code indexes the pool with TII's predicted task id, which fails
   from the 11th task on; an N = 20 run needs ``--size 20``, which is what one prompt per task

@@ -8,28 +8,28 @@ Loss: cross-entropy over the current task's classes minus ``pull_coefficient`` t
 cosine between the query and the chosen keys, per image. Prompts and keys are shared by all
 tasks; only the head rows of the current task train besides them.
 
-Specs: baselines.md §1 (``JH-LEE-KR/l2p-pytorch``) and §10 (SD-LoRA's PILOT config, the recipe's
-default). Deviation from both, on purpose: the ports choose prompts **batchwise** at test too
-(the majority vote of the batch serves every image), which makes an image's prediction depend
-on the rest of its batch and leaks labels on class-sorted test data. Here the test selection is
-per image by default; ``test_batchwise_selection: true`` restores the ports' behaviour (and is
-written into the result file), voting over groups of ``test_vote_batch`` images (PILOT's test
-batch is 32, its test set class-sorted: ``data.test_order: class_sorted``; the protocol's
-evaluation batch of 256 is a multiple of 32, so the groups are the ports' batches). Training
-keeps the ports' batchwise vote (``train_batchwise_selection``).
+Sources, recipe provenance and departures: ``docs/methods/l2p.md`` (``JH-LEE-KR/l2p-pytorch``, and
+SD-LoRA's PILOT config, the recipe's default). Deviation from both, on purpose: the ports choose
+prompts **batchwise** at test too (the majority vote of the batch serves every image), which makes
+an image's prediction depend on the rest of its batch and leaks labels on class-sorted test data.
+Here the test selection is per image by default; ``test_batchwise_selection: true`` restores the
+ports' behaviour (and is written into the result file), voting over groups of ``test_vote_batch``
+images (PILOT's test batch is 32, its test set class-sorted: ``data.test_order: class_sorted``; the
+protocol's evaluation batch of 256 is a multiple of 32, so the groups are the ports' batches).
+Training keeps the ports' batchwise vote (``train_batchwise_selection``).
 
-``prompt_mode: prefix`` is CODA-Prompt's "L2P++" (baselines.md §1): the chosen prompts become a
-prefix of block 0 instead of input tokens (each prompt's first half its key tokens, the second
-half its value tokens) and the head reads the final [CLS]. CODA runs it with pool 30, length 20,
-top-5 per image and its own recipe. Two parts of CODA's L2P are not reproduced: its pull term
-``(1.0 - cos_sim[:, k_idx]).sum()`` (GT-RIPL/CODA-Prompt models/zoo.py:267) indexes the
-``[B, pool]`` cosines with the ``[B, k]`` chosen ids, a ``[B, B, k]`` block (every image's cosine
-with every image's chosen keys), summed without dividing by B; and its prompts and keys start
-U(0, 1) (``tensor_prompt``, :342-351). Here ``prompt_mode: prefix`` keeps this module's pull
-term (``pull_coefficient`` x each image's summed cosine with its own chosen keys, averaged over
-the batch) and the ports' U(-1, 1). SD-LoRA's Table 5 counts 0.48 M learnable parameters
-and 70.14 GFLOPs for L2P, which fit this variant (30 x 20 x 768 prompts + 30 keys = 0.48 M; no
-extra input tokens) and not the input-prompted one (0.05 M; 25 more tokens in the second pass).
+``prompt_mode: prefix`` is CODA-Prompt's "L2P++" (docs/methods/l2p.md §L2P++ (prefix mode)): the
+chosen prompts become a prefix of block 0 instead of input tokens (each prompt's first half its key
+tokens, the second half its value tokens) and the head reads the final [CLS]. CODA runs it with
+pool 30, length 20, top-5 per image and its own recipe. Two parts of CODA's L2P are not reproduced:
+its pull term ``(1.0 - cos_sim[:, k_idx]).sum()`` (GT-RIPL/CODA-Prompt models/zoo.py:267) indexes
+the ``[B, pool]`` cosines with the ``[B, k]`` chosen ids, a ``[B, B, k]`` block (every image's
+cosine with every image's chosen keys), summed without dividing by B; and its prompts and keys
+start U(0, 1) (``tensor_prompt``, :342-351). Here ``prompt_mode: prefix`` keeps this module's pull
+term (``pull_coefficient`` x each image's summed cosine with its own chosen keys, averaged over the
+batch) and the ports' U(-1, 1). SD-LoRA's Table 5 counts 0.48 M learnable parameters and 70.14
+GFLOPs for L2P, which fit this variant (30 x 20 x 768 prompts + 30 keys = 0.48 M; no extra input
+tokens) and not the input-prompted one (0.05 M; 25 more tokens in the second pass).
 """
 from __future__ import annotations
 

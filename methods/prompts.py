@@ -14,12 +14,12 @@ Two ways to prompt a frozen ``timm`` ``VisionTransformer``, both run by :func:`p
 the query of every prompt method. There is one backbone in memory; the official ports hold a
 second, identical copy (``original_model``) for this.
 
-The backbone is never modified: blocks without a prefix are called as they are, and a block
-with one is run through :func:`prefix_attention`, which reuses that block's own modules
-(``norm1``, ``attn.qkv``, ``attn.proj``, ...). Prefixes are given per sample and per layer as
-separate key and value tensors, so the DualPrompt/HiDe ports' reshape without a permute (specs,
-baselines.md §2: it mixes K with V and one sample's prompt with another's when ``B > 1``)
-cannot happen here; this module implements the intended, correct prefix attention.
+The backbone is never modified: blocks without a prefix are called as they are, and a block with
+one is run through :func:`prefix_attention`, which reuses that block's own modules (``norm1``,
+``attn.qkv``, ``attn.proj``, ...). Prefixes are given per sample and per layer as separate key and
+value tensors, so the DualPrompt/HiDe ports' reshape without a permute (it mixes K with V and one
+sample's prompt with another's when ``B > 1``; docs/methods/dualprompt.md §The ports' prefix
+reshape) cannot happen here; this module implements the intended, correct prefix attention.
 
 The module also holds the pieces the three key-query methods share: cosine matching of the
 query against learnable keys, top-k prompt selection (per sample, or the ports' batchwise

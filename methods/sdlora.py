@@ -7,7 +7,8 @@ At task t every adapted projection (Q and V of every block) applies
 with one magnitude ``alpha_k`` per task shared by all projections of all blocks. Trainable at
 task t: the new pair (A_t, B_t), every magnitude alpha_0..alpha_t and the new head rows; W0 and
 older pairs are frozen. Loss: cross-entropy over the current task's logits. One expanding
-linear head. See ``specs/sdlora.md`` for the official code this follows, line by line.
+linear head. ``docs/methods/sdlora.md`` cites the official code this follows, file and line,
+and lists every departure from it.
 
 Two variants (``method.variant``), the official code's being the default:
 
@@ -55,7 +56,8 @@ class VariantRules:
 
 
 VARIANTS = {
-    # models/sdlora.py + backbone/lora.py of WuYichen-97/SD-Lora-CL (specs/sdlora.md §2, §6)
+    # models/sdlora.py + backbone/lora.py of WuYichen-97/SD-Lora-CL (docs/methods/sdlora.md
+    # §Magnitudes and directions, §Optimiser and schedule)
     "official": VariantRules("factors", normalise_current=False, init_magnitude=0.8, carry_magnitudes=False),
     # the paper's Eq. 3-4, Algorithm 1 and Sec. 4.1
     "paper": VariantRules("product", normalise_current=True, init_magnitude=1.0, carry_magnitudes=True),

@@ -1,7 +1,8 @@
 """SD-LoRA-KD: SD-LoRA that absorbs a new direction into the old ones when they already span it.
 
-Not in the released code (specs/sdlora.md §4); built from the paper's Sec. 3.5, Eq. 7-8 and
-Algorithm 1 lines 9-12, with the readings the paper leaves open as options. After task t >= 1:
+Not in the released code (docs/methods/sdlora.md §Knowledge distillation (SD-LoRA-KD)); built
+from the paper's Sec. 3.5, Eq. 7-8 and Algorithm 1 lines 9-12, with the readings the paper leaves
+open as options. After task t >= 1:
 
 1. Fit the new task's term by the stored old directions, ``delta = argmin || T_t - sum_k
    delta_k dir_k ||``, where ``dir_k`` are the normalised old directions and ``T_t`` is the new

@@ -4,7 +4,8 @@ Later tasks need smaller updates (the paper's Sec. 3.4 finding), so the rank of 
 pair follows a schedule: r = 10 for tasks 1-4, 8 for tasks 5-8, 6 from task 9 on. The released
 code has this only as a commented-out block (``models/sdlora.py:75-85``) with a 0-indexed task
 counter, ``_cur_task < 4 -> 10, < 8 -> 8, else 6``, i.e. mu = 4, nu = 8; we follow it (the
-paper's 1-indexed "t = mu" would reduce one task earlier; specs/sdlora.md §3). Everything
+paper's 1-indexed "t = mu" would reduce one task earlier; docs/methods/sdlora.md §Rank
+reduction (SD-LoRA-RR)). Everything
 else is SD-LoRA; old pairs of different ranks live in the same stacked factors.
 """
 from __future__ import annotations

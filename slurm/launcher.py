@@ -652,9 +652,9 @@ COMMANDS = {"status": (_add_status_arguments, status_main), "collect": (_add_col
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m slurm.launcher TASKS.jsonl [--index I]``: one element of an emitted array
+    """``python -m clbench.slurm.launcher TASKS.jsonl [--index I]``: one element of an emitted array
     (the index defaults to ``$SLURM_ARRAY_TASK_ID``)."""
-    p = argparse.ArgumentParser(prog="python -m slurm.launcher", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m clbench.slurm.launcher", description=main.__doc__)
     p.add_argument("tasks", type=Path)
     p.add_argument("--index", type=int, default=None)
     args = p.parse_args(argv)

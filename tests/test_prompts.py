@@ -63,8 +63,8 @@ def test_prefix_attention_is_attention_over_prefix_then_tokens(fused):
 
 def test_prefixes_are_per_sample_and_keep_key_apart_from_value(images):
     """The DualPrompt/HiDe ports' reshape mixes K with V and sample b's prompt with sample b''s
-    (specs, baselines.md §2). Here a sample's output depends on its own prefix only, and a
-    prefix with key and value swapped gives a different output."""
+    (docs/methods/dualprompt.md §The ports' prefix reshape). Here a sample's output depends on its
+    own prefix only, and a prefix with key and value swapped gives a different output."""
     vit = make_vit()
     torch.manual_seed(4)
     key, value = torch.randn(3, 5, D), torch.randn(3, 5, D)

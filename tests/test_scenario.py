@@ -7,7 +7,7 @@ from clbench.benchmarks.scenario import Scenario, class_order, task_sizes
 
 
 def test_class_order_matches_pilot_and_sdlora_logs():
-    # Orders verified against SD-LoRA's logs (specs/sdlora.md §6).
+    # Orders verified against SD-LoRA's logs (docs/methods/README.md §Class order and seeds).
     assert class_order(200, 1995)[:3] == [146, 198, 169]
     assert class_order(200, 1993)[:3] == [168, 136, 51]
     assert class_order(100, 1994)[:3] == [72, 6, 33]

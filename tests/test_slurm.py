@@ -1,6 +1,6 @@
 """The SLURM launcher: profiles, run states, status/collect and the plain-sbatch array without a
-cluster; then, marked ``slurm``, real job arrays on the local cluster that ``.ci/run`` starts
-(``../shared/slurm/start-local-slurm.sh``): results equal to a local run, a failing job shown
+cluster; then, marked ``slurm``, real job arrays on the local single-node cluster that
+``.ci/run`` starts: results equal to a local run, a failing job shown
 by ``status``, a preempted element requeued and resumed, a rerun that submits nothing."""
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def cluster():
 
     nodes = ok("sinfo", "-h", "-o", "%T")
     if not nodes or not any(s.strip("*~#") in ("idle", "mixed", "allocated", "completing") for s in nodes.split()):
-        pytest.skip("no SLURM node is up (.ci/run starts ../shared/slurm/start-local-slurm.sh)")
+        pytest.skip("no SLURM node is up (.ci/run starts a local single-node cluster)")
     if ok("sacct", "-n", "-X", "-j", "1") is None:
         pytest.skip("SLURM accounting (sacct) does not answer; submitit needs it")
     if "synth" not in BENCHMARKS:
