@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from clbench.config import SAVE_MODEL
+
 PROFILE_ENV = "CLBENCH_SLURM_PROFILE"
 
 
@@ -60,7 +62,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", type=_csv(str), default=[], metavar="tensorboard,wandb",
                    help="mirror each run's training curves (loss, learning rate per epoch, accuracy per task) "
                         "to TensorBoard (<out>/logs/<run>/) and/or Weights & Biases (WANDB_MODE=offline works)")
-    p.add_argument("--save-model", choices=["none", "final", "every-task"], default="none",
+    p.add_argument("--save-model", choices=SAVE_MODEL, default="none",
                    help="keep the trained method beside the result: <out>/models/<run>/task<t>.pt after the "
                         "last task (final) or after every task; load with clbench.protocol.load_model")
     p.add_argument("--no-progress", action="store_true",
