@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, Benchmark, get_benchmark, register_benchmark
 from clbench.cli import main
 from clbench.config import RunConfig
-from clbench.jobs import status_path, update_status
+from clbench.jobs import claim_path, status_path, update_status
 from clbench.loading import seeded_loader
+from clbench.protocol import SOURCE_ROOT
 from clbench.recipes import resolve_config
 
 CLASSES = 6
@@ -168,3 +171,24 @@ def test_every_file_gets_the_mode_open_would_give_it(tmp_path, umask, mode):
         assert not [p for p in tmp_path.rglob(".*.tmp")]  # no temporary file left behind
     finally:
         os.umask(old)
+
+
+def test_what_a_run_writes_under_the_default_out_is_ignored_by_git():
+    """A run started from the checkout root writes under ./results (the default --out): every file
+    it writes there is ignored, so the commit it records (``source_commit``) is clean when the
+    code is; results/paper/ (the papers' numbers, read by the report) stays tracked."""
+    if shutil.which("git") is None or not (SOURCE_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    key = "synth/N10/sdlora/seed0"
+    out = Path("results")  # relative to the checkout root, as the default --out is there
+    written = [record.result_path(out, key), record.checkpoint_path(out, key), record.model_path(out, key, 0),
+               record.log_dir(out, key) / "events", status_path(out, key), claim_path(out, key),
+               out / "splits" / "imr_split_0.json", out / "cache" / "synth" / "x.npy", out / "tables" / "acc.md",
+               out / "figures" / "acc.png", out / "slurm" / "123_0_log.out", out / "report.md"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *map(str, written)], cwd=SOURCE_ROOT,
+                          capture_output=True, text=True)
+    ignored = set(done.stdout.split())
+    assert ignored == set(map(str, written)), f"not ignored: {sorted(set(map(str, written)) - ignored)}"
+    tracked = subprocess.run(["git", "check-ignore", "--no-index", "results/paper/table2_imagenet_r.yaml"],
+                             cwd=SOURCE_ROOT, capture_output=True, text=True)
+    assert tracked.returncode == 1  # not ignored
