@@ -170,14 +170,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", default="synth", help="benchmark name (default synth)")
     p.add_argument("--seed", type=int, default=0, help="seed of the joint run and the probe's initialisation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="dataset root, as the sweep's (default $CLBENCH_DATA or ./data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override full_ft's recipe for the joint run and the data settings (repeatable)")
     p.add_argument("--no-joint", action="store_true", help="skip joint fine-tuning (the frozen probes only)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures to FILE")
 
 
+def probe_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The configuration layer the options give: ``--set`` items, and ``--data-root`` as
+    ``data.root`` (where the sweep's ``--data-root`` goes too)."""
+    overrides = parse_set(args.overrides)
+    if args.data_root is not None:
+        overrides.setdefault("data", {})["root"] = args.data_root
+    return overrides or None
+
+
 def main(args: argparse.Namespace) -> int:
-    probes, about = run_probe(args.bench, args.seed, args.device, parse_set(args.overrides) or None, not args.no_joint)
+    probes, about = run_probe(args.bench, args.seed, args.device, probe_overrides(args), not args.no_joint)
     print(format_probes(probes, about))
     if args.json:
         atomic_write_json(args.json, {**about, "probes": [p.__dict__ for p in probes]})

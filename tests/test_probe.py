@@ -41,3 +41,10 @@ def test_probe_command_prints_the_table_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["bench"] == "synth" and [p["name"] for p in data["probes"]] == ["NCM (cosine, frozen)",
                                                                               "linear probe (frozen)"]
+
+
+def test_probe_reads_the_data_root_it_is_given(tmp_path, capsys):
+    # --data-root as the sweep's: the message names the folder looked in, not ./data
+    assert main(["probe", "--bench", "imr", "--data-root", str(tmp_path), "--no-joint", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "no usable data in " + str(tmp_path) in error
