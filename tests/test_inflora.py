@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mean_final_acc
+from helpers import branch_reference, mean_final_acc, toy_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench.config import TrainConfig
@@ -13,7 +13,6 @@ from clbench.methods import get_method
 from clbench.methods.base import Stage, Task
 from clbench.methods.inflora import InputSubspace
 from clbench.protocol import count_flops
-from tests.test_lora import branch_reference, toy_vit
 
 PER_TASK = 4
 

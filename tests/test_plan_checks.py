@@ -15,7 +15,7 @@ import huggingface_hub
 import pytest
 import torchvision
 import yaml
-from test_datasets import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100
+from helpers import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100
 
 from clbench import catalog, request
 from clbench.benchmarks import BENCHMARKS

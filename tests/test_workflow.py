@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TOY_CLASSES, ToyImages
+from helpers import TOY_CLASSES, ToyImages, write_run
 from PIL import Image
 
 from clbench import record
@@ -186,8 +186,6 @@ def test_ties_with_the_best_by_hand():
 
 
 def test_tables_mark_ties_and_give_differences_to_a_reference(tmp_path):
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed, (sd, ft, l2p) in enumerate([(80.0, 81.0, 70.0), (82.0, 79.0, 72.0), (84.0, 83.0, 74.0)]):
         write_run(root, "toy", "sdlora", seed, [100.0, sd])
@@ -206,8 +204,6 @@ def test_tables_mark_ties_and_give_differences_to_a_reference(tmp_path):
 
 
 def test_summary_csv_writes_structured_columns_as_json(tmp_path):
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed in (0, 1):
         write_run(root, "toy", "sdlora", seed, [100.0, 80.0 + seed])
@@ -387,8 +383,6 @@ def test_result_file_holds_the_training_curve(results_root):
 
 
 def test_old_result_files_without_curves_are_read(tmp_path):
-    from test_report import write_run
-
     path = write_run(tmp_path, "toy", "sdlora", 0, [100.0, 80.0])
     raw = json.loads(path.read_text())
     raw["schema"] = 2
@@ -445,8 +439,6 @@ def test_a_saved_model_round_trips(tmp_path, method):
 
 
 def _figure_runs(tmp_path, seeds) -> pd.DataFrame:
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed in seeds:
         for method, acc in (("sdlora", 80.0), ("sdlora_rr", 81.0), ("sdlora_kd", 79.0)):
