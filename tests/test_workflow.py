@@ -3,8 +3,10 @@ reads the test set, choosing on validation, seed-paired statistics, a user's own
 images, plugins from outside the package, training curves, TensorBoard, kept models, figures."""
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -449,6 +451,25 @@ def _figure_runs(tmp_path, seeds) -> pd.DataFrame:
     return load_runs(root)
 
 
+def drawn_dashes(handle) -> str:
+    """The dash pattern a renderer draws ``handle`` (a legend's line) with: the SVG
+    ``stroke-dasharray`` of a line that copies its style ('' for a solid line). A line's dashes
+    have no public getter; what a backend draws is public."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    line = Line2D([0, 1], [0, 0])
+    line.update_from(handle)
+    line.set_marker("")  # its dashes only
+    ax.add_line(line)
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")
+    return ";".join(re.findall(r"stroke-dasharray: ([^;\"]+)", svg.getvalue()))
+
+
 def _lines(ax):
     return [line for line in ax.get_lines() if line.get_label() and not line.get_label().startswith("_")
             and line.get_label() != "chance (1 / seen classes)"]
@@ -474,8 +495,9 @@ def test_figures_a_reviewer_accepts(tmp_path, seeds):
     handles = {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
     methods = {k: v for k, v in handles.items() if k.startswith("SD-LoRA")}
     assert len(methods) == 5
-    styles = {(h.get_marker(), str(h._dash_pattern)) for h in methods.values()}  # dashes have no public getter
-    assert len({str(h._dash_pattern) for h in methods.values()}) == 5
+    dashes = {label: drawn_dashes(h) for label, h in methods.items()}
+    styles = {(h.get_marker(), dashes[label]) for label, h in methods.items()}
+    assert len(set(dashes.values())) == 5
     markers = {h.get_marker() for h in methods.values()}
     colours = {tuple(np.round(h.get_color(), 3)) if not isinstance(h.get_color(), str) else h.get_color()
                for h in methods.values()}
