@@ -219,7 +219,7 @@ def test_repeated_seeds_are_planned_once_with_a_warning(tmp_path, capsys):
 
 
 def test_a_benchmark_registered_at_run_time_is_checked_like_a_builtin_one(tmp_path, capsys):
-    assert "toy" in BENCHMARKS  # tests/conftest.py registers it
+    assert "toy" in BENCHMARKS  # tests/helpers.py registers it (conftest.py imports it)
     assert main(["--bench", "toy", "--tasks", "5", "--methods", "full_ft", "--out", str(tmp_path)]) == 2
     assert "toy with 5 tasks: 12 classes do not split into 5 equal tasks" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()

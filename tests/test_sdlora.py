@@ -1,4 +1,4 @@
-"""SD-LoRA, SD-LoRA-RR and SD-LoRA-KD on CPU (conftest's small ViT; synth for the accuracy check)."""
+"""SD-LoRA, SD-LoRA-RR and SD-LoRA-KD on CPU (the toy ViT of helpers.py; synth for the accuracy check)."""
 from __future__ import annotations
 
 import math
