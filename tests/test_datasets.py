@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar
 import yaml
-from PIL import Image
+from helpers import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100, write_image
 from torchvision import transforms as T
 
 from clbench.benchmarks import datasets as D
@@ -19,20 +19,6 @@ from clbench.benchmarks.base import get_benchmark
 from clbench.errors import DataError
 
 TO_TENSOR = T.ToTensor()
-WNIDS = ["n01443537", "n01484850", "n01494475"]  # three classes stand in for 200
-
-
-def write_image(path: Path, color: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 8), (color, 128, 255 - color)).save(path, format="JPEG")
-    return path
-
-
-def class_tree(root: Path, classes: list[str], per_class: int, prefix: str = "img") -> list[Path]:
-    return [write_image(root / c / f"{prefix}_{i:02d}.jpg", 20 * k + i)
-            for k, c in enumerate(classes) for i in range(per_class)]
-
-
 def labels_of(ds) -> list[int]:
     return [int(y) for y in ds.targets]
 
@@ -145,23 +131,6 @@ def test_imr_split_lists_yaml_with_prefix_keep_their_labels(tmp_path):
 # ----------------------------------------------------------------------------- DomainNet
 
 
-def domainnet_tree(root: Path, domains=("clipart", "sketch"), classes=("apple", "bee", "cat")) -> dict:
-    """Images plus DomainNet's own per-domain lists; returns {side: [(relative path, label)]}."""
-    entries: dict[str, list] = {"train": [], "test": []}
-    for domain in domains:
-        lines: dict[str, list[str]] = {"train": [], "test": []}
-        for label, name in enumerate(classes):
-            for i in range(3):
-                rel = f"{domain}/{name}/{domain}_{label:03d}_{i:06d}.jpg"
-                write_image(root / rel, 10 * label + i)
-                side = "test" if i == 2 else "train"
-                lines[side].append(f"{rel} {label}")
-                entries[side].append((rel, label))
-        for side in lines:
-            (root / f"{domain}_{side}.txt").write_text("\n".join(lines[side]) + "\n")
-    return entries
-
-
 def test_domainnet_txt_lists_are_concatenated(tmp_path):
     data = tmp_path / "domainnet"
     entries = domainnet_tree(data)
@@ -214,9 +183,6 @@ def test_ima_raw_release_is_refused_with_a_reason(tmp_path):
     assert "natural-adv-examples" in str(err.value)
 
 
-CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
-
-
 def test_cub_presplit_and_original_layouts_agree_on_labels(tmp_path):
     presplit = tmp_path / "a" / "cub"
     class_tree(presplit / "train", CUB_CLASSES, 2)
@@ -249,22 +215,6 @@ def test_cub_original_bad_line_names_file_and_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- CIFAR-100
-
-
-def fake_cifar100(root: Path, per_class: int = 2) -> None:
-    """The torchvision ``cifar-100-python`` pickle tree with a few tiny images per class."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.RandomState(0)
-    for name, n in (("train", per_class), ("test", 1)):
-        labels = [c for c in range(100) for _ in range(n)]
-        entry = {"data": rng.randint(0, 256, (len(labels), 3072), dtype=np.uint8),
-                 "fine_labels": labels, "coarse_labels": [c // 5 for c in labels]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class{c}" for c in range(100)],
-                     "coarse_label_names": [f"super{c}" for c in range(20)]}, f)
 
 
 def test_cifar100_from_the_torchvision_pickles(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Sequential full fine-tuning on ``synth`` behaves as the issue asks of a continual-learning
 benchmark: it learns each task, then forgets, and ends far below joint training."""
 import pytest
-from conftest import synth_result
+from helpers import synth_result
 
 
 @pytest.mark.slow

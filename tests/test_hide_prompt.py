@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TOY_CLASSES, ToyImages, _load_toy, mean_final_acc
+from helpers import TOY_CLASSES, TOY_METHOD_ARGS, ToyImages, load_toy, mean_final_acc
 from torch.utils.data import DataLoader, TensorDataset
 
 import clbench.methods.hide_prompt as hide_module
@@ -24,9 +24,7 @@ from clbench.protocol import Run
 from clbench.recipes import resolve_config
 
 # Small enough for seconds per run; every stage still runs (2 centroids of the 8 toy images/class).
-FAST = {"train": {"epochs": 2},
-        "method": {"tii_epochs": 2, "tii_align_epochs": 2, "tap_epochs": 2, "kmeans_n_init": 1,
-                   "num_centroids": 2, "prompt_layers": [0, 1], "prompt_length": 2}}
+FAST = {"train": {"epochs": 2}, "method": TOY_METHOD_ARGS["hide_prompt"]}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -268,7 +266,7 @@ def _swap_last_task_images(order: list[int], sizes: list[int]):
     last = set(order[sum(sizes[:-1]):])
 
     def load(data_dir, train_tf, test_tf, splits_dir):
-        train, test = _load_toy(data_dir, train_tf, test_tf, splits_dir)
+        train, test = load_toy(data_dir, train_tf, test_tf, splits_dir)
         swapped = torch.from_numpy(np.isin(train.targets, list(last)))
         noise = torch.rand(train.images.shape, generator=torch.Generator().manual_seed(5))
         train.images = torch.where(swapped[:, None, None, None], noise, train.images)

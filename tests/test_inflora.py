@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mean_final_acc
+from helpers import branch_reference, mean_final_acc, toy_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench.config import TrainConfig
@@ -13,7 +13,6 @@ from clbench.methods import get_method
 from clbench.methods.base import Stage, Task
 from clbench.methods.inflora import InputSubspace
 from clbench.protocol import count_flops
-from tests.test_lora import branch_reference, toy_vit
 
 PER_TASK = 4
 
@@ -30,7 +29,7 @@ def data_task(t: int, num_tasks: int, x: torch.Tensor, y: torch.Tensor, train: T
 
 
 def toy_data(t: int, n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task t's images: class-specific colours with noise, as conftest's toy benchmark."""
+    """Task t's images: class-specific colours with noise, as the toy benchmark of helpers.py."""
     g = torch.Generator().manual_seed(seed * 100 + t)
     y = torch.arange(n) % PER_TASK + t * PER_TASK
     colours = torch.rand(3 * PER_TASK * 8, generator=torch.Generator().manual_seed(7)).view(-1, 3, 1, 1)

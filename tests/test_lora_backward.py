@@ -12,14 +12,13 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build, make_task, randomise_current
 
 import clbench.methods.lora as lora
 from clbench.methods.base import Stage
 from clbench.methods.lora import PROJECTIONS, LoRAQKV
 from clbench.protocol import count_flops
 from clbench.speed import official_branch_form
-from tests.test_lora import randomise_current
-from tests.test_sdlora import build, make_task
 
 
 def weight_space_reference(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,16 @@ whole plan after the imports, before any run or submission.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
 import huggingface_hub
 import pytest
+import timm
 import torchvision
 import yaml
-from test_datasets import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100
+from helpers import CUB_CLASSES, WNIDS, class_tree, domainnet_tree, fake_cifar100
 
 from clbench import catalog, request
 from clbench.benchmarks import BENCHMARKS
@@ -161,15 +163,26 @@ def test_the_torch_free_data_check_passes_every_accepted_layout(tmp_path, monkey
             assert problem is not None and why in problem and "Accepted layouts" in problem, (bench, root)
 
 
-def test_an_unreachable_hub_is_found_quickly_and_named(monkeypatch):
+def test_an_unreachable_hub_is_found_by_one_bounded_attempt_and_named(monkeypatch):
     catalog.hub_reachable.cache_clear()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    attempts = []
+    connect = socket.create_connection
+
+    def counted_connect(address, timeout=None, *args, **kwargs):
+        attempts.append((address, timeout))
+        return connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", counted_connect)
     try:
         assert catalog.hub_reachable() is False
+        # one connection attempt with a timeout of seconds, not a download's minute of retries
+        assert len(attempts) == 1 and attempts[0][0] == ("hub.invalid", 443) and 0 < attempts[0][1] <= 5
         assert "not reachable" in catalog.no_hub_reason()
+        assert len(attempts) == 1  # the answer is kept for the rest of the process
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # a proxy: only a download can tell
         catalog.hub_reachable.cache_clear()
         assert catalog.hub_reachable() is True
@@ -206,7 +219,7 @@ def test_repeated_seeds_are_planned_once_with_a_warning(tmp_path, capsys):
 
 
 def test_a_benchmark_registered_at_run_time_is_checked_like_a_builtin_one(tmp_path, capsys):
-    assert "toy" in BENCHMARKS  # tests/conftest.py registers it
+    assert "toy" in BENCHMARKS  # tests/helpers.py registers it (conftest.py imports it)
     assert main(["--bench", "toy", "--tasks", "5", "--methods", "full_ft", "--out", str(tmp_path)]) == 2
     assert "toy with 5 tasks: 12 classes do not split into 5 equal tasks" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -231,7 +244,25 @@ def _failing_main(argv: list[str]) -> None:
     assert main(argv) == 2
 
 
-def test_a_backbone_that_does_not_take_the_image_size_fails_before_any_run(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def built_backbones(monkeypatch) -> list[str]:
+    """The backbones timm builds while the test runs, other than weightless ``meta`` models (the
+    plan checks' kind): building one, with its memory and weights, is a run's work, not a check's."""
+    built: list[str] = []
+    create_model = timm.create_model
+
+    def recorded(name, *args, **kwargs):
+        model = create_model(name, *args, **kwargs)
+        if any(p.device.type != "meta" for p in model.parameters()):
+            built.append(name)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", recorded)
+    return built
+
+
+def test_a_backbone_that_does_not_take_the_image_size_fails_before_any_run(tmp_path, capsys, monkeypatch,
+                                                                          built_backbones):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _failing_main(["--bench", "synth", "--tasks", "5", "--backbone", "vit_small_patch16_224",
                            "--pretrained-path", str(tmp_path), "--out", str(tmp_path / "r")])
@@ -239,9 +270,11 @@ def test_a_backbone_that_does_not_take_the_image_size_fails_before_any_run(tmp_p
     assert "backbone 'vit_small_patch16_224' does not take the benchmark's 32px images" in err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert not (tmp_path / "r" / "runs").exists()
+    assert built_backbones == []
 
 
-def test_missing_pretrained_weights_offline_fail_once_without_retries(tmp_path, capsys, monkeypatch):
+def test_missing_pretrained_weights_offline_fail_once_without_retries(tmp_path, capsys, monkeypatch,
+                                                                      built_backbones):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
@@ -251,9 +284,11 @@ def test_missing_pretrained_weights_offline_fail_once_without_retries(tmp_path, 
     err = capsys.readouterr().err
     assert "could not load pretrained weights for 'vit_tiny_patch16_224'" in err and "--pretrained-path" in err
     assert "Retrying" not in err and err.count("error:") == 1
+    assert "2 run(s)" in err  # one check for both seeds
+    assert built_backbones == []
 
 
-def test_missing_data_fails_before_any_run_or_submission(tmp_path, capsys, monkeypatch):
+def test_missing_data_fails_before_any_run_or_submission(tmp_path, capsys, monkeypatch, built_backbones):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for launcher in ("local", "slurm"):
         _failing_main(["--bench", "cub", "--tasks", "10", "--methods", "full_ft", "--seeds", "0",
@@ -263,7 +298,8 @@ def test_missing_data_fails_before_any_run_or_submission(tmp_path, capsys, monke
         err = capsys.readouterr().err
         assert "CUB-200 (cub): no usable data" in err and "Accepted layouts" in err
         assert not (tmp_path / "r" / "runs").exists() and not (tmp_path / "r" / "slurm").exists()
-    
+    assert built_backbones == []
+
 
 def test_the_dry_run_shows_the_checks(tmp_path, capsys):
     assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synth_result
+from helpers import synth_result
 
 from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main

@@ -95,19 +95,18 @@ def test_shared_prefix_equals_the_same_prefix_per_sample(images):
 
 def test_input_prompts_sit_after_cls_with_the_cls_position(images):
     vit = make_vit()
-    seen = {}
-    vit.blocks[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    block_inputs = []  # what block 0 receives, one entry per forward
+    vit.blocks[0].register_forward_pre_hook(lambda m, args: block_inputs.append(args[0]))
+    vit.forward_features(images)  # timm's own forward, no prompts
     prompts = torch.randn(3, 4, D)
     out = prompted_forward(vit, images, prompt_tokens=prompts)
     assert out.tokens.shape == (3, 1 + 4 + 16, D) and out.prompts.shape == (3, 4, D)
-    plain = vit._pos_embed(vit.patch_embed(images))
-    x = seen["x"]
+    plain, x = block_inputs
     torch.testing.assert_close(x[:, :1], plain[:, :1])  # [CLS] first, unchanged
     torch.testing.assert_close(x[:, 1:5], prompts + vit.pos_embed[:, :1])  # prompts get [CLS]'s position
     torch.testing.assert_close(x[:, 5:], plain[:, 1:])  # then the patches
-    seen.clear()
     prompted_forward(vit, images, prompt_tokens=prompts, prompt_pos="none")
-    torch.testing.assert_close(seen["x"][:, 1:5], prompts)
+    torch.testing.assert_close(block_inputs[-1][:, 1:5], prompts)
 
 
 def test_gradients_reach_prompts_not_the_frozen_backbone(images):

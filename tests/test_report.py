@@ -1,7 +1,7 @@
 """The report on hand-made result files: aggregation over seeds, the paper's layouts, bold and
 footnote placement, the comparison flag, Markdown/LaTeX golden files, figures and the CLI.
 
-Result files are written by ``write_run`` (a small factory of what clbench/protocol.py writes);
+Result files are written by ``helpers.write_run`` (a small factory of what clbench/protocol.py writes);
 accuracy counts are chosen so every expected number can be worked out by hand.
 
 Golden files live in tests/golden/; after an intended change of the output, regenerate them
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import counts_for_curve, write_run
 
 from clbench import record
-from clbench.benchmarks import BENCHMARKS
-from clbench.config import RunConfig
-from clbench.methods import METHODS
-from clbench.record import RunResult, TaskRecord
+from clbench.record import TaskRecord
 from clbench.report.aggregate import aggregate, load_runs, magnitude_history, spread_of
 from clbench.report.command import ReportOptions, bold_best, build_report, compile_latex, write_report
 from clbench.report.reference import PaperDataError, load_paper
@@ -31,49 +29,7 @@ from clbench.report.table import Cell, Table, latex_document
 GOLDEN = Path(__file__).parent / "golden"
 
 
-# ------------------------------------------------------------------------------------ factory
-
-
-def counts_for_curve(curve: list[float], per_task: int = 1000) -> tuple[list[list[int]], list[list[int]]]:
-    """An accuracy matrix (counts) whose sample-weighted accuracy after task t is ``curve[t]``
-    exactly: ``per_task`` test images per task, the correct ones spread evenly over tasks."""
-    n = len(curve)
-    correct = [[0] * n for _ in range(n)]
-    total = [[0] * n for _ in range(n)]
-    for t, acc in enumerate(curve):
-        right = round(acc / 100 * per_task * (t + 1))
-        assert abs(right - acc / 100 * per_task * (t + 1)) < 1e-6, "curve value not representable"
-        for i in range(t + 1):
-            total[t][i] = per_task
-            correct[t][i] = right // (t + 1) + (1 if i < right % (t + 1) else 0)
-    return correct, total
-
-
-def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[float] | None = None,
-              counts: tuple[list, list] | None = None, tag: str = "", magnitudes: bool = False,
-              train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None) -> Path:
-    """A result file as clbench/protocol.py writes it (only what the report reads is realistic),
-    with the method's and benchmark's titles as their registrations give them."""
-    correct, total = counts if counts is not None else counts_for_curve(curve)
-    n = len(correct)
-    tasks = []
-    for t in range(n):
-        log = {"magnitudes": [round(0.8 + 0.05 * k + 0.01 * t + 0.001 * seed, 4) for k in range(t + 1)]} \
-            if magnitudes else {}
-        tasks.append(TaskRecord(task=t, classes=[2 * t, 2 * t + 1], train_time_s=train_time_s / n, eval_time_s=0.1,
-                                accuracy=0.0, cpu_max_rss_mb=512.0 + t,
-                                cost={"trainable_params": 1000 * (t + 1), "stored_params": 5000, "stored_features": 0,
-                                      "backbone_passes": 1, "flops_per_image": flops},
-                                method_log=log))
-    key = RunConfig(benchmark, n, method, seed, seed, tag=tag).key
-    result = RunResult(run_key=key, benchmark=benchmark, benchmark_title=BENCHMARKS[benchmark].title, num_tasks=n,
-                       method=method, method_info=METHODS[method].info, tag=tag, seed=seed, class_order_seed=seed,
-                       class_order=[], task_sizes=[2] * n, config={"method_args": {}}, pretrained="test",
-                       tasks=tasks, accuracy_matrix={"correct": correct, "total": total}, metrics={},
-                       cost=tasks[-1].cost, wall_time_s=train_time_s + 1, argv=argv or [])
-    path = record.result_path(root, key)
-    record.write_result(path, result)
-    return path
+# ------------------------------------------------------------------------------------ golden files
 
 
 def check_golden(name: str, text: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TOY_METHOD_ARGS
 from torch.utils.data import ConcatDataset, DataLoader
 
 from clbench import files, record
@@ -119,7 +120,6 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, monkeypatch):
 # Every other registered method on the toy benchmark, one epoch per task: their state_dict /
 # grow / load_state_dict round trip is what a requeued job depends on.
 OTHER_METHODS = sorted(set(METHODS) - {"full_ft"})
-TOY_METHOD_ARGS = {"coda_prompt": {"num_components": 30}}  # orthogonal keys must fit the toy's width 32
 
 
 @pytest.mark.slow

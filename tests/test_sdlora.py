@@ -1,4 +1,4 @@
-"""SD-LoRA, SD-LoRA-RR and SD-LoRA-KD on CPU (conftest's small ViT; synth for the accuracy check)."""
+"""SD-LoRA, SD-LoRA-RR and SD-LoRA-KD on CPU (the toy ViT of helpers.py; synth for the accuracy check)."""
 from __future__ import annotations
 
 import math
@@ -6,29 +6,22 @@ import math
 import pytest
 import timm
 import torch
-import torch.nn as nn
-from conftest import mean_final_acc, synth_result
+from helpers import (
+    CLASSES_PER_TASK,
+    branch_reference,
+    build,
+    make_task,
+    mean_final_acc,
+    per_task_pairs,
+    randomise_current,
+    synth_result,
+    toy_vit,
+)
 
 from clbench.config import TrainConfig
 from clbench.errors import ConfigError
-from clbench.methods import get_method
 from clbench.methods.base import Stage, Task
 from clbench.protocol import count_flops
-from tests.test_lora import branch_reference, per_task_pairs, randomise_current, toy_vit
-
-CLASSES_PER_TASK = 3
-
-
-def make_task(t: int, num_tasks: int, train: TrainConfig | None = None) -> Task:
-    start = t * CLASSES_PER_TASK
-    return Task(index=t, num_tasks=num_tasks, classes=range(start, start + CLASSES_PER_TASK),
-                train=train or TrainConfig(), device=torch.device("cpu"), make_loader=None)
-
-
-def build(name: str = "sdlora", num_tasks: int = 4, backbone: nn.Module | None = None, **config):
-    cls = get_method(name)
-    return cls(backbone if backbone is not None else toy_vit(), cls.Config(**config),
-               num_classes=num_tasks * CLASSES_PER_TASK, num_tasks=num_tasks)
 
 
 def start_task(method, t: int, num_tasks: int) -> Task:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from conftest import ToyImages
+from helpers import ToyImages
 
 from clbench.protocol import Run
 from clbench.recipes import resolve_config

@@ -175,7 +175,7 @@ def test_emitted_sbatch_array_runs_the_same_job(results_root, tmp_path, capsys, 
     tasks = [json.loads(line) for line in (emit / "tasks.jsonl").read_text().splitlines()]
     assert [t["key"] for t in tasks] == ["toy/N3/full_ft/seed0", "toy/N3/full_ft/seed1"]
 
-    # element 1 as SLURM would start it, in this process (the toy benchmark lives in conftest)
+    # element 1 as SLURM would start it, in this process (the toy benchmark lives in the tests' helpers.py)
     env = {"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "78", "SLURM_CPUS_PER_TASK": "1"}
     with pytest.MonkeyPatch.context() as m:
         for k, v in env.items():

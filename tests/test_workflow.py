@@ -3,8 +3,10 @@ reads the test set, choosing on validation, seed-paired statistics, a user's own
 images, plugins from outside the package, training curves, TensorBoard, kept models, figures."""
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TOY_CLASSES, ToyImages
+from helpers import TOY_CLASSES, ToyImages, write_run
 from PIL import Image
 
 from clbench import record
@@ -186,8 +188,6 @@ def test_ties_with_the_best_by_hand():
 
 
 def test_tables_mark_ties_and_give_differences_to_a_reference(tmp_path):
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed, (sd, ft, l2p) in enumerate([(80.0, 81.0, 70.0), (82.0, 79.0, 72.0), (84.0, 83.0, 74.0)]):
         write_run(root, "toy", "sdlora", seed, [100.0, sd])
@@ -206,8 +206,6 @@ def test_tables_mark_ties_and_give_differences_to_a_reference(tmp_path):
 
 
 def test_summary_csv_writes_structured_columns_as_json(tmp_path):
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed in (0, 1):
         write_run(root, "toy", "sdlora", seed, [100.0, 80.0 + seed])
@@ -387,8 +385,6 @@ def test_result_file_holds_the_training_curve(results_root):
 
 
 def test_old_result_files_without_curves_are_read(tmp_path):
-    from test_report import write_run
-
     path = write_run(tmp_path, "toy", "sdlora", 0, [100.0, 80.0])
     raw = json.loads(path.read_text())
     raw["schema"] = 2
@@ -445,8 +441,6 @@ def test_a_saved_model_round_trips(tmp_path, method):
 
 
 def _figure_runs(tmp_path, seeds) -> pd.DataFrame:
-    from test_report import write_run
-
     root = tmp_path / "results"
     for seed in seeds:
         for method, acc in (("sdlora", 80.0), ("sdlora_rr", 81.0), ("sdlora_kd", 79.0)):
@@ -455,6 +449,25 @@ def _figure_runs(tmp_path, seeds) -> pd.DataFrame:
             write_run(root, "toy", "sdlora", seed, [100.0, 60.0 + i + seed], tag=f"cfg0000000{i}",
                       argv=["clbench", "--set", f"train.epochs={epochs}"])
     return load_runs(root)
+
+
+def drawn_dashes(handle) -> str:
+    """The dash pattern a renderer draws ``handle`` (a legend's line) with: the SVG
+    ``stroke-dasharray`` of a line that copies its style ('' for a solid line). A line's dashes
+    have no public getter; what a backend draws is public."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    line = Line2D([0, 1], [0, 0])
+    line.update_from(handle)
+    line.set_marker("")  # its dashes only
+    ax.add_line(line)
+    svg = io.StringIO()
+    fig.savefig(svg, format="svg")
+    return ";".join(re.findall(r"stroke-dasharray: ([^;\"]+)", svg.getvalue()))
 
 
 def _lines(ax):
@@ -482,8 +495,9 @@ def test_figures_a_reviewer_accepts(tmp_path, seeds):
     handles = {text.get_text(): handle for text, handle in zip(legend.get_texts(), legend.legend_handles)}
     methods = {k: v for k, v in handles.items() if k.startswith("SD-LoRA")}
     assert len(methods) == 5
-    styles = {(h.get_marker(), str(h._dash_pattern)) for h in methods.values()}  # dashes have no public getter
-    assert len({str(h._dash_pattern) for h in methods.values()}) == 5
+    dashes = {label: drawn_dashes(h) for label, h in methods.items()}
+    styles = {(h.get_marker(), dashes[label]) for label, h in methods.items()}
+    assert len(set(dashes.values())) == 5
     markers = {h.get_marker() for h in methods.values()}
     colours = {tuple(np.round(h.get_color(), 3)) if not isinstance(h.get_color(), str) else h.get_color()
                for h in methods.values()}
