@@ -11,6 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from clbench import files, record
 from clbench.benchmarks import BENCHMARKS
+from clbench.errors import ConfigError
 from clbench.methods import METHODS
 from clbench.protocol import Run
 from clbench.recipes import resolve_config
@@ -113,7 +114,7 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, monkeypatch):
         with pytest.raises(Crash):
             Run(config, out, progress=False).execute()
     config.train.lr *= 2  # same run key, different numbers: resuming would mix two recipes
-    with pytest.raises(RuntimeError, match="different configuration"):
+    with pytest.raises(ConfigError, match="different configuration"):
         Run(config, out, progress=False).execute()
 
 
