@@ -47,6 +47,7 @@ from clbench.backbones import create_backbone
 from clbench.benchmarks import get_benchmark
 from clbench.errors import ConfigError
 from clbench.files import atomic_write_json
+from clbench.measure import Timing
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import Run, resolve_device, resolve_precision
 from clbench.recipes import resolve_config
@@ -246,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     bench = get_benchmark(plan.bench)
-    timing = speed.Timing(device, plan.warmup, plan.steps)
+    timing = Timing(device, plan.warmup, plan.steps)
 
     def setting(precision: str = "auto", compile_: bool = False) -> speed.Setting:
         extra = {"train": {"precision": precision, "compile": compile_}}

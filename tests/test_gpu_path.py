@@ -1,5 +1,5 @@
 """The CUDA code paths, run on the CPU: precision (train.precision), torch.compile, the image
-cache's device augmentation, the speed tool's fused-attention and host-sync checks, per-run peak
+cache's device augmentation, the fused-attention and host-sync checks (``clbench.gpu_path``), per-run peak
 memory, and ``clbench gpu-check --smoke``. What truly needs a GPU is marked ``gpu`` (README)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from clbench import speed
+from clbench import gpu_path
 from clbench.benchmarks.image_cache import DeviceAugment, SourceImage
 from clbench.cli import main
 from clbench.errors import ConfigError
@@ -89,12 +89,12 @@ def test_device_augmentation_draws_crops_without_waiting_for_the_device():
     pixels = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
     batch = SourceImage(pixels, torch.tensor([[30, 50], [50, 30], [40, 40], [20, 90]] * 2))
     augment, generator = DeviceAugment(32), torch.Generator().manual_seed(0)
-    with speed.SyncingOps() as ops:
+    with gpu_path.SyncingOps() as ops:
         out = augment(batch, train=True, generator=generator)
         augment(batch, train=False)
     assert ops.found == {}
     assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
-    with speed.SyncingOps() as ops:
+    with gpu_path.SyncingOps() as ops:
         _ = batch.pixels[batch.pixels > 128]  # the check does see a wait
     assert ops.found
 
@@ -102,19 +102,19 @@ def test_device_augmentation_draws_crops_without_waiting_for_the_device():
 def test_fused_attention_kernel_check_runs_on_cpu(monkeypatch):
     model = timm.create_model("vit_toy_patch4_16", num_classes=0).eval()
     x = torch.rand(2, 3, 16, 16)
-    assert speed.fused_attention_kernel(model, x, contextlib.nullcontext) == \
+    assert gpu_path.fused_attention_kernel(model, x, contextlib.nullcontext) == \
         "fused attention kernel: flash or memory-efficient attention runs"
-    assert "runs" in speed.fused_attention_kernel(model, x, autocast_for(torch.device("cpu"), "bf16"))
+    assert "runs" in gpu_path.fused_attention_kernel(model, x, autocast_for(torch.device("cpu"), "bf16"))
 
     def unfused(*args, **kwargs):
         raise RuntimeError("No available kernel. Aborting execution.")
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", unfused)
     assert "none accepts these inputs, the math kernel runs (No available kernel" in \
-        speed.fused_attention_kernel(model, x, contextlib.nullcontext)
+        gpu_path.fused_attention_kernel(model, x, contextlib.nullcontext)
     for block in model.blocks:
         block.attn.fused_attn = False
-    assert "not used" in speed.fused_attention_kernel(model, x, contextlib.nullcontext)
+    assert "not used" in gpu_path.fused_attention_kernel(model, x, contextlib.nullcontext)
 
 
 # ------------------------------------------------------------------------------ peak memory per run

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 import clbench.methods.lora as lora
 from clbench.methods.base import Stage
-from clbench.methods.lora import PROJECTIONS, LoRAQKV
+from clbench.methods.lora import PROJECTIONS, LoRAQKV, official_branch_form
 from clbench.protocol import count_flops
-from clbench.speed import official_branch_form
 from tests.test_lora import randomise_current
 from tests.test_sdlora import build, make_task
 

@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from clbench import speed
+from clbench import gpu_path, measure, speed
 from clbench.benchmarks import get_benchmark
 from clbench.cli import main
 from clbench.methods import METHODS
@@ -88,7 +88,7 @@ def test_speed_command_errors_are_messages(capsys):
 
 def test_interleaved_timing_pairs_turns_and_ratios_follow_the_cost(monkeypatch):
     clock, calls = [0.0], []
-    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])  # a clock the calls advance
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])  # a clock the calls advance
 
     def work(seconds, name):
         def run():
@@ -96,11 +96,11 @@ def test_interleaved_timing_pairs_turns_and_ratios_follow_the_cost(monkeypatch):
             clock[0] += seconds
         return run
 
-    timing = speed.Timing(torch.device("cpu"), warmup=1, steps=5)
+    timing = measure.Timing(torch.device("cpu"), warmup=1, steps=5)
     fast, slow = timing.times(work(0.002, "fast"), work(0.006, "slow"))
     assert calls == ["fast", "slow"] * 6  # one warm-up turn, then five, always in turns
     assert fast == pytest.approx([0.002] * 5) and slow == pytest.approx([0.006] * 5)
-    assert speed.median_ratio(fast, slow) == pytest.approx(3)  # fast runs 3x the images/s
+    assert measure.median_ratio(fast, slow) == pytest.approx(3)  # fast runs 3x the images/s
 
 
 def test_effective_rate_weights_stages_by_their_epochs():
@@ -124,7 +124,7 @@ def test_projected_run_adds_training_and_evaluation_over_the_tasks():
 def test_live_tensor_bytes_peaks_at_the_most_alive_at_once():
     kept = torch.zeros(250)  # 1000 bytes, listed: alive before and after
     unlisted = torch.zeros(50)  # 200 bytes nobody listed (a merged inference copy's weight)
-    with speed.LiveTensorBytes([kept]) as tracker:
+    with measure.LiveTensorBytes([kept]) as tracker:
         a = torch.ones(1000)  # +4000
         b = a * 2  # +4000 -> 9000 alive
         del a
@@ -159,7 +159,7 @@ def test_bf16_autocast_is_used_only_on_cuda(results_root, monkeypatch):
 
 def _built(method_name: str, device: str, tasks: int = 2):
     setting = speed.Setting(bench=speed_bench("toy"), num_tasks=tasks, device=torch.device(device), overrides={},
-                            seed=0, timing=speed.Timing(torch.device(device), 0, 1), steps_between=1,
+                            seed=0, timing=measure.Timing(torch.device(device), 0, 1), steps_between=1,
                             images_per_class=2, batch_size=8, eval_batch_size=8)
     method, cfg, sizes, inputs = speed.build_method(setting, method_name)
     task = speed.synthetic_task(setting, cfg, sizes, 0, inputs)
@@ -183,12 +183,12 @@ def test_optimization_step_leaves_the_loss_on_the_device_and_the_state_with_the_
     loss = optimization_step(method, x, y, task, stage, optimizer, params, task.autocast)
     assert loss.requires_grad is False and loss.dim() == 0 and torch.isfinite(loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))  # it stepped
-    assert not any("optimizer state on" in c for c in speed.gpu_path_checks(trainer, torch.device("cpu")))
+    assert not any("optimizer state on" in c for c in gpu_path.gpu_path_checks(trainer, torch.device("cpu")))
 
 
 def test_syncing_ops_sees_what_would_make_the_host_wait():
     x = torch.randn(6)
-    with speed.SyncingOps() as ops:
+    with gpu_path.SyncingOps() as ops:
         _ = x[x > 0]  # boolean-mask indexing: the output size lives on the device
         _ = float(x.sum())  # .item()
         x[x > 0] = 0  # a Python number: masked_fill_, whichever operator torch routes it through
@@ -203,11 +203,11 @@ def test_mask_assignment_waits_unless_torch_takes_masked_fill():
     the mask turned into indices (nonzero, a wait) for a tensor of values or a device scalar."""
     x, mask = torch.randn(6), torch.tensor([True, False] * 3)
     index_put = torch.ops.aten.index_put_.default
-    assert "aten::masked_fill_" in speed.operators_called(index_put, (x, [mask], torch.tensor(0.0)), {})
-    assert "aten::nonzero" in speed.operators_called(index_put, (x, [mask], torch.zeros(3)), {})
+    assert "aten::masked_fill_" in gpu_path.operators_called(index_put, (x, [mask], torch.tensor(0.0)), {})
+    assert "aten::nonzero" in gpu_path.operators_called(index_put, (x, [mask], torch.zeros(3)), {})
     on_device = torch.tensor(2.0)  # made before the check: a model's tensor, on the GPU in a CUDA run
     host = torch.tensor(3.0)
-    with speed.SyncingOps([host]) as ops:
+    with gpu_path.SyncingOps([host]) as ops:
         x[mask] = torch.zeros(3)
         x[mask] = on_device
         x[mask] = host  # declared a host tensor (like Adam's step counts)
@@ -221,7 +221,7 @@ def test_training_step_has_no_operation_that_waits_for_the_device(method_name):
         pytest.skip(f"{method_name} is not registered")
     method, task, x, y = _built(method_name, "cpu")
     trainer = speed.Trainer(method, task, x, y)
-    checks = speed.gpu_path_checks(trainer, torch.device("cpu"))
+    checks = gpu_path.gpu_path_checks(trainer, torch.device("cpu"))
     assert checks == ["training step: no operation that would wait for a CUDA device (checked on CPU)"], checks
 
 
@@ -232,7 +232,7 @@ def test_training_step_never_waits_for_the_gpu(method_name):
     trainer = speed.Trainer(method, task, x, y)
     for _, _, _, step in trainer.stages:
         step()  # first steps may allocate optimizer state
-    checks = speed.gpu_path_checks(trainer, torch.device("cuda"))
+    checks = gpu_path.gpu_path_checks(trainer, torch.device("cuda"))
     assert "training step: no host sync" in checks, checks
     assert not any("optimizer state on" in c for c in checks), checks
 
