@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
+import re
 import statistics
 
 import pytest
@@ -40,14 +42,14 @@ def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, t
         measured = row[2:official] + row[official + 1:13]
         assert all(cell not in ("", "—") for cell in measured), row  # every measured column is filled
         assert row[official] == "—"  # full_ft has no LoRA branches to count
-    assert rows[-1][13].endswith(" min")  # projected full run, from synth's real split sizes
+    assert re.fullmatch(r"\d+\.\d (min|h)", rows[-1][13])  # projected full run, from synth's real split sizes
     assert "attention layers use F.scaled_dot_product_attention" in out and "precision: fp32 (train.precision=auto)" in out
 
     measured = json.loads(report.read_text())
     first, last = measured["methods"][0]["tasks"]
     assert (first["task"], last["task"]) == (1, 4)
     assert first["train_vs_baseline"] == last["train_vs_baseline"] == 1.0  # full_ft against itself
-    assert first["train_vs_first"] == 1.0 and 0.2 < last["train_vs_first"] < 5
+    assert first["train_vs_first"] == 1.0 and math.isfinite(last["train_vs_first"]) and last["train_vs_first"] > 0
     # FLOPs: the backbone plus the 96-wide head over the classes seen (50, then 200); training ~3x a forward
     backbone_flops = measured["backbone"]["infer_flops"]
     assert first["infer_flops"] == backbone_flops + 2 * 96 * 50 and last["infer_flops"] == backbone_flops + 2 * 96 * 200
@@ -253,22 +255,28 @@ def test_cuda_training_step_runs_under_bf16_autocast(monkeypatch):
     assert seen == [(True, torch.bfloat16)]
 
 
-def test_compile_blocks_keeps_state_dict_keys_copies_and_outputs():
-    import torch._dynamo
+def _recording_backend(graphs: list):
+    """A torch.compile backend (the public callable form) that runs each graph eagerly, as the
+    ``eager`` backend does, and keeps the graphs dynamo hands it."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return backend
 
+
+def test_compile_blocks_keeps_state_dict_keys_copies_and_outputs():
     method, task, x, y = _built("full_ft", "cpu")
     method.eval()
     keys = list(method.state_dict())
     with torch.no_grad():
         eager = method.predict(x)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compile_blocks(method.backbone, num_tasks=20, backend="eager")  # the cheap backend: the wiring, not inductor
-    compile_blocks(method.backbone, num_tasks=20, backend="eager")  # idempotent
-    assert torch._dynamo.config.recompile_limit >= 80
+    torch.compiler.reset()
+    graphs = []
+    compile_blocks(method.backbone, num_tasks=20, backend=_recording_backend(graphs))  # the wiring, not inductor
+    compile_blocks(method.backbone, num_tasks=20, backend=_recording_backend(graphs))  # idempotent
     with torch.no_grad():
         compiled = method.predict(x)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo did trace the blocks
+    assert graphs  # dynamo did trace the blocks
     assert torch.allclose(eager, compiled, atol=1e-5)
     assert list(method.state_dict()) == keys  # checkpoints are unchanged
     twin = copy.deepcopy(method)  # e.g. SD-LoRA's merged inference copy
@@ -277,7 +285,31 @@ def test_compile_blocks_keeps_state_dict_keys_copies_and_outputs():
             p.zero_()
         assert not torch.allclose(twin.predict(x), compiled)  # the copy runs its own weights
         assert torch.allclose(method.predict(x), compiled, atol=1e-5)
-    torch._dynamo.reset()
+    torch.compiler.reset()
+
+
+def test_compile_blocks_lets_a_block_recompile_more_often_than_dynamos_default():
+    """A method whose blocks change per task recompiles them once per task and mode: with 20
+    tasks, a block still compiles its twelfth variant (torch's default gives up after eight and
+    runs the rest eagerly)."""
+    method, *_ = _built("full_ft", "cpu")
+    block = method.backbone.blocks[0]
+    tokens = torch.rand(2, 5, block.norm1.normalized_shape[0])
+    torch.compiler.reset()
+    graphs = []
+    compile_blocks(method.backbone, num_tasks=20, backend=_recording_backend(graphs))
+    try:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            block.to(dtype)
+            for training in (True, False):
+                block.train(training)
+                for grad in (True, False):
+                    before = len(graphs)
+                    with torch.set_grad_enabled(grad):
+                        block(tokens.to(dtype))
+                    assert len(graphs) > before, (dtype, training, grad)  # a new variant was compiled
+    finally:
+        torch.compiler.reset()
 
 
 @pytest.mark.gpu
