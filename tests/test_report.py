@@ -51,7 +51,8 @@ def counts_for_curve(curve: list[float], per_task: int = 1000) -> tuple[list[lis
 
 def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[float] | None = None,
               counts: tuple[list, list] | None = None, tag: str = "", magnitudes: bool = False,
-              train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None) -> Path:
+              train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None,
+              memory: dict[str, float] | None = None) -> Path:
     """A result file as clbench/protocol.py writes it (only what the report reads is realistic),
     with the method's and benchmark's titles as their registrations give them."""
     correct, total = counts if counts is not None else counts_for_curve(curve)
@@ -61,7 +62,7 @@ def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[fl
         log = {"magnitudes": [round(0.8 + 0.05 * k + 0.01 * t + 0.001 * seed, 4) for k in range(t + 1)]} \
             if magnitudes else {}
         tasks.append(TaskRecord(task=t, classes=[2 * t, 2 * t + 1], train_time_s=train_time_s / n, eval_time_s=0.1,
-                                accuracy=0.0, cpu_max_rss_mb=512.0 + t,
+                                accuracy=0.0, **{"cpu_max_rss_mb": 512.0 + t, **(memory or {})},
                                 cost={"trainable_params": 1000 * (t + 1), "stored_params": 5000, "stored_features": 0,
                                       "backbone_passes": 1, "flops_per_image": flops},
                                 method_log=log))
@@ -233,6 +234,24 @@ def test_cost_table_from_result_files(toy_root):
     assert by_column["train time/run"] == "10.0 (0.0) s"
     assert by_column["peak memory"] == "0.50 GB RSS (process)"  # a file with only the process-wide mark
     assert by_column["dropped tasks"] == "–"  # a method that never discards a task
+
+
+def test_cost_table_says_which_memory_figure_it_shows(tmp_path):
+    """GPU runs: torch's allocated peak; CPU runs: live tensor bytes (MB below a GB); files from
+    before that figure: the RSS the run added, labelled as such."""
+    root = tmp_path / "results"
+    write_run(root, "toy", "full_ft", 0, [100.0, 80.0], memory={"cuda_peak_allocated_mb": 2048.0})
+    write_run(root, "toy", "sdlora", 0, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 14.4,
+                                                               "cpu_peak_rss_mb": 0.0})
+    write_run(root, "toy", "sdlora", 1, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 14.6,
+                                                               "cpu_peak_rss_mb": 0.0})
+    write_run(root, "toy", "inflora", 0, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 3000.0})
+    write_run(root, "toy", "l2p", 0, [100.0, 80.0], memory={"cpu_peak_rss_mb": 100.0})  # an older file
+    table = next(t for t in build_report(root, ReportOptions(figures=False)).tables if t.name == "cost")
+    memory = {r[2].text: r[table.columns.index("peak memory")].text for r in table.rows}
+    assert memory == {"Full Fine-Tuning": "2.00 GB GPU", "SD-LoRA": "14.5 MB CPU tensors",
+                      "InfLoRA": "2.93 GB CPU tensors", "L2P": "0.10 GB RSS"}, memory
+    assert "'CPU tensors' on a CPU: the most bytes of tensors alive at once" in table.caption
 
 
 def test_cost_table_counts_the_tasks_sd_lora_kd_dropped(tmp_path):
