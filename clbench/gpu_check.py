@@ -20,8 +20,8 @@ It measures (most telling first; one that would start after ``--budget-min`` is 
 3. SD-LoRA in fp32 (what the official repositories train in), then **every other method** as in 1;
 4. SD-LoRA with ``train.compile`` on, in bf16 and fp32.
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, live tensor bytes (speed rows) and the
-RSS high-water mark above the run's start (the run row) on CPU. Projected run time: speed's
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, live tensor bytes on CPU (speed rows:
+every timed step traced; the run row: its first steps of every stage traced, ``protocol.TaskMemory``). Projected run time: speed's
 projection (training and evaluation at the measured rates, no data loading) over ImageNet-R's
 split sizes; for the run row, its measured time with every task's training scaled to the
 recipe's epochs. ``--smoke`` uses the synth backbone at 32 px, 2 tasks for the speed rows and
@@ -48,6 +48,7 @@ from clbench.benchmarks import get_benchmark
 from clbench.catalog import unknown_name
 from clbench.errors import ConfigError
 from clbench.files import atomic_write_json
+from clbench.measure import Timing
 from clbench.methods import METHODS, ordered_methods
 from clbench.protocol import Run, resolve_device, resolve_precision
 from clbench.recipes import resolve_config
@@ -185,7 +186,7 @@ def run_row(plan: Plan, data_root: Path, out_root: Path, device: torch.device, w
     images = [len(t.classes) * plan.train_per_class for t in result.tasks]
     train_s = sum(t.train_time_s for t in result.tasks)
     projected = sum(t.train_time_s * recipe.train.for_task(t.task).epochs + t.eval_time_s for t in result.tasks)
-    peaks = [t.cuda_peak_allocated_mb if device.type == "cuda" else t.cpu_peak_rss_mb for t in result.tasks]
+    peaks = [t.cuda_peak_allocated_mb if device.type == "cuda" else t.cpu_peak_live_tensor_mb for t in result.tasks]
     peaks = [p for p in peaks if p is not None]
     first = images[0] / result.tasks[0].train_time_s
     last = images[-1] / result.tasks[-1].train_time_s
@@ -247,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     bench = get_benchmark(plan.bench)
-    timing = speed.Timing(device, plan.warmup, plan.steps)
+    timing = Timing(device, plan.warmup, plan.steps)
 
     def setting(precision: str = "auto", compile_: bool = False) -> speed.Setting:
         extra = {"train": {"precision": precision, "compile": compile_}}
@@ -301,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"\nrun (proj.): {plan.label}, training and evaluation at the measured rates (speed rows: no data "
           "loading) or the measured run with every task's training scaled to the recipe's epochs (run row). "
           "peak MiB: " + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
-                          "live tensor bytes (speed rows), RSS high-water mark above the run's start (run row)."))
+                          "live tensor bytes (the run row: over its first steps of every stage)."))
     if args.json:
         atomic_write_json(args.json, {"device": str(device), "smoke": bool(args.smoke),
                                       "rows": [dataclasses.asdict(r) for r in rows]})

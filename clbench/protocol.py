@@ -52,6 +52,7 @@ from clbench.config import RunConfig, TrainConfig, build_dataclass, without_exec
 from clbench.errors import ConfigError, CorruptFileError, DivergenceError
 from clbench.loading import seeded_loader
 from clbench.loggers import CurveLoggers
+from clbench.measure import SteadyStepPeak, storage_bytes
 from clbench.methods import get_method
 from clbench.methods.base import CLMethod
 from clbench.metrics import summarize
@@ -165,11 +166,19 @@ class TaskMemory:
     """Peak memory of each task of a run, measured afresh per task, with how it was measured.
 
     * CUDA: torch's peak of allocated memory, reset at every task's start (``cuda_peak_allocated_mb``).
-    * CPU, Linux: the kernel's resident-set high-water mark (``VmHWM``), reset to the current RSS
+    * CPU: the peak of live tensor bytes (``cpu_peak_live_tensor_mb``), the CPU's counterpart of
+      CUDA's figure: the method's parameters, buffers and gradients, the optimizer's state, and
+      every tensor made while the second batch of the first pass over each of the task's
+      loaders is out (each training stage's second step, its steady state: the batch,
+      activations, gradients; a method's own passes over the data), traced by
+      ``measure.SteadyStepPeak``; the other steps repeat it. At least the method's state at the
+      task's end. It counts tensors, not what the allocator holds, so it does not depend on what
+      ran before in the process. Evaluation is not traced, nor a dataset held in memory.
+    * CPU, Linux, also: the kernel's resident-set high-water mark (``VmHWM``), reset to the current RSS
       at every task's start (``/proc/self/clear_refs``), minus the RSS when the run started: what
       this run added at its peak, not what earlier runs in the same process left behind
       (``cpu_peak_rss_mb``). Memory an earlier run freed to the allocator but the OS still counts
-      can be reused unseen, so a run after another may read a little low, never high.
+      is reused unseen, so a run after another reads low, down to 0 (a pool worker's later runs).
     * Elsewhere: ``getrusage``'s high-water mark since the process started (it carries over).
 
     ``cpu_max_rss_mb`` (``getrusage``'s high-water mark, which the same reset restarts: the task's
@@ -179,6 +188,7 @@ class TaskMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.start_kib = _proc_status_kib("VmRSS")
+        self.tensors: SteadyStepPeak | None = None
 
     def _reset_hwm(self) -> bool:
         try:
@@ -187,10 +197,20 @@ class TaskMemory:
         except OSError:
             return False
 
-    def start_task(self) -> None:
+    def start_task(self, task: Task | None = None, method: CLMethod | None = None) -> None:
+        """From here, the task's peaks; on the CPU, ``task``'s loaders trace one batch of their
+        first pass (``task.make_loader`` is wrapped) with ``method``'s tensors counted."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.hwm_reset = self.start_kib is not None and self._reset_hwm()
+        self.tensors = None
+        if self.device.type == "cpu" and task is not None and method is not None:
+            def state() -> list[torch.Tensor]:
+                params = list(method.parameters())
+                return [*params, *method.buffers(), *(p.grad for p in params if p.grad is not None)]
+
+            self.tensors = SteadyStepPeak(state)
+            task.make_loader = self.tensors.loaders(task.make_loader)
 
     def task_fields(self) -> dict[str, Any]:
         """``TaskRecord`` fields for the task since ``start_task``."""
@@ -205,6 +225,13 @@ class TaskMemory:
                 out["memory_measured"] = "RSS high-water mark per task (VmHWM, reset per task) above the run's start"
         elif self.device.type != "cuda":
             out["memory_measured"] = "getrusage max RSS of the process since it started (carries over)"
+        if self.tensors is not None:
+            peak = max(self.tensors.peak, storage_bytes(self.tensors.state()))
+            out["cpu_peak_live_tensor_mb"] = peak / 2**20
+            out["memory_measured"] = (
+                "cpu_peak_live_tensor_mb: peak of live CPU tensor bytes over the second batch of the first pass "
+                "over each of the task's loaders (traced), the method's parameters, buffers and gradients and the "
+                "optimizer's state included; cpu_peak_rss_mb: " + out.get("memory_measured", "not measured"))
         return out
 
 
@@ -599,7 +626,7 @@ class Run:
         for t in range(first, T):
             task = self.task(t)
             self.epoch_log = []
-            memory.start_task()
+            memory.start_task(task, self.method)
             t0 = time.time()
             trainable = self.learn(task)
             if self.device.type == "cuda":

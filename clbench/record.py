@@ -91,6 +91,10 @@ class TaskRecord:
     # by protocol.TaskMemory on Linux), else since the process started
     cuda_peak_allocated_mb: float | None = None  # torch's peak allocated, reset per task
     cpu_peak_rss_mb: float | None = None  # RSS peak of this task above the run's start (protocol.TaskMemory)
+    # CPU runs: the peak of live tensor bytes (MiB) in this task, traced over a training stage's
+    # second step (and one batch of a method's own passes), the method's and optimizer's state
+    # included (protocol.TaskMemory); None in older files
+    cpu_peak_live_tensor_mb: float | None = None
     memory_measured: str | None = None  # how this task's peak memory was measured
     # The training curve, one entry per epoch of every stage, in order: {"stage", "epoch" (from 0),
     # "loss" (mean over the epoch's batches), "lr" (the first parameter group's, during the epoch;

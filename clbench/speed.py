@@ -31,6 +31,11 @@ task 1 (a copy of the method is kept from task 1); training against ``--vs`` (de
 ``full_ft``, measured first, with copies kept at its first and last task) at the same task. On
 a CPU shared with other jobs, ``--threads 1`` keeps the step times steady.
 
+Where the tools live: timing and peak memory of a call in ``clbench.measure``, the GPU-path
+checks (host syncs, optimizer state, fused attention) in ``clbench.gpu_path``, the official
+code's LoRA branch form in ``clbench.methods.lora`` (``official_branch_form``); this module builds
+each method as a run does, takes it through its tasks and prints the table.
+
 The projected run time adds, over the tasks, epochs x training images / training rate and the
 evaluation of every seen test image, with rates interpolated between task 1 and the last task.
 It leaves out data loading, ``begin_task``/``end_task`` work and checkpoints.
@@ -38,23 +43,17 @@ It leaves out data loading, ``begin_task``/``end_task`` work and checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import functools
-import os
 import statistics
 import sys
 import time
 import traceback
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench import record
@@ -64,9 +63,11 @@ from clbench.benchmarks.scenario import task_sizes
 from clbench.config import RunConfig, parse_set
 from clbench.errors import ConfigError, DataError
 from clbench.files import atomic_write_json
+from clbench.gpu_path import fused_attention, fused_attention_kernel, gpu_path_checks
+from clbench.measure import Timing, median_ratio, peak_memory_mib
 from clbench.methods import METHODS, ordered_methods
 from clbench.methods.base import CLMethod
-from clbench.methods.lora import PROJECTIONS, LoRAQKV, lora_layers
+from clbench.methods.lora import lora_layers, official_branch_form
 from clbench.protocol import (
     Inputs,
     StagePlan,
@@ -114,134 +115,6 @@ class MethodSpeed:
     projected_run_s: float | None = None
     error: str | None = None
     backbone_s_per_image: list[float] = field(default_factory=list)  # the plain backbone's paired steps
-
-
-@dataclass
-class Timing:
-    """How a measurement is run."""
-
-    device: torch.device
-    warmup: int
-    steps: int
-
-    def times(self, *fns: Callable[[], Any]) -> list[list[float]]:
-        """Seconds per call of each function, called in turns (``fns[0], fns[1], fns[0], ...``)
-        ``steps`` times each after ``warmup`` turns. On CUDA, events between the calls time the
-        device without waiting for it inside the loop."""
-        for _ in range(self.warmup):
-            for fn in fns:
-                fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(self.steps * len(fns))]
-            for i in range(self.steps):
-                for j, fn in enumerate(fns):
-                    start, end = events[i * len(fns) + j]
-                    start.record()
-                    fn()
-                    end.record()
-            torch.cuda.synchronize(self.device)
-            flat = [s.elapsed_time(e) / 1000 for s, e in events]
-        else:
-            flat = []
-            for _ in range(self.steps):
-                for fn in fns:
-                    t0 = time.perf_counter()
-                    fn()
-                    flat.append(time.perf_counter() - t0)
-        return [flat[j::len(fns)] for j in range(len(fns))]
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """Median over paired steps of ``b / a``: how much faster A is than B (rate of A / rate of B)."""
-    return statistics.median(tb / ta for ta, tb in zip(a, b))
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage alive while the mode is active, on any device.
-
-    Storages that exist when the mode starts (``existing``: parameters, gradients, optimizer
-    state, the input), every storage an operation reads and every storage it creates count from
-    then until they are freed; ``peak`` is the most that was alive at once.
-    """
-
-    def __init__(self, existing: list[torch.Tensor]):
-        super().__init__()
-        self.known: set[int] = set()
-        self.live = self.peak = 0
-        for t in existing:
-            self._track(t)
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if nbytes and key not in self.known:
-            self.known.add(key)
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._freed, key, nbytes)  # gradients set to None are freed mid-step
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        # inputs too: weights the step reads but nobody listed (a merged inference copy) are alive
-        for t in tree_leaves((args, kwargs, out)):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.known.discard(key)
-        self.live -= nbytes
-
-
-def peak_memory_mib(device: torch.device, fn: Callable[[], Any], existing: Callable[[], list[torch.Tensor]]) -> float:
-    """Peak memory of one call of ``fn``: CUDA's allocator peak, or traced tensor bytes on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    with LiveTensorBytes(existing()) as tracker:
-        fn()
-    return tracker.peak / 2**20
-
-
-def _branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    h = torch.nn.functional.linear(x, a)
-    return torch.nn.functional.linear(h if c is None else h * c.to(h.dtype), b)
-
-
-def branch_forward(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:
-    """What ``layer`` computes, in the official code's form: ``x W0^T + b``, then on each
-    adapted slice ``c * (x A^T) B^T`` for the current pair and for the frozen pairs (one
-    branch per earlier task in the official code: the same matmuls, stacked), with no weight
-    update formed (SD-LoRA's ``_LoRA_qkv_timm_train.forward``, InfLoRA's ``Attention_LoRA``)."""
-    y = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    if not layer.num_tasks:
-        return y
-    parts = list(y.split(layer.proj_dim, -1))
-    for p in layer.projections:
-        c_old, c_cur = layer.coefficients_of(p)
-        i = PROJECTIONS.index(p)
-        parts[i] = (parts[i] + _branch(x, layer.current_A[p], layer.current_B[p], c_cur)
-                    + _branch(x, layer.frozen_A(p), layer.frozen_B(p), c_old))
-    return torch.cat(parts, -1)
-
-
-@contextlib.contextmanager
-def official_branch_form(model: torch.nn.Module) -> Iterator[list[LoRAQKV]]:
-    """While active, every ``LoRAQKV`` of ``model`` runs ``branch_forward``: for counting the
-    official code's FLOPs on the same model, parameters and batch."""
-    layers = lora_layers(model)
-    for layer in layers:
-        layer.forward = functools.partial(branch_forward, layer)
-    try:
-        yield layers
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 # ------------------------------------------------------------------------------ building like a run
@@ -470,167 +343,6 @@ def measure_method(setting: Setting, name: str, backbone: torch.nn.Module, log: 
     return result
 
 
-# Operations whose CUDA kernels make the host wait for the device (their result's size or value
-# is needed on the host), and what usually calls them.
-SYNCING_OPS = {
-    "aten::_local_scalar_dense": ".item(), float(), int() or bool() of a tensor",
-    "aten::nonzero": "nonzero or torch.where(cond)",
-    "aten::bincount": "bincount",
-    "aten::_unique2": "unique", "aten::unique_dim": "unique", "aten::unique_consecutive": "unique_consecutive",
-    "aten::masked_select": "masked_select",
-    "aten::repeat_interleave": "repeat_interleave with tensor repeats",
-    "aten::equal": "torch.equal", "aten::is_nonzero": "a tensor used as a Python bool",
-}
-
-
-# Tensors made from Python numbers or literals (``x[m] = 0``, ``torch.tensor(0.5)``): they are
-# built on the host in a CUDA run too, so reading them back costs no wait.
-HOST_FACTORIES = ("aten::lift_fresh", "aten::lift_fresh_copy", "aten::scalar_tensor")
-
-
-@contextlib.contextmanager
-def _stderr_muted() -> Iterator[None]:
-    """Silence file descriptor 2 (the profiler's C++ start-up lines) for the block."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def operators_called(func, args: tuple, kwargs: dict) -> set[str]:
-    """Every ATen operator the installed torch runs for ``func(*args, **kwargs)`` (the nested
-    ones included: what a dispatch mode does not see), on clones of its tensor arguments."""
-    clones = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
-    with _stderr_muted(), torch.autograd.profiler.profile(use_kineto=False) as prof:
-        func(*clones[0], **clones[1])
-    return {e.name for e in prof.function_events}
-
-
-class SyncingOps(TorchDispatchMode):
-    """Records the operations of a call that would synchronise the host with a CUDA device:
-    the CPU stand-in for ``torch.cuda.set_sync_debug_mode('error')``. Host-to-device copies of
-    CPU tensors are not seen (on a CPU run everything is on the CPU).
-
-    Boolean-mask assignment (``x[mask] = v``, ``aten::index_put_``) is decided by the installed
-    torch itself: it is run once per kind of call under torch's profiler, and it waits if torch
-    turns the mask into indices (``aten::nonzero``, whose output size the host must read). ATen
-    instead takes ``masked_fill_`` (no wait) when the value has one element and is on the host
-    (``canDispatchToMaskedFill`` in ``aten/src/ATen/native/TensorAdvancedIndexing.cpp``), so a
-    value that would live on the device in a CUDA run (anything but ``host_tensors`` and tensors
-    made from Python numbers) is counted as a wait without asking.
-    """
-
-    def __init__(self, host_tensors: list[torch.Tensor] = ()):
-        super().__init__()
-        self.found: dict[str, int] = {}
-        # tensors that stay on the host in a CUDA run too (Adam's step counts): reading them is free
-        self.host = {t.untyped_storage().data_ptr() for t in host_tensors}
-        self._mask_assignment: dict[tuple, bool] = {}
-
-    def _on_host(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() in self.host
-
-    def _mask_assignment_waits(self, func, args: tuple, kwargs: dict) -> bool:
-        value = args[2] if len(args) > 2 else kwargs.get("values")
-        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and self._on_host(value)):
-            return True  # torch's masked_fill_ path needs a one-element value on the host
-        indices = [None if i is None else (i.dtype, i.dim()) for i in args[1]]
-        kind = (func._schema.name, args[0].dim(), tuple(indices), value.dim())
-        if kind not in self._mask_assignment:
-            self._mask_assignment[kind] = "aten::nonzero" in operators_called(func, args, kwargs)
-        return self._mask_assignment[kind]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        why = SYNCING_OPS.get(name)
-        if why and all(self._on_host(t) for t in tree_leaves(args) if isinstance(t, torch.Tensor)):
-            why = None
-        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
-            isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in tree_leaves(args[1:2]))
-        if boolean_index and name == "aten::index":
-            why = "boolean-mask indexing"  # the output's size is the mask's count
-        elif boolean_index and self._mask_assignment_waits(func, args, kwargs):
-            why = "boolean-mask assignment with a value that is not a host scalar"
-        out = func(*args, **kwargs)
-        if name in HOST_FACTORIES and isinstance(out, torch.Tensor):
-            self.host.add(out.untyped_storage().data_ptr())
-        if why is not None:
-            key = f"{name} ({why})"
-            self.found[key] = self.found.get(key, 0) + 1
-        return out
-
-
-def _capturable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer keeps its step counts on the device (else on the host, by design)."""
-    return any(g.get("capturable") or g.get("fused") for g in optimizer.param_groups)
-
-
-def gpu_path_checks(trainer: Trainer, device: torch.device) -> list[str]:
-    """Facts about the GPU training path: optimizer state placement, and host syncs inside the
-    step (measured on CUDA, predicted from the operations elsewhere)."""
-    checks = []
-    places = {v.device.type for _, _, opt, _ in trainer.stages for s in opt.state.values()
-              for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if places and places != {device.type}:
-        checks.append(f"optimizer state on {sorted(places)}, not only on {device.type}")
-    if device.type != "cuda":
-        for stage, _, optimizer, step in trainer.stages:
-            step()  # the optimizer's state exists from here on
-            scalars = [v for state in optimizer.state.values() for v in state.values()
-                       if isinstance(v, torch.Tensor) and v.dim() == 0 and not _capturable(optimizer)]
-            with SyncingOps(scalars) as ops:
-                step()
-            if ops.found:
-                found = ", ".join(f"{k} x{n}" for k, n in sorted(ops.found.items()))
-                checks.append(f"stage '{stage.name}': its step would wait for a CUDA device: {found}")
-        if trainer.stages and not any("would wait" in c for c in checks):
-            checks.append("training step: no operation that would wait for a CUDA device (checked on CPU)")
-    else:
-        for stage, _, _, step in trainer.stages:
-            torch.cuda.synchronize(device)
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                step()
-            except RuntimeError as err:
-                checks.append(f"stage '{stage.name}': its step waits for the device: {str(err).splitlines()[0][:160]}")
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        if trainer.stages and not any("waits for the device" in c for c in checks):
-            checks.append("training step: no host sync")
-    return checks
-
-
-def fused_attention(model: torch.nn.Module) -> str:
-    """How many attention layers take PyTorch's fused scaled_dot_product_attention path."""
-    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
-    return f"{sum(flags)}/{len(flags)} attention layers use F.scaled_dot_product_attention" if flags \
-        else "no timm attention layers found"
-
-
-def fused_attention_kernel(model: torch.nn.Module, x: torch.Tensor,
-                           autocast: Callable[[], contextlib.AbstractContextManager]) -> str:
-    """Whether a fused kernel (flash or memory-efficient attention) runs the attention of one
-    forward of ``model`` on ``x`` at the run's precision: the forward is run with only those
-    backends allowed, so torch raises if it would fall back to the unfused math kernel. CPU has
-    a flash kernel too, so the check runs there as well."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not any(getattr(m, "fused_attn", False) for m in model.modules()):
-        return "fused attention kernel: not used (no layer calls F.scaled_dot_product_attention)"
-    try:
-        with torch.no_grad(), autocast(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            model(x)
-    except RuntimeError as err:
-        return f"fused attention kernel: none accepts these inputs, the math kernel runs ({str(err).splitlines()[0][:120]})"
-    return "fused attention kernel: flash or memory-efficient attention runs"
-
-
 def projected_run_s(speed: MethodSpeed, num_tasks: int, train_images: int, test_images: int) -> float | None:
     """Seconds for a full run at the measured rates (see the module docstring)."""
     first, last = speed.tasks[0], speed.tasks[-1]
@@ -848,7 +560,7 @@ def main(args: argparse.Namespace) -> int:
           "steps, so a busy machine slows both sides alike; absolute rates follow its load. The backbone's rate "
           "is over all the steps it ran beside the methods. official GFLOP/img: the same training step with "
           "every LoRA layer in the official code's branch form (x W^T + c (x A^T) B^T per task; "
-          "speed.official_branch_form). peak MiB: "
+          "clbench.methods.lora.official_branch_form). peak MiB: "
           + ("torch.cuda.max_memory_allocated" if gpu else "live tensor bytes traced through a dispatch mode")
           + ". run (proj.): a full run's training and evaluation at these rates (no data loading).")
     if args.json:

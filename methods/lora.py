@@ -32,7 +32,8 @@ and 4 * d * rank for the frozen rows (official: 8), plus the input gradient ``g 
 pay. Where the total rank is large next to d (a small model late in a sequence) it instead
 forms the slice's own weight gradient ``g_p^T x`` once (2 * tokens * d^2) and takes the factor
 gradients from it, whichever costs fewer FLOPs (``_dense_is_cheaper``); both are exact. It saves what ``F.linear`` saves (the input and the adapted weight), so the activation
-memory stays that of the plain backbone. ``clbench speed`` prints both FLOP counts.
+memory stays that of the plain backbone. ``clbench speed`` prints both FLOP counts
+(the official form's through ``official_branch_form``).
 
 After a task, ``merged_copy(model)`` gives a plain timm model (every ``LoRAQKV`` replaced by an
 ``nn.Linear`` holding ``W0 + sum_k c_k B_k A_k``) for inference at the backbone's cost.
@@ -60,6 +61,12 @@ Coefficients = Callable[["LoRAQKV", str], tuple[torch.Tensor, torch.Tensor]]
 def _scaled(b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
     """``B`` with its columns (rank rows) multiplied by the coefficients ``c`` ([] or [r])."""
     return b if c is None else b * c.to(b.dtype)
+
+
+def _branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """One branch of the official code: ``c * (x A^T) B^T`` (``c`` scales the rank rows)."""
+    h = F.linear(x, a)
+    return F.linear(h if c is None else h * c.to(h.dtype), b)
 
 
 def low_rank_update(a_cur: torch.Tensor, b_cur: torch.Tensor, c_cur: torch.Tensor | None,
@@ -298,6 +305,23 @@ class LoRAQKV(nn.Linear):
             factors += [self.current_A[p], self.current_B[p], c_cur, self.frozen_A(p), self.frozen_B(p), c_old]
         return AdaptedQKV.apply(x, self.weight, self.bias, self.projections, self.proj_dim, *factors)
 
+    def branch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` computes, in the official code's form: ``x W0^T + b``, then on each
+        adapted slice ``c * (x A^T) B^T`` for the current pair and for the frozen pairs (one
+        branch per earlier task in the official code: the same matmuls, stacked), with no weight
+        update formed (SD-LoRA's ``_LoRA_qkv_timm_train.forward``, InfLoRA's ``Attention_LoRA``).
+        For counting that form's FLOPs (``official_branch_form``), not for training."""
+        y = F.linear(x, self.weight, self.bias)
+        if not self.num_tasks:
+            return y
+        parts = list(y.split(self.proj_dim, -1))
+        for p in self.projections:
+            c_old, c_cur = self.coefficients_of(p)
+            i = PROJECTIONS.index(p)
+            parts[i] = (parts[i] + _branch(x, self.current_A[p], self.current_B[p], c_cur)
+                        + _branch(x, self.frozen_A(p), self.frozen_B(p), c_old))
+        return torch.cat(parts, -1)
+
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing what this layer computes now (shares the bias)."""
@@ -344,6 +368,21 @@ def attach_lora(model: nn.Module, projections: Sequence[str]) -> list[LoRAQKV]:
 
 def lora_layers(model: nn.Module) -> list[LoRAQKV]:
     return [m for m in model.modules() if isinstance(m, LoRAQKV)]
+
+
+@contextmanager
+def official_branch_form(model: nn.Module) -> Iterator[list[LoRAQKV]]:
+    """While active, every ``LoRAQKV`` of ``model`` runs ``branch_forward``: for counting the
+    official code's FLOPs on the same model, parameters and batch (``clbench speed``'s
+    official GFLOP/img). Yields the layers."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.forward = layer.branch_forward  # an instance attribute: nn.Module.__call__ takes it
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 @torch.no_grad()

@@ -256,7 +256,8 @@ def counts_for_curve(curve: list[float], per_task: int = 1000) -> tuple[list[lis
 
 def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[float] | None = None,
               counts: tuple[list, list] | None = None, tag: str = "", magnitudes: bool = False,
-              train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None) -> Path:
+              train_time_s: float = 10.0, flops: int = 4_000_000, argv: list[str] | None = None,
+              memory: dict[str, float] | None = None) -> Path:
     """A result file as clbench/protocol.py writes it (only what the report reads is realistic),
     with the method's and benchmark's titles as their registrations give them."""
     correct, total = counts if counts is not None else counts_for_curve(curve)
@@ -266,7 +267,7 @@ def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[fl
         log = {"magnitudes": [round(0.8 + 0.05 * k + 0.01 * t + 0.001 * seed, 4) for k in range(t + 1)]} \
             if magnitudes else {}
         tasks.append(TaskRecord(task=t, classes=[2 * t, 2 * t + 1], train_time_s=train_time_s / n, eval_time_s=0.1,
-                                accuracy=0.0, cpu_max_rss_mb=512.0 + t,
+                                accuracy=0.0, **{"cpu_max_rss_mb": 512.0 + t, **(memory or {})},
                                 cost={"trainable_params": 1000 * (t + 1), "stored_params": 5000, "stored_features": 0,
                                       "backbone_passes": 1, "flops_per_image": flops},
                                 method_log=log))

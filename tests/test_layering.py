@@ -4,7 +4,8 @@ cycle or a project import hidden inside a function fails here, not in a reviewer
     core                      clbench, errors, config, files, record, task, metrics, backbones,
                               options, catalog (torch-free facts and checks), paper (the paper's numbers)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
-    engine                    loading, recipes, protocol, sweep, preflight, speed, probe, gpu_check
+    engine                    loading, recipes, measure, protocol, sweep, preflight, speed, gpu_path, probe,
+                              gpu_check
     top                       clbench.slurm, clbench.report, suite, cli, __main__
 
 And ``report`` (and the command line's start-up) never imports torch.
@@ -28,8 +29,9 @@ LAYERS = [
               "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
     ("the request, checked without torch", ["clbench.request"]),
-    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.plan", "clbench.jobs",
-                "clbench.preflight", "clbench.speed", "clbench.probe", "clbench.gpu_check"]),
+    ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.measure", "clbench.protocol",
+                "clbench.plan", "clbench.jobs", "clbench.preflight", "clbench.speed", "clbench.gpu_path",
+                "clbench.probe", "clbench.gpu_check"]),
     ("top", ["clbench.slurm", "clbench.report", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other

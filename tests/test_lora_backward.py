@@ -16,9 +16,8 @@ from helpers import build, make_task, randomise_current
 
 import clbench.methods.lora as lora
 from clbench.methods.base import Stage
-from clbench.methods.lora import PROJECTIONS, LoRAQKV
+from clbench.methods.lora import PROJECTIONS, LoRAQKV, official_branch_form
 from clbench.protocol import count_flops
-from clbench.speed import official_branch_form
 
 
 def weight_space_reference(layer: LoRAQKV, x: torch.Tensor) -> torch.Tensor:

@@ -191,6 +191,24 @@ def test_cost_table_from_result_files(toy_root):
     assert by_column["dropped tasks"] == "–"  # a method that never discards a task
 
 
+def test_cost_table_says_which_memory_figure_it_shows(tmp_path):
+    """GPU runs: torch's allocated peak; CPU runs: live tensor bytes (MB below a GB); files from
+    before that figure: the RSS the run added, labelled as such."""
+    root = tmp_path / "results"
+    write_run(root, "toy", "full_ft", 0, [100.0, 80.0], memory={"cuda_peak_allocated_mb": 2048.0})
+    write_run(root, "toy", "sdlora", 0, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 14.4,
+                                                               "cpu_peak_rss_mb": 0.0})
+    write_run(root, "toy", "sdlora", 1, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 14.6,
+                                                               "cpu_peak_rss_mb": 0.0})
+    write_run(root, "toy", "inflora", 0, [100.0, 80.0], memory={"cpu_peak_live_tensor_mb": 3000.0})
+    write_run(root, "toy", "l2p", 0, [100.0, 80.0], memory={"cpu_peak_rss_mb": 100.0})  # an older file
+    table = next(t for t in build_report(root, ReportOptions(figures=False)).tables if t.name == "cost")
+    memory = {r[2].text: r[table.columns.index("peak memory")].text for r in table.rows}
+    assert memory == {"Full Fine-Tuning": "2.00 GB GPU", "SD-LoRA": "14.5 MB CPU tensors",
+                      "InfLoRA": "2.93 GB CPU tensors", "L2P": "0.10 GB RSS"}, memory
+    assert "'CPU tensors' on a CPU: the most bytes of tensors alive at once" in table.caption
+
+
 def test_cost_table_counts_the_tasks_sd_lora_kd_dropped(tmp_path):
     """Mean over seeds of the last task's ``dropped_tasks`` (SD-LoRA-KD's cost report)."""
     for seed, dropped in ((0, 2), (1, 3)):

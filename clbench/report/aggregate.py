@@ -26,8 +26,8 @@ HIGHER_IS_BETTER = {"acc": True, "aaa": True, "acc_task_avg": True, "aaa_task_av
                     "forgetting_max": False, "forgetting_consecutive": False}
 # Per-run cost columns; the deterministic ones (FLOPs, parameters) are the same for every seed.
 COSTS = ["flops_per_image", "backbone_passes", "trainable_params_per_task", "trainable_params_last",
-         "stored_params", "stored_features", "dropped_tasks", "train_time_s", "wall_time_s", "peak_cuda_mb", "peak_rss_mb",
-         "process_rss_mb"]
+         "stored_params", "stored_features", "dropped_tasks", "train_time_s", "wall_time_s", "peak_cuda_mb",
+         "peak_cpu_tensor_mb", "peak_rss_mb", "process_rss_mb"]
 SPREADS = {"std": "standard deviation", "sem": "standard error"}
 
 
@@ -150,6 +150,7 @@ def run_row(path: Path, r: RunResult) -> dict[str, Any]:
     cost = r.cost or (tasks[-1].cost if tasks else {})
     per_task_trainable = [t.cost["trainable_params"] for t in tasks if t.cost.get("trainable_params") is not None]
     cuda_peaks = [t.cuda_peak_allocated_mb for t in tasks if t.cuda_peak_allocated_mb is not None]
+    tensor_peaks = [t.cpu_peak_live_tensor_mb for t in tasks if t.cpu_peak_live_tensor_mb is not None]
     rss_peaks = [t.cpu_peak_rss_mb for t in tasks if t.cpu_peak_rss_mb is not None]
     return {
         "benchmark": r.benchmark, "num_tasks": int(r.num_tasks), "method": r.method,
@@ -175,6 +176,8 @@ def run_row(path: Path, r: RunResult) -> dict[str, Any]:
         "train_time_s": sum(t.train_time_s for t in tasks),
         "wall_time_s": r.wall_time_s,
         "peak_cuda_mb": max(cuda_peaks) if cuda_peaks else None,
+        # CPU runs: live tensor bytes, traced (protocol.TaskMemory); files before it have only the RSS figures
+        "peak_cpu_tensor_mb": max(tensor_peaks) if tensor_peaks else None,
         # per task, above the run's start (protocol.TaskMemory); older files have only the second
         "peak_rss_mb": max(rss_peaks) if rss_peaks else None,
         "process_rss_mb": max((t.cpu_max_rss_mb or 0.0) for t in tasks) if tasks else None,

@@ -422,10 +422,12 @@ def duration(mean: float, spread: float) -> str:
 
 
 def _memory(r: pd.Series) -> str:
-    gpu, rss = r.get("peak_cuda_mb"), r.get("peak_rss_mb")
+    gpu, tensors, rss = r.get("peak_cuda_mb"), r.get("peak_cpu_tensor_mb"), r.get("peak_rss_mb")
     if gpu is not None and not math.isnan(gpu):
         return f"{gpu / 1024:.2f} GB GPU"
-    if rss is not None and not math.isnan(rss):
+    if tensors is not None and not math.isnan(tensors):  # MB below a GB: synth's models are a few MB
+        return (f"{tensors / 1024:.2f} GB" if tensors >= 1024 else f"{tensors:.1f} MB") + " CPU tensors"
+    if rss is not None and not math.isnan(rss):  # a file from before the CPU tensor figure
         return f"{rss / 1024:.2f} GB RSS"
     process = r.get("process_rss_mb")  # a result file from before per-run CPU peaks
     if process is not None and not math.isnan(process):
@@ -457,10 +459,15 @@ def cost_table(groups: pd.DataFrame, opts: ReportOptions) -> Table | None:
                "stored feat.: floats of data statistics kept; dropped tasks: tasks whose new direction "
                "SD-LoRA-KD folded into the old ones and discarded, mean over seeds (– for methods that never "
                "discard); train time/run: training time summed over tasks, "
-               f"{_spread_caption(opts, _expected(groups))}; peak memory: the largest peak over tasks, of GPU "
-               "memory allocated by torch (reset per task) where the run had a GPU, else of the resident memory "
-               "the run added (the high-water mark of each task, reset at its start, above the RSS at the run's "
-               "start; 'RSS (process)': an older file's high-water mark of the whole process), mean over seeds.")
+               f"{_spread_caption(opts, _expected(groups))}; peak memory: the largest peak over tasks, mean over "
+               "seeds, of GPU memory allocated by torch (reset per task) where the run had a GPU; 'CPU tensors' "
+               "on a CPU: the most bytes of tensors alive at once (parameters, gradients, optimizer state, "
+               "activations), traced over the second training step of every stage (its steady state) and one "
+               "batch of a method's own passes over the data (evaluation not traced), the CPU's counterpart of "
+               "the GPU figure; 'RSS' in files from before that figure: the resident memory the run added (the "
+               "high-water mark of each task, reset at its start, above the RSS at the run's start), which reads "
+               "low, down to 0, when an earlier run in the same process left memory to reuse; 'RSS (process)': "
+               "an older file's high-water mark of the whole process.")
     return Table(name="cost", caption=caption,
                  columns=["Benchmark", "N", "Method", "GFLOPs/img", "passes", "trainable/task (M)",
                           "stored params (M)", "stored feat. (M)", "dropped tasks", "train time/run", "peak memory"],
