@@ -60,6 +60,7 @@ from clbench import record
 from clbench.backbones import create_backbone, normalization
 from clbench.benchmarks import get_benchmark
 from clbench.benchmarks.scenario import task_sizes
+from clbench.catalog import unknown_name
 from clbench.config import RunConfig, parse_set
 from clbench.errors import ConfigError, DataError
 from clbench.files import atomic_write_json
@@ -463,7 +464,7 @@ def main(args: argparse.Namespace) -> int:
         [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in names + [args.vs]:
         if m not in METHODS:
-            raise KeyError(f"unknown method '{m}'; registered: {', '.join(sorted(METHODS))}")
+            raise ConfigError(unknown_name("method", m, METHODS))
     overrides = parse_set(args.overrides)
     if args.backbone:
         overrides.setdefault("backbone", {})["name"] = args.backbone
