@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # a problem the user can fix: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.jobs.stop_on_signals)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.stopping)
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"error: interrupted by {signal.Signals(signum).name}; every file is complete or absent: "
               f"run the same command again to resume", file=sys.stderr)

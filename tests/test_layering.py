@@ -2,7 +2,8 @@
 cycle or a project import hidden inside a function fails here, not in a reviewer's head:
 
     core                      clbench, errors, config, files, record, task, metrics, backbones,
-                              options, catalog (torch-free facts and checks), paper (the paper's numbers)
+                              options, catalog (torch-free facts and checks), paper (the paper's numbers),
+                              stopping (signals as a stop state)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
     engine                    loading, recipes, protocol, sweep, preflight, speed, probe, gpu_check
     top                       clbench.slurm, clbench.report, suite, cli, __main__
@@ -25,7 +26,8 @@ PACKAGE_DIRS = {"clbench": ROOT / "clbench", "clbench.methods": ROOT / "methods"
                 "clbench.paper": ROOT / "results" / "paper"}
 LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
-              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
+              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper",
+              "clbench.stopping"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
     ("the request, checked without torch", ["clbench.request"]),
     ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.plan", "clbench.jobs",
