@@ -317,10 +317,17 @@ def test_out_on_a_read_only_file_system_is_refused(tmp_path, capsys, monkeypatch
 def test_out_without_room_for_the_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    line = refused(capsys, [*TOY, "--out", str(tmp_path / "r")], "0.00 GiB free on its file system")
-    assert "checkpoints need about" in line
+    line = refused(capsys, [*TOY, "--out", str(tmp_path / "r")], "1000 bytes free on its file system")
     model = timm.create_model("vit_toy_patch4_16", num_classes=0)
     assert preflight.state_bytes("vit_toy_patch4_16") == sum(t.numel() * 4 for t in model.state_dict().values())
+    need = 2 * preflight.state_bytes("vit_toy_patch4_16")
+    assert f"checkpoints need about {files.format_size(need)};" in line and " KiB;" in line  # not "0.00 GiB"
+
+
+def test_sizes_read_in_a_unit_that_fits_them():
+    assert [files.format_size(n) for n in (0, 1000, 12.5 * 2**10, 655 * 2**20, 1.2 * 2**30, 350 * 2**30)] == \
+        ["0 bytes", "1000 bytes", "12.5 KiB", "655 MiB", "1.20 GiB", "350 GiB"]
+    assert files.format_size(float("nan")) == "an unknown amount"
 
 
 # ----------------------------------------------------------------------------- enum values
