@@ -22,8 +22,8 @@ from clbench.request import check_args_files, checked, method_names
 # sub-command -> (the module whose COMMANDS holds it, one-line description)
 SUBCOMMANDS = {
     "report": ("clbench.report.command", "tables and figures from the result files"),
-    "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
-    "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
+    "status": ("clbench.status", "each run of a sweep: todo, pending, running, done, interrupted or failed"),
+    "collect": ("clbench.status", "gather a sweep's finished runs (from other roots too), then report"),
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
     "probe": ("clbench.probe", "which regime a benchmark is in: NCM, linear-probe and joint fine-tuning "
                                "accuracy of its frozen pretrained backbone, per rendition"),

@@ -5,8 +5,8 @@ cycle or a project import hidden inside a function fails here, not in a reviewer
                               options, catalog (torch-free facts and checks), paper (the paper's numbers),
                               stopping (signals as a stop state)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
-    engine                    loading, recipes, protocol, sweep, preflight, speed, probe, gpu_check
-    top                       clbench.slurm, clbench.report, suite, cli, __main__
+    engine                    loading, loggers, recipes, protocol, plan, jobs, preflight, speed, probe, gpu_check
+    top                       clbench.slurm, clbench.report, status, sweep, cli, __main__
 
 And ``report`` (and the command line's start-up) never imports torch.
 """
@@ -32,7 +32,7 @@ LAYERS = [
     ("the request, checked without torch", ["clbench.request"]),
     ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.protocol", "clbench.plan", "clbench.jobs",
                 "clbench.preflight", "clbench.speed", "clbench.probe", "clbench.gpu_check"]),
-    ("top", ["clbench.slurm", "clbench.report", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
+    ("top", ["clbench.slurm", "clbench.report", "clbench.status", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other
 

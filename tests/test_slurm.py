@@ -21,7 +21,8 @@ from clbench.errors import ConfigError
 from clbench.jobs import read_status, update_status
 from clbench.record import RunResult
 from clbench.slurm import launcher
-from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
+from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue
+from clbench.status import run_states, submission_path
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
