@@ -111,6 +111,9 @@ def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[st
             state.note = f"submitted {duration(now - submitted.get('submitted_at', now))} ago"
     elif job_state in RUNNING_STATES:
         state.state = "running"
+    elif record and record.get("state") == "interrupted":  # stopped by a signal, recorded by the run itself
+        state.state = "interrupted"
+        state.note = f"stopped by a signal; rerun to resume after task {state.tasks_done}"
     elif job_state:  # the job ended (COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...)
         tail = _file_tail(state.log)
         state.state, state.confirmed = "failed", False

@@ -15,7 +15,11 @@ How a sweep runs on the cluster:
 * **Preemption and time limits.** The protocol checkpoints atomically at every task boundary.
   An element is a ``submitit.helpers.Checkpointable``: on preemption or time-out submitit
   requeues it and ``run_job`` resumes from the last finished task, with the same numbers as
-  an uninterrupted run. A time limit therefore only has to exceed the longest single task. A
+  an uninterrupted run. The signal (USR2) only asks the run to stop (``clbench.stopping``):
+  submitit's own handler, which checkpoints, requeues and exits, runs once the run has reached
+  a safe point, so a checkpoint being written when the signal came is completed first; a run
+  whose result was complete is done, not requeued. (submitit ignores the SIGTERM that precedes
+  a preemption's USR2, and so does the element.) A time limit therefore only has to exceed the longest single task. A
   run that is requeued ``max_stalled_requeues`` times in a row without finishing a task is
   failed instead of requeued forever (its task does not fit in the time limit).
 * **Idempotent.** Running the same command again submits only runs that are neither finished
@@ -32,7 +36,9 @@ How a sweep runs on the cluster:
 
 Plain sbatch (``--launcher sbatch --emit DIR``) writes ``DIR/array.sbatch`` and ``DIR/tasks.jsonl``;
 each element runs ``python -m clbench.slurm.launcher DIR/tasks.jsonl``, which calls the same
-``run_job`` and requeues itself (``scontrol requeue``) on the pre-time-out signal.
+``run_job`` and, once the run has stopped at a safe point after the pre-time-out signal (USR2),
+requeues itself (``scontrol requeue``); SIGTERM or SIGINT stop it as they stop a local sweep
+(recorded interrupted, exit 143 or 130).
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ from typing import Any, Callable
 import submitit
 import yaml
 
-from clbench import files
+from clbench import files, stopping
 from clbench.config import RunConfig, build_dataclass, update_dataclass
 from clbench.errors import ConfigError
 from clbench.jobs import failure_text, job_identity, read_status, record_failure, run_job, status_path, update_status
@@ -206,22 +212,43 @@ def note_requeue(out_root: str, key: str, max_stalled: int) -> None:
     update_status(out_root, key, state="requeued", stalled_requeues=stalled)
 
 
+def _job(config: dict[str, Any], out_root: str) -> dict[str, Any] | None:
+    """An element's run: ``run_job`` on the CPUs SLURM gave the job, a failure recorded with its
+    traceback (a stop is no failure: ``run_job`` recorded the run interrupted, or done)."""
+    _limit_threads()
+    try:
+        return run_job(config, out_root, progress=False)
+    except Exception as err:
+        record_failure(Path(out_root), RunConfig.from_dict(config).key, failure_text(err))
+        raise
+
+
 class SlurmRun(submitit.helpers.Checkpointable):
     """What each array element runs: ``clbench.jobs.run_job``, with a failure recorded with its
     traceback. Checkpointable: on preemption or time-out submitit calls ``checkpoint`` and
     requeues the same call, which resumes from the run's last task checkpoint (the protocol's;
-    nothing of this object needs saving)."""
+    nothing of this object needs saving). submitit's handler of that signal would do so where
+    the signal lands (inside a checkpoint write, whose error then replaced the exit); here the
+    signal only asks the run to stop, and submitit's handler runs once it has, at a safe point."""
 
     def __init__(self, max_stalled_requeues: int = 3):
         self.max_stalled_requeues = max_stalled_requeues
 
     def __call__(self, config: dict[str, Any], out_root: str) -> dict[str, Any] | None:
-        _limit_threads()
+        preempted = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)  # USR2 unless the cluster says
+        checkpoint_and_requeue = signal.getsignal(preempted)  # submitit's, set before it calls us
         try:
-            return run_job(config, out_root, progress=False)
-        except Exception as err:
+            with stopping.handling((preempted,)):
+                return _job(config, out_root)
+        except stopping.Interrupted as err:
+            if err.signum != preempted or not callable(checkpoint_and_requeue):
+                raise
+        try:
+            checkpoint_and_requeue(preempted, None)  # self.checkpoint (note_requeue), scontrol requeue, exit
+        except Exception as err:  # NotRequeued: stalled
             record_failure(Path(out_root), RunConfig.from_dict(config).key, failure_text(err))
             raise
+        return None
 
     def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
         note_requeue(out_root, RunConfig.from_dict(config).key, self.max_stalled_requeues)
@@ -331,24 +358,32 @@ def emit_array(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path, em
 
 def run_task_file(tasks_file: Path, index: int) -> dict[str, Any] | None:
     """One element of an emitted array: line ``index`` of ``tasks_file`` through ``run_job``.
-    On the pre-time-out/preemption signal (USR2) the element requeues itself and later
-    resumes from its last finished task."""
+    The pre-time-out/preemption signal (USR2) asks the run to stop; once it has (at a safe
+    point) the element requeues itself and later resumes from its last finished task. SIGTERM
+    and SIGINT stop it as they stop a local sweep: ``Interrupted`` is raised."""
     lines = Path(tasks_file).read_text().splitlines()
     if not 0 <= index < len(lines):
         raise ConfigError(f"{tasks_file} has {len(lines)} runs; there is no index {index}")
     entry = json.loads(lines[index])
     key, out_root = entry["key"], entry["out_root"]
-
-    def requeue(signum: int, frame: Any) -> None:
-        note_requeue(out_root, key, entry["max_stalled_requeues"])  # raises NotRequeued when stalled
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
-        raise SystemExit(0)  # SLURM kills the job now; the requeued one resumes from the checkpoint
-
-    signal.signal(signal.SIGUSR2, requeue)
     identity = job_identity()
     logs = Path(tasks_file).parent / "logs" / str(identity["job_id"])  # array.sbatch: logs/%A_%a.{out,err}
-    update_status(Path(out_root), key, state="starting", stdout=f"{logs}.out", stderr=f"{logs}.err", **identity)
-    return SlurmRun(entry["max_stalled_requeues"])(entry["config"], out_root)
+    try:
+        with stopping.handling((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)):
+            update_status(Path(out_root), key, state="starting", stdout=f"{logs}.out", stderr=f"{logs}.err",
+                          **identity)
+            return _job(entry["config"], out_root)
+    except stopping.Interrupted as err:
+        if err.signum != signal.SIGUSR2:
+            raise
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what `scontrol requeue` sends: this process is leaving
+    try:
+        note_requeue(out_root, key, entry["max_stalled_requeues"])
+    except NotRequeued as err:
+        record_failure(Path(out_root), key, str(err))
+        raise
+    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+    raise SystemExit(0)  # SLURM ends the job now; the requeued one resumes from the checkpoint
 
 
 # ================================================================================ the CLI
@@ -418,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
     if index is None:
         p.error("no --index and no $SLURM_ARRAY_TASK_ID (this runs inside an array element)")
-    run_task_file(args.tasks, int(index))
+    try:
+        run_task_file(args.tasks, int(index))
+    except KeyboardInterrupt as err:  # SIGTERM or SIGINT: the run was recorded interrupted
+        return 128 + (stopping.interrupted_by(err) or signal.SIGINT)
     return 0
 
 
