@@ -22,8 +22,8 @@ from clbench.request import check_args_files, checked, method_names
 # sub-command -> (the module whose COMMANDS holds it, one-line description)
 SUBCOMMANDS = {
     "report": ("clbench.report.command", "tables and figures from the result files"),
-    "status": ("clbench.slurm.launcher", "each run of a sweep: pending, running, done or failed"),
-    "collect": ("clbench.slurm.launcher", "gather a sweep's finished runs (from other roots too), then report"),
+    "status": ("clbench.status", "each run of a sweep: todo, pending, running, done, interrupted or failed"),
+    "collect": ("clbench.status", "gather a sweep's finished runs (from other roots too), then report"),
     "speed": ("clbench.speed", "throughput, FLOPs and memory of each method at the first and last task"),
     "probe": ("clbench.probe", "which regime a benchmark is in: NCM, linear-probe and joint fine-tuning "
                                "accuracy of its frozen pretrained backbone, per rendition"),
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # a problem the user can fix: its message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.jobs.stop_on_signals)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a local sweep (clbench.stopping)
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"error: interrupted by {signal.Signals(signum).name}; every file is complete or absent: "
               f"run the same command again to resume", file=sys.stderr)

@@ -56,7 +56,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(f"no space left on the device of {path.parent} while writing {path.name} "
-                                f"({free_mib(path.parent):.0f} MiB free; nothing was left half-written): "
+                                f"({format_size(free_bytes(path.parent))} free; nothing was left half-written): "
                                 f"free some space (or use another --out) and rerun the same command; "
                                 f"a run resumes from its last checkpoint") from err
         raise
@@ -67,12 +67,24 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.close(dir_fd)
 
 
-def free_mib(folder: Path) -> float:
-    """Free space on ``folder``'s file system, in MiB (NaN when it cannot be told)."""
+def free_bytes(folder: Path) -> float:
+    """Free space on ``folder``'s file system, in bytes (NaN when it cannot be told)."""
     try:
-        return shutil.disk_usage(folder).free / 2**20
+        return float(shutil.disk_usage(folder).free)
     except OSError:
         return float("nan")
+
+
+def format_size(size: float) -> str:
+    """A number of bytes for a reader, in the largest unit that keeps it at 1 or more, to three
+    significant figures: ``1000 bytes``, ``12.5 KiB``, ``655 MiB``, ``1.20 GiB``."""
+    if math.isnan(size):
+        return "an unknown amount"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+    return f"{size:.0f} bytes"
 
 
 def remove_temporaries(path: Path) -> list[Path]:
@@ -191,10 +203,40 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_replace(path, lambda f: f.write(text.encode()))
 
 
+class _WriteErrors:
+    """A file whose writes remember the first ``OSError``: torch's zip writer turns a failed
+    write (a full disk) into its own ``RuntimeError`` ("unexpected pos ..."), which says nothing
+    of the cause."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def atomic_torch_save(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically; a write that the OS refused raises the OS's error (a full disk:
+    ``DiskFullError``), not the zip writer's."""
     import torch
 
-    atomic_replace(path, lambda f: torch.save(obj, f))
+    def save(f: BinaryIO) -> None:
+        tracked = _WriteErrors(f)
+        try:
+            torch.save(obj, tracked)
+        except Exception as err:
+            if tracked.error is not None and tracked.error is not err:
+                raise tracked.error from err
+            raise
+
+    atomic_replace(path, save)
 
 
 def read_checked_json(path: Path) -> dict[str, Any]:

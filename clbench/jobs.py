@@ -1,5 +1,5 @@
 """Running a plan's runs: the one job entry point (``run_job``), claims, status records, and the
-local launchers (one run after the other, or several at once).
+local launchers: one run after the other (``run_local``), or several at once (``run_parallel``).
 
 ``run_job`` needs nothing but the run's configuration dictionary and the results root; every
 launcher calls it (in-process here, SLURM in ``clbench.slurm``).
@@ -15,33 +15,38 @@ writes the run's files: it removes the temporary files that a killed holder left
 result file that does not read back aside (``*.corrupt``) and redoes the run.
 
 A run that fails for a reason its message states (``RunFailed``: its training diverged) is
-recorded failed with that message, and a serial sweep goes on with the other runs; a
-``UserError`` (bad data, a full disk) is recorded and stops the sweep, its message on one line.
-SIGTERM, like Ctrl-C, stops a serial sweep at once (``stop_on_signals``): every file is
-complete or absent, the run's last checkpoint holds its finished tasks, and running the same
-command again resumes it. ``run_parallel`` runs a plan
-in a process pool on this machine, one worker per device (or ``--jobs`` workers).
+recorded failed with that message, and the sweep goes on with the other runs; a ``UserError``
+(bad data, a full disk) is recorded and stops the sweep, its message on one line. SIGTERM and
+Ctrl-C stop a sweep at the run's next safe point (``clbench.stopping``): every file is complete
+or absent, the run's last checkpoint holds its finished tasks, it is recorded interrupted (or
+done, if its result was complete), no further run starts, and running the same command again
+resumes it.
+
+``run_parallel`` (``--jobs K``, ``--devices``) is a thin layer over ``run_local``: K child
+processes each run the same serial loop over the same plan, each taking the next run that no
+other process holds (the claims) or took before (a flag per run the children share, so a run
+that failed in one is not retried by another), on its own device with its own thread count,
+sharing one stop state.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue as queue_module
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from clbench import files, record
+from clbench import files, record, stopping
 from clbench.catalog import import_plugins
 from clbench.config import RunConfig
 from clbench.errors import CorruptFileError, RunFailed, UserError
@@ -156,12 +161,16 @@ def tidy(runs: list[PlannedRun], out_root: Path) -> None:
                     remove_leftovers(Path(out_root), r.key)
 
 
-def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dict[str, Any] | None:
+def run_job(config: dict[str, Any], out_root: str, progress: bool = True,
+            on_claim: Callable[[], bool] | None = None) -> dict[str, Any] | None:
     """The job entry point of every launcher: run one configuration and return its metrics.
     A finished run (its result file exists) is not run again. The run is claimed first
     (``claim``): while another live process trains it, this one says so and returns None. While
     it runs, its status record says how far it got; ``attempts`` lists every start
-    (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died)."""
+    (``from_task`` > 0: resumed from its checkpoint, e.g. after its holder died).
+    ``on_claim()`` is called when this process holds the claim and is about to train the run;
+    it may return False to skip it (a sibling process took it earlier). With it, a run that
+    another process holds is skipped without a word (the caller's siblings run the same plan)."""
     import_plugins(config.get("plugins") or [])  # a worker registers what the sweep's process did
     cfg = RunConfig.from_dict(config)
     key = cfg.key
@@ -170,7 +179,8 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
         return record.read_result(path).metrics
     with claim(Path(out_root), key) as claimed:
         if not claimed:
-            print(f"[{key}] skipped: being trained by {holder(Path(out_root), key)}", flush=True)
+            if on_claim is None:
+                print(f"[{key}] skipped: being trained by {holder(Path(out_root), key)}", flush=True)
             return None
         remove_leftovers(Path(out_root), key)
         if path.exists():  # finished by the process that held the claim before us, or corrupt
@@ -178,7 +188,19 @@ def run_job(config: dict[str, Any], out_root: str, progress: bool = True) -> dic
                 return record.read_result(path).metrics
             except CorruptFileError as err:
                 files.set_aside(path, err.why, "result file", "the run is redone")
-        return _run_claimed(cfg, out_root, progress)
+        if on_claim is not None and not on_claim():
+            return None
+        try:
+            return _run_claimed(cfg, out_root, progress)
+        except BaseException as err:
+            signum = stopping.interrupted_by(err)
+            if signum is None:
+                raise
+            if _record_stop(Path(out_root), cfg, signum):  # its result was complete: the run is done
+                return record.read_result(path).metrics
+            if isinstance(err, stopping.Interrupted):
+                raise
+            raise stopping.Interrupted(signum) from err  # what the stop set off is not the run's failure
 
 
 def _run_claimed(cfg: RunConfig, out_root: str, progress: bool) -> dict[str, Any]:
@@ -199,66 +221,71 @@ def _run_claimed(cfg: RunConfig, out_root: str, progress: bool) -> dict[str, Any
     return result.metrics
 
 
-class Interrupted(KeyboardInterrupt):
-    """A signal (SIGTERM) that stops a sweep as Ctrl-C does; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``Interrupted`` (a ``KeyboardInterrupt``, as Ctrl-C
-    does) in the main thread: the run stops at once, its files complete or absent, its claim
-    released. Elsewhere than the main thread, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def record_interruption(out_root: Path, key: str, num_tasks: int, where: str) -> None:
-    """Mark the run interrupted (if this process was training it), and say how far it got and
-    how to resume (on stderr)."""
+def _record_stop(out_root: Path, cfg: RunConfig, signum: int) -> bool:
+    """After a stop (``signum``) of a run this process holds: a run whose result is complete is
+    done, whatever its last status write met (returns True); any other is recorded interrupted,
+    and how far it got and how to resume is said on stderr, in one write (a ``--jobs`` sweep's
+    children's lines do not interleave)."""
+    key, num_tasks = cfg.key, cfg.num_tasks
     status = read_status(out_root, key) or {}
-    done = status.get("tasks_done", 0)
-    if status.get("pid") == os.getpid() and status.get("host") == socket.gethostname():
+    state = "done" if finished(record.result_path(out_root, key)) else "interrupted"
+    if status.get("state") != state:
         with contextlib.suppress(OSError, UserError):
-            update_status(out_root, key, state="interrupted", error=None)
-    kept = f"its checkpoint holds tasks 1-{done}" if done else "no task had finished"
-    sys.stderr.write(f"{where} {key} interrupted during task {done + 1}/{num_tasks}: {kept}; "
-                     "run the same command again to resume\n")  # one write: workers' lines do not interleave
+            update_status(out_root, key, state=state, error=None)
+    if state == "done":
+        return True
+    kept = min(status.get("tasks_done", 0), num_tasks - 1)  # the last task is kept by the result alone
+    held = f"its checkpoint holds tasks 1-{kept}" if kept else "no task had finished"
+    then = ("the job is requeued and resumes from there" if signum == signal.SIGUSR2  # SLURM's time-out notice
+            else "run the same command again to resume")
+    sys.stderr.write(f"[{key}] interrupted by {signal.Signals(signum).name} during task {kept + 1}/{num_tasks}: "
+                     f"{held}; {then}\n")
     sys.stderr.flush()
+    return False
 
 
-def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> list[tuple[PlannedRun, str]]:
+def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True, device: str | None = None,
+              taken: Any = None) -> list[tuple[PlannedRun, str]]:
     """Run the plan in this process, one run after the other. Returns the failures
     (run, traceback or message); a failing run does not stop the others, a ``UserError`` (bad
-    data, a full disk) is recorded and stops the sweep, and so does SIGTERM or Ctrl-C
-    (``stop_on_signals``; the run is recorded interrupted and resumes when run again)."""
-    failures = []
-    with stop_on_signals():
+    data, a full disk) is recorded and stops the sweep. SIGTERM or Ctrl-C stops the run at its
+    next safe point (``clbench.stopping``; it is recorded interrupted and resumes when run
+    again) and starts no further run: ``Interrupted`` is raised. ``device``: every run's, in
+    place of its own (an execution setting). ``taken``: other processes run the same plan
+    (``run_parallel``) and these flags, one per run, shared with them, say which runs one of
+    them took: each run is trained by one process at most (one that failed in another process
+    is not tried again here); a run another holds or took is skipped without a word, their stop
+    is this loop's stop, and a user error here asks them to start no further run."""
+    failures: list[tuple[PlannedRun, str]] = []
+    with stopping.handling():
         for i, r in enumerate(runs):
+            stopping.check()  # the sweep was interrupted: no further run
+            if stopping.no_more_runs():  # a user error in another process of the sweep
+                break
             where = f"[{i + 1}/{len(runs)}]"
-            print(f"{where} {r.key}", flush=True)
+            config = r.config.to_dict() if device is None else {**r.config.to_dict(), "device": device}
+
+            def take(i: int = i, where: str = where, key: str = r.key) -> bool:
+                """Under the run's claim: whether no sibling took the run before (they set the flag
+                under the claim too, so one that failed and let go of it is not taken again)."""
+                if taken[i]:
+                    return False
+                taken[i] = 1
+                print(f"{where} {key}", flush=True)
+                return True
+
+            if taken is None:
+                print(f"{where} {r.key}", flush=True)
             try:
-                run_job(r.config.to_dict(), str(out_root), progress)
+                run_job(config, str(out_root), progress, on_claim=None if taken is None else take)
             except UserError as err:
                 record_failure(out_root, r.key, failure_text(err))
+                stopping.start_no_more_runs()
                 raise  # the user must fix these; every later run would fail the same way
-            except KeyboardInterrupt:
-                record_interruption(out_root, r.key, r.config.num_tasks, where)
-                raise
             except Exception as err:  # keep going: one broken run must not cost the rest of the sweep
+                signum = stopping.interrupted_by(err)
+                if signum is not None:  # what a stop set off outside the run's claim
+                    raise stopping.Interrupted(signum) from err
                 failures.append((r, failure_text(err)))
                 record_failure(out_root, r.key, failures[-1][1])
                 sep = " " if isinstance(err, RunFailed) else "\n"
@@ -269,111 +296,153 @@ def run_local(runs: list[PlannedRun], out_root: Path, progress: bool = True) -> 
 # ----------------------------------------------------------------------------- parallel
 
 
-_worker_device: str | None = None  # the device this pool worker runs on (None: the run's own)
+class PrefixedLines:
+    """A ``--jobs`` child's stdout or stderr: each complete line prefixed and written in one
+    ``os.write``, so that the children's lines stay whole and say whose they are."""
+
+    def __init__(self, fd: int, prefix: str):
+        self.fd, self.prefix, self.pending = fd, prefix, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._write(f"{self.prefix}{line}\n")
+        return len(text)
+
+    def _write(self, text: str) -> None:
+        data = text.encode(errors="replace")
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def flush(self) -> None:  # a partial line waits for its end
+        pass
+
+    def close(self) -> None:
+        if self.pending:
+            self._write(f"{self.prefix}{self.pending}\n")
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.fd
 
 
-def _init_worker(devices: Any, threads: int, pids: Any, stop: Any) -> None:
-    """A pool worker's start: take one device from the queue (one worker per device), use
-    ``threads`` CPU threads, so that the workers share the cores instead of oversubscribing them,
-    and say its pid (so that an interrupted sweep can stop it); SIGTERM stops its run as Ctrl-C."""
-    global _worker_device, _worker_stop
-    _worker_device = devices.get()
-    _worker_stop = stop
+def _child(index: int, runs: list[PlannedRun], out_root: Path, device: str | None, threads: int,
+           shared: stopping.SharedStop, taken: Any, parent: int, reports: Any, prefix: str) -> None:
+    """One process of a ``--jobs`` sweep: ``run_local`` over the whole plan, then one report to
+    the parent: ``(index, failures as (key, text), user error, signal that stopped it, crash)``."""
+    sys.stdout, sys.stderr = PrefixedLines(1, prefix), PrefixedLines(2, prefix)
+    stopping.join(shared, parent)
     torch.set_num_threads(threads)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _interrupt_run)
-    pids.put(os.getpid())
-
-
-_worker_in_run = False  # whether this pool worker is inside a run (else it waits for one)
-_worker_stop: Any = None  # set when the sweep is interrupted: a run the pool still hands out is not started
-
-
-def _interrupt_run(signum: int, frame: Any) -> None:
-    """A pool worker's SIGINT/SIGTERM: stop the run it trains (recorded interrupted); a worker
-    waiting for a run ignores it and exits when the pool, being shut down, tells it to, and so
-    does a run already stopping (Ctrl-C reaches the worker, then the sweep's SIGTERM)."""
-    global _worker_in_run
-    if _worker_in_run:
-        _worker_in_run = False
-        raise Interrupted(signum)
-
-
-def _worker_job(config: dict[str, Any], out_root: str) -> tuple[str, str | None]:
-    """One run in a pool worker, on the worker's device (an execution setting: the run's identity
-    and numbers do not change). Returns ``(outcome, detail)``: done, skipped (claimed elsewhere),
-    failed (with its traceback, recorded) or user_error (with its message)."""
-    if _worker_device is not None:
-        config = {**config, "device": _worker_device}
-    global _worker_in_run
-    run_config = RunConfig.from_dict(config)
-    key = run_config.key
-    if _worker_stop is not None and _worker_stop.is_set():
-        return "cancelled", None
+    failures: list[tuple[str, str]] = []
+    user_error = crash = None
+    signum = None
     try:
-        _worker_in_run = True
-        metrics = run_job(config, out_root, progress=False)
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM from the sweep
-        record_interruption(Path(out_root), key, run_config.num_tasks, "[worker]")
-        return "interrupted", None
+        failures = [(r.key, text) for r, text in run_local(runs, out_root, False, device, taken)]
     except UserError as err:
-        record_failure(Path(out_root), key, str(err))
-        return "user_error", str(err)
-    except Exception as err:  # recorded like a serial sweep's failure; the other runs go on
-        error = failure_text(err)
-        record_failure(Path(out_root), key, error)
-        return "failed", error
+        user_error = str(err)
+    except KeyboardInterrupt as err:
+        signum = stopping.interrupted_by(err)
+    except Exception as err:  # a bug outside any run
+        crash = failure_text(err)
     finally:
-        _worker_in_run = False
-    return ("skipped", None) if metrics is None else ("done", None)
+        reports.put((index, failures, user_error, signum, crash))
+        sys.stdout.close()
+        sys.stderr.close()
+
+
+def _collect_reports(children: list[Any], reports: Any) -> dict[int, tuple]:
+    """Wait for every child to exit, reading their reports meanwhile (a child whose report
+    does not fit the pipe exits only once it is read)."""
+    received: dict[int, tuple] = {}
+
+    def drain() -> None:
+        while True:
+            try:
+                report = reports.get_nowait()
+            except queue_module.Empty:
+                return
+            received[report[0]] = report
+
+    while True:
+        drain()
+        alive = [c for c in children if c.exitcode is None]
+        if not alive:
+            break
+        multiprocessing.connection.wait([c.sentinel for c in alive], timeout=0.2)
+    drain()  # an exited child's report is in the pipe: its queue's feeder thread ended first
+    return received
 
 
 def run_parallel(runs: list[PlannedRun], out_root: Path, jobs: int = 1, devices: list[str] | None = None,
                  threads: int | None = None) -> list[tuple[PlannedRun, str]]:
-    """Run the plan in ``len(devices)`` worker processes, one per device, or in ``jobs`` workers
-    on the runs' own device: a ``ProcessPoolExecutor`` (spawn, so no CUDA state is forked) whose
-    workers each take one device. Each worker uses ``threads`` CPU threads (default: the cores
-    divided among the workers). Runs go through ``run_job`` as in a serial sweep: same claims,
-    status records and result files. Returns the failures (run, traceback)."""
-    workers = len(devices) if devices else jobs
+    """Run the plan in ``len(devices)`` child processes, one per device, or in ``jobs`` on the
+    runs' own device (never more than there are runs). Each child (spawned: no CUDA state is
+    forked) runs ``run_local`` over the whole plan, taking the runs no other process holds, with
+    ``threads`` CPU threads (default: the cores divided among the children), its lines prefixed
+    with ``[wN]``; a run one child took (trained, or failed) no other takes. Their stop is
+    shared: a signal that reaches the sweep or any child stops every child at its next safe
+    point (a second one at once), and a user error in one lets no child start a further run.
+    Once all have exited: raises the user error, or ``Interrupted`` if a signal stopped the
+    sweep before every run finished; returns the failures."""
+    workers = max(1, min(len(devices) if devices else jobs, len(runs)))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    print(f"{len(runs)} run(s) on {workers} worker(s)"
+          + (f" ({', '.join(devices[:workers])})" if devices else "") + f", {threads} thread(s) each", flush=True)
+    if not runs:
+        return []
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    for device in devices or [None] * workers:
-        queue.put(device)
+    shared = stopping.SharedStop(context)
+    taken = context.RawArray("b", len(runs))  # which runs a child took (run_local)
+    reports = context.Queue()
+    prefixes = [f"[w{i + 1}{' ' + devices[i] if devices else ''}] " for i in range(workers)]
+    children = [context.Process(target=_child, name=f"clbench-w{i + 1}", args=(
+        i, runs, Path(out_root), devices[i] if devices else None, threads, shared, taken, os.getpid(), reports,
+        prefixes[i]))
+        for i in range(workers)]
+
+    def forward(signum: int) -> None:  # the sweep's second signal: each child stops at once
+        for child in children:
+            if child.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signum)
+
+    with stopping.handling(shared=shared, forward=forward):
+        with stopping.ignoring():  # a child ignores signals until it handles them (it hears of a stop from us)
+            for child in children:
+                child.start()
+        received = _collect_reports(children, reports)
+        signum = stopping.requested()
+
     failures: list[tuple[PlannedRun, str]] = []
     user_errors: list[str] = []
-    print(f"{len(runs)} run(s) on {workers} worker(s)"
-          + (f" ({', '.join(devices)})" if devices else "") + f", {threads} thread(s) each", flush=True)
-    pids, stop = context.Queue(), context.Event()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                               initargs=(queue, threads, pids, stop))
-    try:
-        with stop_on_signals():
-            futures = {pool.submit(_worker_job, r.config.to_dict(), str(out_root)): r for r in runs}
-            for i, future in enumerate(as_completed(futures)):
-                r = futures[future]
-                outcome, detail = ("cancelled", None) if future.cancelled() else future.result()
-                print(f"[{i + 1}/{len(runs)}] {r.key}: {outcome}", flush=True)
-                if outcome == "failed":
-                    failures.append((r, detail or "failed"))
-                    print(detail, flush=True)
-                elif outcome == "user_error":
-                    user_errors.append(f"{r.key}: {detail}")
-                    stop.set()  # every later run would fail the same way: start none
-                    pool.shutdown(cancel_futures=True)
-    except KeyboardInterrupt:
-        # Start no other run (the pool has already handed some to its queue: ``stop`` turns
-        # them away), and stop the running ones: a Ctrl-C at the terminal reaches the workers
-        # already, a SIGTERM to this process does not. Each records itself interrupted; the
-        # sweep's own message comes after theirs, once every worker has exited.
-        stop.set()
-        while not pids.empty():
-            with contextlib.suppress(ProcessLookupError, queue_module.Empty):
-                os.kill(pids.get_nowait(), signal.SIGTERM)
-        raise
-    finally:  # waits for every worker to exit (a run it had started ends first)
-        pool.shutdown(wait=True, cancel_futures=True)
+    crashes: list[str] = []
+    by_key = {r.key: r for r in runs}
+    for i, child in enumerate(children):
+        if i not in received:  # killed (SIGKILL, the OOM killer) before it could say anything
+            code = child.exitcode or 0
+            why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            lost = [r for r in runs if not finished(r.result_path)
+                    and (read_status(out_root, r.key) or {}).get("pid") == child.pid]
+            failures += [(r, f"its process ({child.pid}) ended by {why} while training it; rerun to resume it")
+                         for r in lost]
+            training = f" while training {', '.join(r.key for r in lost)}" if lost else ""
+            print(f"{prefixes[i]}ended by {why}{training}", flush=True)
+            continue
+        _, child_failures, user_error, child_signum, crash = received[i]
+        failures += [(by_key[key], text) for key, text in child_failures]
+        if user_error:
+            user_errors.append(user_error)
+        if crash:
+            crashes.append(f"worker {i + 1} crashed:\n{crash}")
+        signum = signum or child_signum
     if user_errors:
-        raise UserError("\n".join(user_errors))
+        raise UserError("\n".join(dict.fromkeys(user_errors)))
+    if crashes:
+        raise RuntimeError("\n".join(crashes))
+    if signum and any(not finished(r.result_path) for r in runs):
+        raise stopping.Interrupted(signum)
     return failures

@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from clbench import stopping
+
 
 def sample_seed(stream: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample, hashed from its loader's stream, the pass and its index."""
@@ -79,4 +81,4 @@ def seeded_loader(dataset: Dataset, stream: int, batch_size: int, shuffle: bool,
                       drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(stream),  # the workers' base seed only
                       persistent_workers=num_workers > 0,  # no worker start-up at every epoch
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, worker_init_fn=stopping.leave_to_the_main_process)

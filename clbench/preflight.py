@@ -36,6 +36,7 @@ from clbench.benchmarks import get_benchmark, import_all
 from clbench.catalog import backbone_size_message
 from clbench.config import RunConfig
 from clbench.errors import PlanError, UserError, did_you_mean
+from clbench.files import format_size
 from clbench.plan import PlannedRun
 
 import_all()  # what the benchmark modules register (synth's ViT and its weights' builder) is checked too
@@ -104,8 +105,8 @@ def output_problem(out: Path, need_bytes: int, create: bool) -> str | None:
         return f"--out {out}: {existing} is not writable; {fix}"
     free = shutil.disk_usage(existing).free
     if free < need_bytes:
-        return (f"--out {out}: {free / 2**30:.2f} GiB free on its file system, but the runs' checkpoints need "
-                f"about {need_bytes / 2**30:.2f} GiB; free some space or {fix}")
+        return (f"--out {out}: {format_size(free)} free on its file system, but the runs' checkpoints need "
+                f"about {format_size(need_bytes)}; free some space or {fix}")
     return None
 
 
@@ -115,7 +116,7 @@ def output_check(runs: list[PlannedRun], out: Path, concurrent: int, create: boo
     todo = [r.config for r in runs if not r.done]
     sizes = sorted((state_bytes(c.backbone.name) or 0 for c in todo), reverse=True)
     need = 2 * sum(sizes[:max(concurrent, 1)])
-    return Check(f"output folder {out} (~{need / 2**30:.2f} GiB of checkpoints)", len(todo),
+    return Check(f"output folder {out} (~{format_size(need)} of checkpoints)", len(todo),
                  output_problem(out, need, create) if todo or create else None)
 
 

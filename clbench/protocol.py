@@ -16,6 +16,11 @@ epoch and step) before anything of that task is written, unless ``train.on_diver
 ``continue``: then where it happened goes into the result (``diverged``). A checkpoint that
 does not read back is moved aside and the run starts over.
 
+A signal only asks the run to stop (``clbench.stopping``): it stops at its next safe point,
+where ``stopping.check()`` raises ``Interrupted``: before each training step and each
+evaluation batch, and before each task, after the previous task's checkpoint and progress
+writes. A write in flight completes, and the checkpoint holds the finished tasks.
+
 Progress is reported through ``on_progress(tasks_done, num_tasks, elapsed_s)``: once the run
 has started (after a resume, with the restored tasks counted) and after every finished task,
 once its checkpoint is on disk. ``clbench.jobs.run_job`` turns it into the run's status record.
@@ -42,7 +47,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import clbench
-from clbench import files, record
+from clbench import files, record, stopping
 from clbench.backbones import create_backbone, normalization
 from clbench.benchmarks import get_benchmark, import_all
 from clbench.benchmarks.image_cache import DeviceBatches, cached_datasets
@@ -469,7 +474,7 @@ class Run:
         if seed is not None:
             return seeded_loader(dataset, seed, batch_size, shuffle, drop_last, workers, pin)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, num_workers=workers,
-                          persistent_workers=False, pin_memory=pin)
+                          persistent_workers=False, pin_memory=pin, worker_init_fn=stopping.leave_to_the_main_process)
 
     def task(self, t: int) -> Task:
         train_cfg = self.config.train.for_task(t)
@@ -502,6 +507,7 @@ class Run:
                 running = torch.zeros((), device=self.device)
                 first_bad = torch.full((), -1, device=self.device)  # the first step with a non-finite loss
                 for step, (x, y) in enumerate(loader):
+                    stopping.check()  # a safe point: a stop asked for ends the run here (clbench.stopping)
                     x, y = self.inputs(x), y.to(self.device, non_blocking=True)
                     loss = optimization_step(self.method, x, y, task, plan.stage, plan.optimizer, plan.params,
                                              self.autocast, plan.scaler)
@@ -577,6 +583,7 @@ class Run:
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         bounds_t = torch.as_tensor(bounds, device=self.device)
         for x, y in tqdm(loader, disable=not self.progress, leave=False, desc=f"eval after task {t + 1}"):
+            stopping.check()
             x, y = self.inputs(x), y.to(self.device)
             with self.autocast():
                 logits = self.method.predict(x)
@@ -624,6 +631,7 @@ class Run:
                                    resumed_epochs=sum(len(r.epochs) for r in records))
 
         for t in range(first, T):
+            stopping.check()  # after the last task's checkpoint and status writes completed
             task = self.task(t)
             self.epoch_log = []
             memory.start_task(task, self.method)

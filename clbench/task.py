@@ -8,6 +8,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from clbench import stopping
 from clbench.config import TrainConfig
 from clbench.errors import ConfigError
 
@@ -78,6 +79,7 @@ class Task:
         what a pass for statistics (InfLoRA's input moments, HiDe's class centroids) wants."""
         for x, y in self.loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
                                 drop_last=False):
+            stopping.check()  # a method's own pass is a training loop too: a safe point per batch
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

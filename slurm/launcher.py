@@ -3,8 +3,7 @@
     python run_suite.py --bench synth --tasks 5,10 --launcher slurm [--profile gpu] [--slurm time_min=120]
     python run_suite.py ... --launcher slurm --no-wait     # submit and return
     python run_suite.py ... --launcher sbatch --emit DIR   # write DIR/array.sbatch to submit by hand
-    python run_suite.py status  [the sweep's options]       # one line per run
-    python run_suite.py collect [the sweep's options] [--from DIR ...]
+    python run_suite.py status  [the sweep's options]       # one line per run (clbench.status)
 
 How a sweep runs on the cluster:
 
@@ -16,7 +15,11 @@ How a sweep runs on the cluster:
 * **Preemption and time limits.** The protocol checkpoints atomically at every task boundary.
   An element is a ``submitit.helpers.Checkpointable``: on preemption or time-out submitit
   requeues it and ``run_job`` resumes from the last finished task, with the same numbers as
-  an uninterrupted run. A time limit therefore only has to exceed the longest single task. A
+  an uninterrupted run. The signal (USR2) only asks the run to stop (``clbench.stopping``):
+  submitit's own handler, which checkpoints, requeues and exits, runs once the run has reached
+  a safe point, so a checkpoint being written when the signal came is completed first; a run
+  whose result was complete is done, not requeued. (submitit ignores the SIGTERM that precedes
+  a preemption's USR2, and so does the element.) A time limit therefore only has to exceed the longest single task. A
   run that is requeued ``max_stalled_requeues`` times in a row without finishing a task is
   failed instead of requeued forever (its task does not fit in the time limit).
 * **Idempotent.** Running the same command again submits only runs that are neither finished
@@ -27,12 +30,15 @@ How a sweep runs on the cluster:
   (Ctrl-C) leaves the jobs running; the same command later waits for them again.
 * **Status.** Each run keeps a status record (``<out>/status/<key>.json``, written by the job)
   and, once submitted, a submission record (``<key>.submitted.json``: job id and log files,
-  written by the launcher). ``status`` joins them with ``sacct``'s view of the jobs, so a job
-  that was cancelled, killed or timed out for good shows as failed with its log's last lines.
+  written by the launcher). ``clbench status`` (``clbench.status``) joins them with ``sacct``'s
+  view of the jobs (``clbench.slurm.sacct``), so a job that was cancelled, killed or timed out
+  for good shows as failed with its log's last lines.
 
 Plain sbatch (``--launcher sbatch --emit DIR``) writes ``DIR/array.sbatch`` and ``DIR/tasks.jsonl``;
 each element runs ``python -m clbench.slurm.launcher DIR/tasks.jsonl``, which calls the same
-``run_job`` and requeues itself (``scontrol requeue``) on the pre-time-out signal.
+``run_job`` and, once the run has stopped at a safe point after the pre-time-out signal (USR2),
+requeues itself (``scontrol requeue``); SIGTERM or SIGINT stop it as they stop a local sweep
+(recorded interrupted, exit 143 or 130).
 """
 from __future__ import annotations
 
@@ -54,26 +60,19 @@ from typing import Any, Callable
 
 import submitit
 import yaml
-from submitit.slurm.slurm import SlurmInfoWatcher
 
-from clbench import files
-from clbench.config import RunConfig, build_dataclass, update_dataclass, without_execution_settings
-from clbench.errors import ConfigError, CorruptFileError
+from clbench import files, stopping
+from clbench.config import RunConfig, build_dataclass, update_dataclass
+from clbench.errors import ConfigError
 from clbench.jobs import failure_text, job_identity, read_status, record_failure, run_job, status_path, update_status
 from clbench.methods import METHODS
-from clbench.options import PROFILE_ENV, add_launcher_arguments, add_sweep_arguments
-from clbench.plan import PlannedRun, plan_from_args
-from clbench.record import RunResult, read_result, result_path, write_result
-from clbench.report.aggregate import load_runs, quick_table
+from clbench.options import PROFILE_ENV
+from clbench.plan import PlannedRun
+from clbench.status import STATES, duration, last_line, run_states, submission_path
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 ARRAY_TEMPLATE = Path(__file__).resolve().parent / "array.sbatch"
 
-# sacct states of a job that may still run (submitit's list plus the rarer transient ones).
-QUEUED_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "PREEMPTED", "SUSPENDED",
-                 "RESV_DEL_HOLD", "READY"}
-RUNNING_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESIZING"}
-STATES = ("done", "running", "pending", "failed", "interrupted", "todo")
 
 
 # ================================================================================ profiles
@@ -181,164 +180,6 @@ def load_profile(name: str, overrides: list[str] | None = None) -> SlurmProfile:
     return profile
 
 
-# ================================================================================ run states
-
-
-@dataclass
-class RunState:
-    """Where one run of the sweep stands, joined from its result file, status record,
-    submission record and SLURM's accounting."""
-
-    key: str
-    state: str  # one of STATES
-    job_id: str | None = None
-    tasks_done: int = 0
-    num_tasks: int = 0
-    elapsed_s: float | None = None
-    error: str | None = None  # traceback, or what SLURM says plus the log's last lines
-    note: str = ""
-    log: str | None = None  # the job's stderr file
-    confirmed: bool = True  # False: failure inferred from SLURM only (the result may still appear)
-
-
-def submission_path(out_root: Path, key: str) -> Path:
-    return status_path(out_root, key).with_suffix(".submitted.json")
-
-
-_sacct_warned = False
-
-
-def slurm_job_states(job_ids: list[str | None]) -> dict[str, str]:
-    """``{job_id: sacct state}`` for these jobs (array elements as ``<array>_<index>``), in one
-    ``sacct`` call; ``{}`` where there is no ``sacct`` or it fails."""
-    global _sacct_warned
-    arrays = sorted({j.split("_")[0] for j in job_ids if j})
-    if not arrays or shutil.which("sacct") is None:
-        return {}
-    command = ["sacct", "-o", "JobID,State", "--parsable2"] + [a for j in arrays for a in ("-j", j)]
-    try:
-        output = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as err:
-        if not _sacct_warned:
-            print(f"[slurm] warning: sacct failed ({err}); job states may be stale", file=sys.stderr)
-            _sacct_warned = True
-        return {}
-    info = SlurmInfoWatcher().read_info(output)  # its parser expands pending ranges ("12_[3-7%2]")
-    return {job: fields["State"].split()[0] for job, fields in info.items() if fields.get("State")}
-
-
-def _tail(text: str | None, lines: int) -> str:
-    return "\n".join((text or "").rstrip().splitlines()[-lines:]) if lines > 0 else ""
-
-
-def _file_tail(path: str | None, lines: int = 20) -> str:
-    if not path:
-        return ""
-    try:
-        with open(path, errors="replace") as f:
-            return _tail(f.read()[-20000:], lines)
-    except OSError:
-        return ""
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
-def run_state(run: PlannedRun, record: dict[str, Any] | None, submitted: dict[str, Any] | None,
-              slurm: dict[str, str], now: float) -> RunState:
-    """One run's state from its result file, its status and submission records and ``slurm``
-    (``slurm_job_states``)."""
-    source = record or submitted or {}
-    state = RunState(run.key, "todo", job_id=source.get("job_id"), num_tasks=run.config.num_tasks,
-                     tasks_done=(record or {}).get("tasks_done", 0),
-                     elapsed_s=(record or {}).get("elapsed_s"),
-                     log=(record or {}).get("stderr") or (submitted or {}).get("stderr"))
-    if state.job_id is None and record and record.get("host") == socket.gethostname():
-        state.job_id = "local"
-    if run.result_path.exists():
-        try:
-            result = read_result(run.result_path)
-        except CorruptFileError as err:
-            state.note = f"its result file is corrupt ({err.why}); rerun the sweep to redo it"
-            return state
-        state.state, state.tasks_done, state.elapsed_s = "done", run.config.num_tasks, result.wall_time_s
-        return state
-    job_state = slurm.get(source.get("job_id") or "", "")
-    if record and record.get("state") == "failed":
-        state.state, state.error = "failed", record.get("error") or "(no error recorded)"
-    elif job_state in QUEUED_STATES or (not job_state and submitted and not record):
-        state.state = "pending"
-        if record and record.get("state") == "requeued":
-            state.note = f"requeued, resumes after task {state.tasks_done}"
-        elif submitted:
-            state.note = f"submitted {_duration(now - submitted.get('submitted_at', now))} ago"
-    elif job_state in RUNNING_STATES:
-        state.state = "running"
-    elif job_state:  # the job ended (COMPLETED, FAILED, CANCELLED, TIMEOUT, OUT_OF_MEMORY, ...)
-        tail = _file_tail(state.log)
-        state.state, state.confirmed = "failed", False
-        state.error = f"job {state.job_id} ended {job_state} without a result" + (f"\n{tail}" if tail else "")
-    elif record:  # no word from SLURM: a local run, or sacct cannot see the job
-        local = record.get("job_id") is None and record.get("host") == socket.gethostname()
-        state.state = "interrupted" if local and not _alive(record.get("pid")) else "running"
-        if state.state == "interrupted":
-            state.note = f"process {record.get('pid')} is gone; rerun to resume after task {state.tasks_done}"
-    if state.state == "running" and record and record.get("state") == "running":
-        state.elapsed_s = (record.get("elapsed_s") or 0.0) + now - record.get("updated_at", now)
-    return state
-
-
-def run_states(runs: list[PlannedRun], out_root: Path, slurm: dict[str, str] | None = None) -> list[RunState]:
-    """Every run's state; SLURM's view comes from one ``sacct`` call unless ``slurm`` is given."""
-    records = [(read_status(out_root, r.key), files.read_json(submission_path(out_root, r.key))) for r in runs]
-    if slurm is None:
-        slurm = slurm_job_states([(record or submitted or {}).get("job_id") for record, submitted in records])
-    now = time.time()
-    return [run_state(r, record, submitted, slurm, now) for r, (record, submitted) in zip(runs, records)]
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(max(seconds, 0))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def _last_line(text: str | None) -> str:
-    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def format_states(states: list[RunState], error_lines: int = 5) -> str:
-    """The ``status`` table: one line per run; a failed run's last error lines below it."""
-    width = max([len(s.key) for s in states] + [3])
-    job_width = max([len(s.job_id or "-") for s in states] + [3])
-    out = [f"{'state':11s} {'run':{width}s} {'job':>{job_width}s} {'task':>7s} {'time':>8s}  note"]
-    for s in states:
-        task = f"{s.tasks_done}/{s.num_tasks}"
-        note = _last_line(s.error) if s.state == "failed" else s.note
-        out.append(f"{s.state:11s} {s.key:{width}s} {s.job_id or '-':>{job_width}s} {task:>7s} "
-                   f"{_duration(s.elapsed_s):>8s}  {note}".rstrip())
-        if s.state == "failed" and error_lines > 0 and "\n" in (s.error or "").strip():  # else the note has it
-            out += [f"    | {line}" for line in _tail(s.error, error_lines).splitlines()]
-            if s.log:
-                out.append(f"    | log: {s.log}")
-    counts = Counter(s.state for s in states)
-    out.append(f"{len(states)} runs: " + ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k]))
-    return "\n".join(out)
-
-
 # ================================================================================ the job
 
 
@@ -371,22 +212,43 @@ def note_requeue(out_root: str, key: str, max_stalled: int) -> None:
     update_status(out_root, key, state="requeued", stalled_requeues=stalled)
 
 
+def _job(config: dict[str, Any], out_root: str) -> dict[str, Any] | None:
+    """An element's run: ``run_job`` on the CPUs SLURM gave the job, a failure recorded with its
+    traceback (a stop is no failure: ``run_job`` recorded the run interrupted, or done)."""
+    _limit_threads()
+    try:
+        return run_job(config, out_root, progress=False)
+    except Exception as err:
+        record_failure(Path(out_root), RunConfig.from_dict(config).key, failure_text(err))
+        raise
+
+
 class SlurmRun(submitit.helpers.Checkpointable):
     """What each array element runs: ``clbench.jobs.run_job``, with a failure recorded with its
     traceback. Checkpointable: on preemption or time-out submitit calls ``checkpoint`` and
     requeues the same call, which resumes from the run's last task checkpoint (the protocol's;
-    nothing of this object needs saving)."""
+    nothing of this object needs saving). submitit's handler of that signal would do so where
+    the signal lands (inside a checkpoint write, whose error then replaced the exit); here the
+    signal only asks the run to stop, and submitit's handler runs once it has, at a safe point."""
 
     def __init__(self, max_stalled_requeues: int = 3):
         self.max_stalled_requeues = max_stalled_requeues
 
     def __call__(self, config: dict[str, Any], out_root: str) -> dict[str, Any] | None:
-        _limit_threads()
+        preempted = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)  # USR2 unless the cluster says
+        checkpoint_and_requeue = signal.getsignal(preempted)  # submitit's, set before it calls us
         try:
-            return run_job(config, out_root, progress=False)
-        except Exception as err:
+            with stopping.handling((preempted,)):
+                return _job(config, out_root)
+        except stopping.Interrupted as err:
+            if err.signum != preempted or not callable(checkpoint_and_requeue):
+                raise
+        try:
+            checkpoint_and_requeue(preempted, None)  # self.checkpoint (note_requeue), scontrol requeue, exit
+        except Exception as err:  # NotRequeued: stalled
             record_failure(Path(out_root), RunConfig.from_dict(config).key, failure_text(err))
             raise
+        return None
 
     def checkpoint(self, config: dict[str, Any], out_root: str) -> submitit.helpers.DelayedSubmission:
         note_requeue(out_root, RunConfig.from_dict(config).key, self.max_stalled_requeues)
@@ -431,7 +293,7 @@ def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
     with their errors. ``None`` when the wait was interrupted (Ctrl-C): the jobs keep running.
     A failure seen only in SLURM's accounting (no record from the job) is believed after
     ``settle_s``, since a result file may reach a shared file system late."""
-    start, last_line, last_print = time.time(), "", 0.0
+    start, last_progress, last_print = time.time(), "", 0.0
     suspected: dict[str, float] = {}
     reported: set[str] = set()
     try:
@@ -448,16 +310,16 @@ def wait_for_runs(runs: list[PlannedRun], out_root: Path, poll_s: float = 15.0,
                 finished.append(s.state not in ("pending", "running"))  # nothing more will happen
                 if s.state == "failed" and s.key not in reported:
                     reported.add(s.key)
-                    echo(f"[slurm] FAILED {s.key} (job {s.job_id}): {_last_line(s.error)}")
+                    echo(f"[slurm] FAILED {s.key} (job {s.job_id}): {last_line(s.error)}")
             counts = Counter(s.state for s in states)
             line = ", ".join(f"{counts[k]} {k}" for k in STATES if counts[k]) + f" of {len(runs)}"
-            if line != last_line or now - last_print > 600:
-                echo(f"[slurm {_duration(now - start)}] {line}")
-                last_line, last_print = line, now
+            if line != last_progress or now - last_print > 600:
+                echo(f"[slurm {duration(now - start)}] {line}")
+                last_progress, last_print = line, now
             if all(finished):
                 break
             if timeout_s is not None and now - start > timeout_s:
-                echo(f"[slurm] stopped waiting after {_duration(now - start)}; unfinished jobs keep running "
+                echo(f"[slurm] stopped waiting after {duration(now - start)}; unfinished jobs keep running "
                      f"(follow them with `clbench status` and the same sweep options)")
                 break
             time.sleep(poll_s)
@@ -496,24 +358,32 @@ def emit_array(runs: list[PlannedRun], profile: SlurmProfile, out_root: Path, em
 
 def run_task_file(tasks_file: Path, index: int) -> dict[str, Any] | None:
     """One element of an emitted array: line ``index`` of ``tasks_file`` through ``run_job``.
-    On the pre-time-out/preemption signal (USR2) the element requeues itself and later
-    resumes from its last finished task."""
+    The pre-time-out/preemption signal (USR2) asks the run to stop; once it has (at a safe
+    point) the element requeues itself and later resumes from its last finished task. SIGTERM
+    and SIGINT stop it as they stop a local sweep: ``Interrupted`` is raised."""
     lines = Path(tasks_file).read_text().splitlines()
     if not 0 <= index < len(lines):
         raise ConfigError(f"{tasks_file} has {len(lines)} runs; there is no index {index}")
     entry = json.loads(lines[index])
     key, out_root = entry["key"], entry["out_root"]
-
-    def requeue(signum: int, frame: Any) -> None:
-        note_requeue(out_root, key, entry["max_stalled_requeues"])  # raises NotRequeued when stalled
-        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
-        raise SystemExit(0)  # SLURM kills the job now; the requeued one resumes from the checkpoint
-
-    signal.signal(signal.SIGUSR2, requeue)
     identity = job_identity()
     logs = Path(tasks_file).parent / "logs" / str(identity["job_id"])  # array.sbatch: logs/%A_%a.{out,err}
-    update_status(Path(out_root), key, state="starting", stdout=f"{logs}.out", stderr=f"{logs}.err", **identity)
-    return SlurmRun(entry["max_stalled_requeues"])(entry["config"], out_root)
+    try:
+        with stopping.handling((signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)):
+            update_status(Path(out_root), key, state="starting", stdout=f"{logs}.out", stderr=f"{logs}.err",
+                          **identity)
+            return _job(entry["config"], out_root)
+    except stopping.Interrupted as err:
+        if err.signum != signal.SIGUSR2:
+            raise
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # what `scontrol requeue` sends: this process is leaving
+    try:
+        note_requeue(out_root, key, entry["max_stalled_requeues"])
+    except NotRequeued as err:
+        record_failure(Path(out_root), key, str(err))
+        raise
+    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+    raise SystemExit(0)  # SLURM ends the job now; the requeued one resumes from the checkpoint
 
 
 # ================================================================================ the CLI
@@ -554,7 +424,7 @@ def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> 
     if active:
         print(f"[slurm] {len(active)} run(s) already queued or running: not resubmitted")
     for r, s in failed:
-        print(f"[slurm] {r.key} failed before (job {s.job_id}): {_last_line(s.error)}")
+        print(f"[slurm] {r.key} failed before (job {s.job_id}): {last_line(s.error)}")
     if failed:
         print(f"[slurm] {len(failed)} failed run(s) not resubmitted; `clbench status` shows their errors, "
               f"--retry-failed resubmits them")
@@ -573,84 +443,6 @@ def launch(runs: list[PlannedRun], args: argparse.Namespace, out_root: Path) -> 
     return None if waited is None else failures + waited
 
 
-def _add_sweep_command_line(p: argparse.ArgumentParser) -> None:
-    """The sweep's options, plus (hidden, ignored) those that only say how to run it, so that
-    ``clbench status`` + the sweep's own command line works."""
-    add_sweep_arguments(p)
-    add_launcher_arguments(p, hidden=True)
-    for flag in ("--no-progress", "--force", "--dry-run"):
-        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--launcher", help=argparse.SUPPRESS)
-
-
-def _add_status_arguments(p: argparse.ArgumentParser) -> None:
-    _add_sweep_command_line(p)
-    p.add_argument("--lines", type=int, default=5, help="last lines of each failed run's error (default 5)")
-
-
-def status_main(args: argparse.Namespace) -> int:
-    """``clbench status``: one line per run of the sweep the options describe."""
-    runs, out = plan_from_args(args)
-    print(format_states(run_states(runs, out), args.lines))
-    return 0
-
-
-def _add_collect_arguments(p: argparse.ArgumentParser) -> None:
-    _add_sweep_command_line(p)
-    p.add_argument("--from", dest="sources", type=Path, action="append", default=[], metavar="DIR",
-                   help="another results root to gather finished runs from (e.g. a cluster's scratch "
-                        "copied back); repeatable")
-    p.add_argument("--csv", type=Path, default=None, help="also write the sweep's runs, one row each, to this CSV")
-
-
-def _same_run(result: RunResult, run: PlannedRun) -> bool:
-    """The result was made by this run's configuration (its execution settings, such as where
-    the data lives, the device and the worker count, may differ between machines)."""
-    return result.run_key == run.key and without_execution_settings(result.config) == run.config.identity()
-
-
-def collect_main(args: argparse.Namespace) -> int:
-    """``clbench collect``: gather the sweep's finished results into the results root
-    (from ``--from`` roots too), say what is missing, print the table. Exit 1 if incomplete."""
-    runs, out = plan_from_args(args)
-    copied = 0
-    for r in runs:
-        candidates = [result_path(source, r.key) for source in args.sources] if not r.done else []
-        for path in filter(Path.exists, candidates):
-            try:
-                result = read_result(path)
-            except CorruptFileError as err:
-                print(f"[collect] skipped {err}")
-                continue
-            if not _same_run(result, r):
-                print(f"[collect] skipped {path}: made by another configuration than this sweep's {r.key}")
-                continue
-            write_result(r.result_path, result)
-            r.done, copied = True, copied + 1
-            break
-    for r in runs:
-        if r.done and not _same_run(read_result(r.result_path), r):
-            print(f"[collect] warning: {r.result_path} was made by another configuration than the current "
-                  f"recipe of {r.key}; rerun it with --force to replace it")
-    missing = [r for r in runs if not r.done]
-    print(f"[collect] {len(runs) - len(missing)} of {len(runs)} runs finished"
-          + (f" ({copied} gathered from {', '.join(map(str, args.sources))})" if args.sources else "")
-          + f" -> {(out / 'runs').resolve()}")
-    if missing:
-        print(format_states(run_states(missing, out), error_lines=0))
-    only = {str(r.result_path) for r in runs}
-    print(quick_table(out, only=only))
-    if args.csv:
-        table = load_runs(out)
-        table = table[table["path"].isin(only)] if not table.empty else table
-        files.atomic_write_text(args.csv, table.to_csv(index=False))
-        print(f"[collect] wrote {args.csv} ({len(table)} runs)")
-    return 1 if missing else 0
-
-
-COMMANDS = {"status": (_add_status_arguments, status_main), "collect": (_add_collect_arguments, collect_main)}
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m clbench.slurm.launcher TASKS.jsonl [--index I]``: one element of an emitted array
     (the index defaults to ``$SLURM_ARRAY_TASK_ID``)."""
@@ -661,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     index = args.index if args.index is not None else os.environ.get("SLURM_ARRAY_TASK_ID")
     if index is None:
         p.error("no --index and no $SLURM_ARRAY_TASK_ID (this runs inside an array element)")
-    run_task_file(args.tasks, int(index))
+    try:
+        run_task_file(args.tasks, int(index))
+    except KeyboardInterrupt as err:  # SIGTERM or SIGINT: the run was recorded interrupted
+        return 128 + (stopping.interrupted_by(err) or signal.SIGINT)
     return 0
 
 

@@ -2,11 +2,12 @@
 cycle or a project import hidden inside a function fails here, not in a reviewer's head:
 
     core                      clbench, errors, config, files, record, task, metrics, backbones,
-                              options, catalog (torch-free facts and checks), paper (the paper's numbers)
+                              options, catalog (torch-free facts and checks), paper (the paper's numbers),
+                              stopping (signals as a stop state)
     methods, benchmarks       clbench.methods, clbench.benchmarks (neither imports the other)
-    engine                    loading, recipes, measure, protocol, sweep, preflight, speed, gpu_path, probe,
-                              gpu_check
-    top                       clbench.slurm, clbench.report, suite, cli, __main__
+    engine                    loading, loggers, recipes, measure, protocol, plan, jobs, preflight, speed,
+                              gpu_path, probe, gpu_check
+    top                       clbench.slurm, clbench.report, status, sweep, cli, __main__
 
 And ``report`` (and the command line's start-up) never imports torch.
 """
@@ -26,13 +27,14 @@ PACKAGE_DIRS = {"clbench": ROOT / "clbench", "clbench.methods": ROOT / "methods"
                 "clbench.paper": ROOT / "results" / "paper"}
 LAYERS = [
     ("core", ["clbench", "clbench.errors", "clbench.config", "clbench.files", "clbench.record", "clbench.task",
-              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper"]),
+              "clbench.metrics", "clbench.backbones", "clbench.options", "clbench.catalog", "clbench.paper",
+              "clbench.stopping"]),
     ("methods and benchmarks", ["clbench.methods", "clbench.benchmarks"]),
     ("the request, checked without torch", ["clbench.request"]),
     ("engine", ["clbench.loading", "clbench.loggers", "clbench.recipes", "clbench.measure", "clbench.protocol",
                 "clbench.plan", "clbench.jobs", "clbench.preflight", "clbench.speed", "clbench.gpu_path",
                 "clbench.probe", "clbench.gpu_check"]),
-    ("top", ["clbench.slurm", "clbench.report", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
+    ("top", ["clbench.slurm", "clbench.report", "clbench.status", "clbench.sweep", "clbench.cli", "clbench.__main__"]),
 ]
 INDEPENDENT = [("clbench.methods", "clbench.benchmarks")]  # same layer, but neither imports the other
 

@@ -1,7 +1,8 @@
 """The SLURM launcher: profiles, run states, status/collect and the plain-sbatch array without a
 cluster; then, marked ``slurm``, real job arrays on the local single-node cluster that
-``.ci/run`` starts: results equal to a local run, a failing job shown
-by ``status``, a preempted element requeued and resumed, a rerun that submits nothing."""
+``.ci/run`` starts: results equal to a local run, a failing job shown by ``status``, a preempted
+element requeued and resumed, a rerun that submits nothing, and a job (submitit's, and a
+plain-sbatch element) signalled during its checkpoint write requeued and finished."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import interrupt_hooks as hooks  # tests/, on the path as conftest.py's folder
 import pytest
 import submitit
 
@@ -19,9 +21,11 @@ from clbench.benchmarks import BENCHMARKS
 from clbench.cli import main
 from clbench.errors import ConfigError
 from clbench.jobs import read_status, update_status
+from clbench.recipes import resolve_config
 from clbench.record import RunResult
 from clbench.slurm import launcher
-from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue, run_states, submission_path
+from clbench.slurm.launcher import NotRequeued, load_profile, note_requeue
+from clbench.status import run_states, submission_path
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = ["--bench", "toy", "--methods", "full_ft", "--no-progress"]
@@ -296,3 +300,58 @@ def test_array_survives_preemption_equals_local_and_a_rerun_submits_nothing(clus
     assert main(sweep + ON_CLUSTER) == 0
     assert "2 already done, 0 to run" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "slurm").iterdir()) == jobs_before
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_a_job_signalled_during_its_checkpoint_write_is_requeued_and_finishes(cluster, tmp_path, capsys, monkeypatch,
+                                                                             one_thread):
+    """Preemption (submitit's interrupt: SIGTERM, then USR2) while the job writes its first
+    checkpoint (a hook holds the write open until the job knows of the signal): the write
+    completes, then submitit checkpoints and requeues the job, which resumes from that
+    checkpoint and ends with a local run's numbers."""
+    out, latch = tmp_path / "cluster", tmp_path / "latch"
+    monkeypatch.setenv(hooks.ENV, hooks.spec("checkpoint", "SIGUSR2", "wait", latch, out))
+    sweep = TOY + ["--seeds", "0", "--set", "train.epochs=1", "--plugins", hooks.HOOKS_FILE, "--out", str(out)]
+    key = resolve_config("toy", 3, "full_ft", 0, overrides={"train": {"epochs": 1}}).key
+    assert main(sweep + ON_CLUSTER + ["--no-wait"]) == 0
+    wait_until(latch.exists, 300, "the job to be inside its first checkpoint write")
+    job_id = files.read_json(submission_path(out, key))["job_id"]
+    submitit.SlurmJob(out / "slurm" / "%j", job_id)._interrupt()
+    assert main(sweep + ON_CLUSTER) == 0  # waits for the requeued job
+    status = read_status(out, key)
+    assert status["state"] == "done", status
+    assert [a["from_task"] for a in status["attempts"]] == [0, 1], status["attempts"]  # resumed from that checkpoint
+    assert status["attempts"][0]["job_id"] == status["attempts"][1]["job_id"] == job_id
+    local = tmp_path / "local"
+    monkeypatch.delenv(hooks.ENV)
+    assert main(TOY + ["--seeds", "0", "--set", "train.epochs=1", "--out", str(local)]) == 0
+    assert result(out, key).accuracy_matrix == result(local, key).accuracy_matrix
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_an_sbatch_element_signalled_during_its_checkpoint_write_requeues_itself_and_finishes(
+        cluster, tmp_path, monkeypatch, one_thread):
+    """The plain-sbatch array's pre-time-out signal (USR2 to the batch shell, which is python)
+    while the element writes its first checkpoint: the write completes, the element requeues
+    itself, and the requeued element resumes from that checkpoint."""
+    out, latch, emit = tmp_path / "cluster", tmp_path / "latch", tmp_path / "array"
+    monkeypatch.setenv(hooks.ENV, hooks.spec("checkpoint", "SIGUSR2", "wait", latch, out))
+    sweep = TOY + ["--seeds", "0", "--set", "train.epochs=1", "--plugins", hooks.HOOKS_FILE, "--out", str(out)]
+    key = resolve_config("toy", 3, "full_ft", 0, overrides={"train": {"epochs": 1}}).key
+    assert main(sweep + ["--launcher", "sbatch", "--emit", str(emit), "--profile", "local"]) == 0
+    submitted = subprocess.run(["sbatch", "--parsable", str(emit / "array.sbatch")], check=True, capture_output=True,
+                               text=True, timeout=60)
+    job_id = f"{submitted.stdout.strip().split(';')[0]}_0"
+    wait_until(latch.exists, 300, "the element to be inside its first checkpoint write")
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True, timeout=60)
+    wait_until(lambda: record.result_path(out, key).exists(), 300, "the requeued element to finish")
+    status = wait_until(lambda: (lambda s: s if s.get("state") == "done" else None)(read_status(out, key) or {}),
+                        60, "the element's final status")
+    assert [a["from_task"] for a in status["attempts"]] == [0, 1], status["attempts"]
+    assert status["attempts"][0]["job_id"] == status["attempts"][1]["job_id"] == job_id
+    local = tmp_path / "local"
+    monkeypatch.delenv(hooks.ENV)
+    assert main(TOY + ["--seeds", "0", "--set", "train.epochs=1", "--out", str(local)]) == 0
+    assert result(out, key).accuracy_matrix == result(local, key).accuracy_matrix
