@@ -351,3 +351,35 @@ def test_the_whole_comparison_comes_with_joint_full_fine_tuning(tmp_path, capsys
     assert main(["--bench", "toy", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0
     planned = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
     assert [key for key in planned if "/N1/" in key] == ["toy/N1/full_ft/seed0"] and planned[-1] == "toy/N1/full_ft/seed0"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "l2p", "--set", "method.top_k=20"], "method.top_k=20 must be between 1 and method.pool_size=10"),
+    (["--set", "data.val_fraction=1.5", "--eval-on", "val"], "data.val_fraction must be between 0 and 1"),
+    (["--eval-on", "val", "--set", "data.image_cache=true"], "data.eval_on=val with data.image_cache=true"),
+    (["--methods", "coda_prompt", "--set", "method.num_components=3"], "method.num_components=3 gives no component"),
+    (["--methods", "hide_prompt", "--set", "method.pool_size=4"], "pool_size=4 holds fewer prompts than the 10 tasks"),
+], ids=["l2p top_k", "val_fraction", "val with image cache", "coda components per task", "hide pool"])
+def test_a_bad_combination_of_keys_fails_the_plan(tmp_path, capsys, argv, message):
+    """Each configuration section validates its keys' relations when the run is resolved: the
+    plan refuses the combination (also under --dry-run and preflight), once, writing nothing."""
+    for extra in (["--dry-run"], []):
+        assert main(["--bench", "synth", *argv, *extra, "--out", str(tmp_path / "r")]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and err.count("error:") == 1 and "Traceback" not in err
+        assert "runs planned" not in out
+        assert not (tmp_path / "r").exists()
+    assert main(["preflight", "--bench", "synth", *argv, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_dry_run_prints_the_plan_and_each_recipe_before_the_missing_data(tmp_path, capsys, monkeypatch):
+    """A plan whose data is not here (a login node, a laptop) still shows every run's recipe."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--bench", "cub", "--methods", "sdlora", "--seeds", "0", "--dry-run", "--pretrained-path",
+                 str(tmp_path), "--data-root", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")]) == 2
+    out, err = capsys.readouterr()
+    assert "todo  cub/N10/sdlora" in out and "epochs=" in out and "1 runs planned" in out
+    assert "FAIL data of cub" in out
+    assert "CUB-200 (cub): no usable data" in err and err.count("error:") == 1
+    assert not (tmp_path / "r").exists()
