@@ -300,6 +300,8 @@ class PrefixedLines:
     """A ``--jobs`` child's stdout or stderr: each complete line prefixed and written in one
     ``os.write``, so that the children's lines stay whole and say whose they are."""
 
+    encoding, errors = "utf-8", "replace"
+
     def __init__(self, fd: int, prefix: str):
         self.fd, self.prefix, self.pending = fd, prefix, ""
 
@@ -325,6 +327,9 @@ class PrefixedLines:
 
     def isatty(self) -> bool:
         return False
+
+    def writable(self) -> bool:
+        return True
 
     def fileno(self) -> int:
         return self.fd
