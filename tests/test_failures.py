@@ -5,11 +5,13 @@ workers) gets its exit status, one message without a traceback, and a safe state
 Runs are the command line in this process on the tests' ``toy`` benchmark."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -547,27 +549,66 @@ JOBS = ["--seeds", "0,1", "--jobs", "2", "--threads", "1", "--plugins", HOOKS_FI
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at, sig", [("checkpoint", "SIGTERM"), ("evaluate", "SIGINT")])
+@pytest.mark.parametrize("at, sig, parallel", [("checkpoint", "SIGTERM", ["--jobs", "2"]),
+                                               ("evaluate", "SIGINT", ["--devices", "cpu,cpu"])])
 def test_jobs_2_a_signal_to_the_sweep_inside_a_childs_write_stops_every_child_at_a_safe_point(
-        tmp_path, monkeypatch, capfd, two_seeds, at, sig):
+        tmp_path, monkeypatch, capfd, two_seeds, at, sig, parallel):
     out = tmp_path / "out"
     monkeypatch.setenv("CLBENCH_TEST_INTERRUPT", spec(at, sig, os.getpid(), tmp_path / "latch", out))
-    extra = ["--set", "train.eval_batch_size=8"]
+    extra = ["--set", "train.eval_batch_size=8", *parallel]
     assert sweep(out, *JOBS, *extra) == 128 + getattr(signal, sig)
     captured = capfd.readouterr()
     assert (tmp_path / "latch").exists() and no_traceback(captured.err), captured.err
-    assert "2 run(s) on 2 worker(s), 1 thread(s) each" in captured.out
+    assert re.search(r"^2 run\(s\) on 2 worker\(s\)( \(cpu, cpu\))?, 1 thread\(s\) each$", captured.out, re.M)
     found = states(out)
     assert "interrupted" in found.values() and set(found.values()) <= {"interrupted", "done"}, found
     assert f"interrupted by {sig} during task 2/3: its checkpoint holds tasks 1-1" in captured.err
     for line in (captured.out + captured.err).splitlines():  # the children's lines, each whole and prefixed
         if "toy/N3/full_ft" in line:
-            assert line.startswith(("[w1] ", "[w2] ")) and line.count("toy/N3/full_ft") == 1, line
+            assert re.match(r"\[w[12]( cpu)?\] ", line) and line.count("toy/N3/full_ft") == 1, line
     assert captured.err.splitlines()[-1].startswith(f"error: interrupted by {sig}")
     assert temporaries(out) == []
     monkeypatch.delenv("CLBENCH_TEST_INTERRUPT")
     assert sweep(out, *JOBS, *extra) == 0
     assert results(out) == two_seeds and set(states(out).values()) == {"done"}
+
+
+@pytest.mark.slow
+def test_jobs_2_children_stop_at_a_safe_point_when_the_sweep_is_killed(tmp_path, two_seeds):
+    """SIGKILL to a --jobs sweep (the OOM killer, kill -9) while a child writes a checkpoint:
+    the children see their parent gone at their next safe point and stop as on SIGTERM, so no
+    orphan trains on; the rerun resumes to a serial sweep's numbers."""
+    out, latch = tmp_path / "out", tmp_path / "latch"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "CLBENCH_TEST_INTERRUPT": spec("checkpoint", "SIGKILL", "wait", latch, out, sweep_pid=0)}
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "clbench", *TOY, *JOBS, "--out", str(out)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not latch.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert latch.exists(), (tmp_path / "log").read_text()
+        process.kill()  # the sweep's process alone: its children live on, orphans
+        process.wait()
+
+        def settled() -> dict:
+            found = states(out)
+            return found if found and "running" not in found.values() else {}
+
+        deadline = time.time() + 120
+        while not settled() and time.time() < deadline:
+            time.sleep(0.1)
+        found = settled()
+        assert "interrupted" in found.values() and set(found.values()) <= {"interrupted", "done"}, \
+            (found, (tmp_path / "log").read_text())
+        assert "interrupted by SIGTERM during task 2/3: its checkpoint holds tasks 1-1" in (tmp_path / "log").read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever of the session is left
+    assert temporaries(out) == []
+    assert sweep(out, *JOBS) == 0
+    assert results(out) == two_seeds
 
 
 @pytest.mark.slow
