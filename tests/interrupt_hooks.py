@@ -22,7 +22,7 @@ see its main process's state, holds on for a second.
 Two ways in: ``arm(monkeypatch.setattr, ...)`` in a test's own process, or as a ``--plugins``
 file with ``CLBENCH_TEST_INTERRUPT`` set to ``spec(...)``, when it arms itself in every process of
 the sweep but the sweep's own (``--jobs`` children, SLURM jobs). It registers the ``toy``
-benchmark of ``conftest.py`` there too.
+benchmark (``helpers.py``) there too.
 """
 from __future__ import annotations
 
@@ -133,17 +133,17 @@ def arm(setattr_: Callable[[Any, str, Any], None], at: str, sig: str, target: in
 
         setattr_(files, "atomic_replace", hooked_replace)
     elif at == "loader":
-        import conftest
+        import helpers
 
-        real_item = conftest.ToyImages.__getitem__
+        real_item = helpers.ToyImages.__getitem__
 
         def item(self, i):
             in_worker = torch.utils.data.get_worker_info() is not None
-            if in_worker and len(self) == 8 * conftest.TOY_CLASSES and checkpoint_exists():  # the training set
+            if in_worker and len(self) == 8 * helpers.TOY_CLASSES and checkpoint_exists():  # the training set
                 fire(in_worker=True)
             return real_item(self, i)
 
-        setattr_(conftest.ToyImages, "__getitem__", item)
+        setattr_(helpers.ToyImages, "__getitem__", item)
     elif at == "evaluate":
         from clbench.methods import get_method
 
@@ -161,11 +161,9 @@ def arm(setattr_: Callable[[Any, str, Any], None], at: str, sig: str, target: in
 
 
 def _as_plugin() -> None:
-    threads = torch.get_num_threads()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import conftest  # noqa: F401  (the toy benchmark)
+    import helpers  # noqa: F401  (the toy benchmark)
 
-    torch.set_num_threads(threads)  # conftest's import sets two
     raw = os.environ.get(ENV)
     if not raw:
         return
