@@ -72,6 +72,8 @@ def plan(benches: list[str], tasks: list[int] | None, methods: list[str] | None,
                         cfg.data.root = data_root
                     path = record.result_path(out_root, cfg.key)
                     runs.setdefault(cfg.key, PlannedRun(cfg, cfg.key, path, finished(path)))
+    if len(problems) == 1:  # one problem, whichever runs have it: its message alone
+        raise ConfigError(next(iter(problems)))
     if problems:
         raise PlanError([f"{problem} ({', '.join(where[:3])}{f' and {len(where) - 3} more' if len(where) > 3 else ''})"
                          for problem, where in problems.items()])

@@ -38,7 +38,10 @@ def results_root(tmp_path, monkeypatch):
     return root
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects a lane
 def pytest_collection_modifyitems(config, items):
+    """Skip what needs a GPU or a SLURM cluster where there is none; the SLURM tests (real jobs,
+    requeues) belong to the slow lane, which `.ci/run` runs after starting a cluster."""
     import shutil
 
     has_gpu = torch.cuda.is_available()
@@ -46,8 +49,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slurm" in item.keywords and not has_slurm:
-            item.add_marker(pytest.mark.skip(reason="needs a SLURM cluster (sbatch, sacct, srun)"))
+        if "slurm" in item.keywords:
+            item.add_marker(pytest.mark.slow)
+            if not has_slurm:
+                item.add_marker(pytest.mark.skip(reason="needs a SLURM cluster (sbatch, sacct, srun)"))
 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
