@@ -135,7 +135,8 @@ class DualPrompt(PromptMethod):
             e_prompt = self.e_prompts[task.index]
         else:  # past the pool: the selected prompt of each image, and its key pulled
             similarity = cosine_similarity(query, torch.stack(list(self.e_keys)))
-            chosen = select_prompts(similarity.detach(), 1, self.config.train_batchwise_selection)  # [B, 1]
+            chosen = select_prompts(similarity.detach(), 1, self.config.train_batchwise_selection,
+                                    slots=self.config.pool_size)  # [B, 1]
             pull = similarity.gather(1, chosen).sum() / x.shape[0]
             e_prompt = torch.stack(list(self.e_prompts))[chosen[:, 0]]
         out = prompted_forward(self.backbone, x, prefixes=self._prefixes(e_prompt))
