@@ -536,7 +536,7 @@ class Run:
         bounds = np.cumsum(sizes[: t + 1])
         class_sorted = self.config.data.test_order == "class_sorted"
         test = ConcatDataset([self.scenario.test_subset(i, class_sorted) for i in range(t + 1)])
-        loader = self._loader(test, self.config.train.eval_batch_size, False, False, None)
+        loader = self._loader(test, self.eval_batch_size(), False, False, None)
         correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         bounds_t = torch.as_tensor(bounds, device=self.device)
@@ -549,6 +549,15 @@ class Run:
             correct.index_add_(0, task_of, hit)
             total.index_add_(0, task_of, torch.ones_like(hit))
         return correct.tolist(), total.tolist()
+
+    def eval_batch_size(self) -> int:
+        """``train.eval_batch_size``, or for a method that decides over groups of test images
+        (``CLMethod.eval_group_size``: a prompt vote) the largest multiple of its group no
+        larger, and at least one group: each batch then holds whole groups, the same groups
+        at any evaluation batch size."""
+        size = self.config.train.eval_batch_size
+        group = self.method.eval_group_size()
+        return size if group is None else max(size // group, 1) * group
 
     def _flops_per_image(self) -> int:
         x, _ = self.scenario.test_subset(0)[0]

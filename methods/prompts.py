@@ -298,6 +298,11 @@ class PromptMethod(CLMethod):
         check_vit(backbone)
         self.freeze_backbone()
         self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
+        group = getattr(config, "test_vote_batch", None)
+        if getattr(config, "test_batchwise_selection", False) and (group is None or group < 1):
+            raise ValueError(f"{self.name}: test_batchwise_selection votes over groups of test_vote_batch "
+                             f"test images; test_vote_batch={group} must be at least 1 (the ports': their "
+                             f"test batch, e.g. 32)")
 
     @property
     def embed_dim(self) -> int:
@@ -318,6 +323,13 @@ class PromptMethod(CLMethod):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_query(self.backbone, x)
+
+    def eval_group_size(self) -> int | None:
+        """With the ports' test-time vote (``test_batchwise_selection``), its groups of
+        ``test_vote_batch`` test images (``CLMethod.eval_group_size``); else per image."""
+        if getattr(self.config, "test_batchwise_selection", False):
+            return self.config.test_vote_batch
+        return None
 
     def backbone_passes(self) -> int:
         return 2
