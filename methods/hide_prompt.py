@@ -45,6 +45,10 @@ Choices (see also ``benchmarks/recipes/hide_prompt.yaml``):
   learn from sampled features, not from the task's image batches the protocol's stages iterate.
   Their learning rates are the official ones: the TII trainer scales ``ca_lr`` by batch/256,
   the prompt trainer does not (``trainers/hideprompt_trainer.py`` scales only ``lr``).
+* The class statistics are computed in float32, as the official numpy code computes them
+  (``stats_dtype``; methods/gaussian_stats.py): a cluster of identical features keeps a tiny,
+  non-zero float32 variance, and TAP samples it as the official code does; ``stats_dtype:
+  float64`` computes them exactly (such a cluster's variance is 0, and it is skipped).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ import torch.nn.functional as F
 from clbench.config import TrainConfig, one_of
 from clbench.errors import ConfigError
 from clbench.methods.base import HEAD_INITS, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
-from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
+from clbench.methods.gaussian_stats import STATS_DTYPES, ClassGaussians, retrain_on_samples
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
 
@@ -108,6 +112,7 @@ class HiDePrompt(PromptMethod):
         num_centroids: int = 10  # k-means clusters per class (official n_centroids)
         variance_floor: float = 1e-4  # added to the diagonal variance when sampling
         kmeans_n_init: int = 10  # scikit-learn 1.0.2's default, the version HiDe pins
+        stats_dtype: str = one_of("float32", STATS_DTYPES)  # float32: the official numpy; float64: exact
         # -- within-task prediction (stage "prompt"; lr, epochs and schedule from train:)
         prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
         prompt_length: int = 20  # key and value prefix tokens per layer (5 on CIFAR-100)
@@ -207,8 +212,8 @@ class HiDePrompt(PromptMethod):
             self.prompts[task.index].copy_(self.training_prompt(task))
         frozen, instructed, labels = self._task_features(task)
         seed = int(torch.randint(0, 2**31 - 1 - self.num_classes, ()).item())  # from the run's RNG
-        self.tii_stats.fit(frozen, labels, task.classes, seed, cfg.kmeans_n_init)
-        self.prompt_stats.fit(instructed, labels, task.classes, seed, cfg.kmeans_n_init)
+        self.tii_stats.fit(frozen, labels, task.classes, seed, cfg.kmeans_n_init, cfg.stats_dtype)
+        self.prompt_stats.fit(instructed, labels, task.classes, seed, cfg.kmeans_n_init, cfg.stats_dtype)
         self.align_losses = {}
         if task.index == 0:  # one task: nothing to re-balance yet (official: task_id > 0)
             return

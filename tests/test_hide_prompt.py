@@ -95,6 +95,49 @@ def test_small_classes_get_fewer_clusters_and_singletons_are_not_sampled():
     assert ys.tolist() == [0] * 8  # class 1's only cluster has zero variance, as officially skipped
 
 
+def float32_variance(column: np.ndarray) -> np.float32:
+    """By hand, what numpy's float32 ``var`` of a column does: the mean as a running float32 sum
+    over the rows divided by n, then the squared deviations summed so and divided by n."""
+    n, total = np.float32(len(column)), np.float32(0)
+    for value in column:
+        total = np.float32(total + value)
+    mean, squares = np.float32(total / n), np.float32(0)
+    for value in column:
+        deviation = np.float32(value - mean)
+        squares = np.float32(squares + np.float32(deviation * deviation))
+    return np.float32(squares / n)
+
+
+def test_statistics_keep_the_official_float32_variance_of_identical_features():
+    """A cluster of 8 identical features: its float32 variance is what the official np.var
+    gives (tiny, not zero, where the running sum of the copies rounds), so the cluster is sampled;
+    computed exactly (stats_dtype float64) it is 0, and the cluster is skipped."""
+    d = 32
+    copy = torch.from_numpy((np.random.RandomState(0).randn(d) * 4).astype(np.float32))
+    spread = copy.flip(0) + 0.5 * torch.randn(8, d, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([copy.expand(8, d), spread])  # class 0: one cluster of copies, one spread out
+    labels = torch.zeros(16, dtype=torch.long)
+    by_hand = torch.tensor([float32_variance(column) for column in copy.expand(8, d).numpy().T])
+    assert 0 < by_hand.max() < 1e-11 and (by_hand == 0).any()
+    assert np.array_equal(by_hand.numpy(), copy.expand(8, d).numpy().var(0))  # numpy itself
+
+    official, exact = ClassGaussians(d, 2), ClassGaussians(d, 2)
+    for stats, dtype in ((official, "float32"), (exact, "float64")):
+        stats.grow(1)
+        stats.fit(x, labels, range(1), seed=0, n_init=1, dtype=dtype)
+        assert sorted(stats.count[0].tolist()) == [8, 8]
+    copies = int((official.mean[0] - copy).abs().sum(-1).argmin())  # its float32 mean is off by ulps
+    assert torch.equal(official.var[0, copies], by_hand)
+    assert (exact.var[0, int((exact.mean[0] == copy).all(-1).nonzero())] == 0).all()
+    torch.manual_seed(0)
+    _, sampled = official.sample(1, per_centroid=4, total=100)
+    assert len(sampled) == 8  # both clusters, 4 draws each, as the official var.mean() == 0 keeps both
+    _, sampled = exact.sample(1, per_centroid=4, total=100)
+    assert len(sampled) == 4  # the copies' cluster skipped
+    with pytest.raises(ValueError, match="dtype"):
+        official.fit(x, labels, range(1), seed=0, dtype="float16")
+
+
 def test_retraining_on_samples_separates_the_classes():
     torch.manual_seed(0)
     stats = ClassGaussians(dim=8, num_centroids=2)
