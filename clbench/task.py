@@ -67,10 +67,15 @@ class Task:
         return len(self.classes)
 
     def loader(self, augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
-               drop_last: bool | None = None) -> DataLoader:
-        """A DataLoader over this task's training data (CPU tensors, harness labels)."""
+               drop_last: bool | None = None, replicas: int = 1) -> DataLoader:
+        """A DataLoader over this task's training data (CPU tensors, harness labels).
+        ``replicas > 1`` pads every epoch's order as a DistributedSampler over that many
+        processes pads it (``CLMethod.sampler_replicas``; the protocol's training loop asks)."""
+        if replicas == 1:  # the loader factories that know no padding (tests') stay valid
+            return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
+                                    drop_last=drop_last)
         return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
-                                drop_last=drop_last)
+                                drop_last=drop_last, replicas=replicas)
 
     def batches(self, augment: bool = False, shuffle: bool = False,
                 batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

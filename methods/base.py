@@ -140,6 +140,14 @@ class CLMethod(nn.Module):
         a setting of the method, and not on the evaluation batch or the worker count."""
         return None
 
+    def sampler_replicas(self, task: Task) -> int:
+        """1 (default), or the number of processes ``n`` of a torch ``DistributedSampler`` whose
+        padding the training epochs reproduce: the protocol extends every epoch's shuffled order
+        as that sampler does, with the order's own first ``(-len) % n`` indices, so that the
+        epoch divides into ``n`` equal shares (the last batch holds the repeats). Only a method
+        that follows an official multi-process run this closely asks for it (HiDe-Prompt)."""
+        return 1
+
     # -- reporting ----------------------------------------------------------------------------
 
     def backbone_passes(self) -> int:

@@ -306,6 +306,30 @@ def test_stages_run_in_order_on_current_data_and_statistics_have_the_declared_si
     assert 0 <= result.metrics["acc"] <= 100
 
 
+@pytest.mark.parametrize("padding", [True, False])
+def test_epochs_and_statistics_are_padded_as_the_official_distributed_sampler_pads_them(padding, tmp_path,
+                                                                                       monkeypatch):
+    """3 processes of 6 images (batch 18, micro-batches of 6): a task's 32 training images become
+    33 per epoch, the last step 15 in three equal shares of 5 as three processes hold them (not
+    5, 5, 4), and each class's 8 images 9 features for its statistics. Off: nothing repeated."""
+    shares: list[list[int]] = []
+    original_step = HiDePrompt.training_step
+
+    def training_step(self, x, y, task, stage):
+        shares.append(len(x))
+        return original_step(self, x, y, task, stage)
+
+    monkeypatch.setattr(HiDePrompt, "training_step", training_step)
+    overrides = {"train": {**FAST["train"], "batch_size": 18, "micro_batch_size": 6},
+                 "method": {**FAST["method"], "sampler_padding": padding}}
+    run = toy_run(tmp_path, overrides=overrides)
+    run.execute()
+    per_epoch = shares[:6]  # task 1, stage tii, epoch 1: steps of 18 images and the last one
+    assert per_epoch == ([6, 6, 6, 5, 5, 5] if padding else [6, 6, 6, 5, 5, 4])
+    for stats in (run.method.tii_stats, run.method.prompt_stats):
+        assert stats.count.sum(1).tolist() == [9 if padding else 8] * TOY_CLASSES
+
+
 def _swap_last_task_images(order: list[int], sizes: list[int]):
     """A toy benchmark whose last task's training images are replaced by other images."""
     last = set(order[sum(sizes[:-1]):])
