@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
+from clbench.task import pad_like_distributed_sampler
+
 
 def sample_seed(stream: int, epoch: int, index: int, repeat: int = 0) -> int:
     """A 63-bit seed for one sample, hashed from its loader's stream, the pass and its index (and
@@ -45,18 +47,6 @@ class EpochIndices(Sampler):
         epoch, self.passes = self.passes, self.passes + 1  # a generator: runs when the pass starts
         for index in self.order:
             yield epoch, index
-
-
-def pad_like_distributed_sampler(order: list, replicas: int) -> list:
-    """``order`` extended as torch's ``DistributedSampler`` (``drop_last=False``) extends its
-    permutation over ``replicas`` processes: by the order's own first indices (cycling through it
-    again if it is shorter than the padding) up to the next multiple of ``replicas``. Process
-    ``r`` then reads every ``replicas``-th index from ``r``; a step of batches of ``b`` per process
-    covers ``replicas * b`` consecutive indices of this padded order, the last one the repeats."""
-    padding = -len(order) % replicas
-    if padding == 0 or not order:
-        return list(order)
-    return list(order) + [order[i % len(order)] for i in range(padding)]
 
 
 class DistributedPadding(Sampler):

@@ -86,6 +86,18 @@ class Task:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
+def pad_like_distributed_sampler(order: list, replicas: int) -> list:
+    """``order`` extended as torch's ``DistributedSampler`` (``drop_last=False``) extends its
+    permutation over ``replicas`` processes: by the order's own first indices (cycling through it
+    again if it is shorter than the padding) up to the next multiple of ``replicas``. Process
+    ``r`` then reads every ``replicas``-th index from ``r``; a step of batches of ``b`` per process
+    covers ``replicas * b`` consecutive indices of this padded order, the last one the repeats."""
+    padding = -len(order) % replicas
+    if padding == 0 or not order:
+        return list(order)
+    return list(order) + [order[i % len(order)] for i in range(padding)]
+
+
 def task_classes(sizes: list[int], t: int) -> range:
     """The harness labels of task ``t`` in a scenario whose tasks have these ``sizes``."""
     start = sum(sizes[:t])

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from clbench.config import TrainConfig
-from clbench.loading import pad_like_distributed_sampler
 from clbench.methods.base import build_optimizer
+from clbench.task import pad_like_distributed_sampler
 
 STATS_DTYPES = ("float32", "float64")
 

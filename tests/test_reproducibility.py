@@ -19,9 +19,10 @@ from clbench import files, record
 from clbench.benchmarks import BENCHMARKS, Benchmark, get_benchmark, register_benchmark
 from clbench.cli import main
 from clbench.config import RunConfig
-from clbench.loading import pad_like_distributed_sampler, seeded_loader
+from clbench.loading import seeded_loader
 from clbench.recipes import resolve_config
 from clbench.sweep import status_path, update_status
+from clbench.task import pad_like_distributed_sampler
 
 CLASSES = 6
 RUN = ["--bench", "jpeg_tree", "--methods", "full_ft", "--seeds", "0", "--no-progress"]
