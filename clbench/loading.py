@@ -97,7 +97,7 @@ def seeded_loader(dataset: Dataset, stream: int, batch_size: int, shuffle: bool,
     shuffled (or sequential) order from its own generator seeded by ``stream``, every sample
     drawn under its own seed (``SeededSamples``). ``replicas > 1`` pads each pass's order as a
     ``DistributedSampler`` over that many processes does (``DistributedPadding``); a repeated
-    sample is drawn again under the same seed, so it repeats its augmentation too."""
+    sample draws an augmentation of its own."""
     order = RandomSampler(dataset, generator=torch.Generator().manual_seed(stream)) if shuffle \
         else SequentialSampler(dataset)
     keys = EpochIndices(order) if replicas == 1 else DistributedPadding(EpochIndices(order), replicas)

@@ -34,8 +34,8 @@ The head reads the final [CLS]. Specs: baselines.md §2 (``JH-LEE-KR/dualprompt-
   ``test_vote_batch`` consecutive test images, never the evaluation batch (as L2P's, see
   methods/l2p.py): PILOT's DualPrompt tests with batches of its training batch, 24
   (models/dualprompt.py:63), over its class-sorted test set (``data.test_order: class_sorted``).
-  A vote's ties go as the ports' ``torch.topk`` over their counts, padded to the pool's
-  ``pool_size`` slots, breaks them on the CPU (``methods.prompts.majority_vote``), in training
+  A vote's ties are broken as the ports' ``torch.topk`` over their counts (padded to
+  ``pool_size`` slots) breaks them on the CPU (``methods.prompts.majority_vote``), in training
   past the pool as at test.
 """
 from __future__ import annotations

@@ -54,12 +54,13 @@ Choices (see also ``benchmarks/recipes/hide_prompt.yaml``):
   processes (8 x 24 on ImageNet-R): every training epoch of both stages is extended by the
   epoch permutation's first ``(-n) % 8`` images (what torch's ``DistributedSampler.__iter__``
   appends to its permutation), so the last, short step holds 8 equal shares, the repeats in it
-  (``CLMethod.sampler_replicas``, ``clbench.loading.DistributedPadding``); and each class's features for the statistics
-  include the repeats the per-class loaders add (their sampler is never ``set_epoch``-ed: the
-  first positions of ``randperm(n)`` under seed 0). Without ``micro_batch_size`` (one process,
-  as on synth) nothing is padded. The repeats' share of the last step is as official; which
-  images share a process there follows the harness' contiguous micro-batches, not the
-  sampler's stride (the permutations are the harness' own anyway).
+  (``CLMethod.sampler_replicas``, ``clbench.loading.DistributedPadding``); and each class's
+  features for the statistics include the repeats the per-class loaders add (their sampler is
+  never ``set_epoch``-ed: the first positions of ``randperm(n)`` under seed 0). Without
+  ``micro_batch_size`` (one process, as on synth) nothing is padded. The repeats' share of the
+  last step is as official; which images share a process there follows the harness'
+  contiguous micro-batches, not the sampler's stride (the permutations are the harness' own
+  anyway).
 """
 from __future__ import annotations
 

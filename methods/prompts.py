@@ -269,10 +269,11 @@ def majority_vote(idx: torch.Tensor, slots: int) -> torch.Tensor:
     ``torch.topk`` of those counts. Ties are therefore broken as ``torch.topk`` breaks them,
     which is not a fixed rule: on the CPU, for fewer than 64 x ``top_k`` counts, it is an
     introselect (``std::nth_element``, then a sort of the first ``top_k``), so which of equal
-    counts wins depends on the whole vector (counts 5,5,5,5,3,3,3 of ids 0-6 elect 0-3 and 6 at top-5; counts 6,5,4,3,2,2,2,1
-    elect 0-3 and 5). The vote is computed on the CPU, deterministic and the same for a run on
-    any device (the ports ran it on CUDA, whose topk may order ties differently); the
-    previous rule here (the lower id wins) agreed with the ports only when there was no tie.
+    counts wins depends on the whole vector (counts 5,5,5,5,3,3,3 of ids 0-6 elect 0-3 and 6 at
+    top-5; counts 6,5,4,3,2,2,2,1 elect 0-3 and 5). The vote is computed on the CPU,
+    deterministic and the same for a run on any device (the ports ran it on CUDA, whose topk
+    may order ties differently); the previous rule here (the lower id wins) agreed with the
+    ports only when there was no tie.
     """
     top_k = idx.shape[1]
     ids, counts = torch.unique(idx.cpu(), sorted=True, return_counts=True)
