@@ -155,8 +155,7 @@ class DataConfig:
     cache_source_size: int | None = None  # side of the cached training images; None: 256 for 224
     # Order of the test images within each task: "dataset" (its own order) or "class_sorted"
     # (class by class, as PILOT's data manager builds its test set, utils/data_manager.py:59-76).
-    # Only a prediction that depends on other test images sees the difference: a test-time prompt
-    # vote, over groups of consecutive images in this order (CLMethod.eval_group_size).
+    # Only a prediction that depends on the batch (a batchwise prompt vote) sees the difference.
     test_order: str = one_of("dataset", TEST_ORDERS)
     # What a run evaluates on: "test" (the benchmark's test set), or "val": a validation split
     # carved from the training data (``val_fraction`` of each class's training images, drawn
@@ -176,8 +175,7 @@ class DataConfig:
 
 
 # Keys that say how a run executes, not what it computes (the results are the same for any value;
-# a method's prediction for one image must not depend on the rest of its batch, and a prompt vote's
-# groups are the method's own, which the evaluation batches are cut to: CLMethod.eval_group_size):
+# a method's prediction for one image must not depend on the rest of its batch):
 # they stay out of a run's identity: its tag, the check that a checkpoint belongs to it, and
 # `collect`'s check that a result on another machine is the same run. ``overrides`` describes the
 # tag (the command-line layer it was made from), ``log`` and ``save_model`` say what a run writes

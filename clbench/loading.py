@@ -22,14 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from clbench import stopping
-from clbench.task import pad_like_distributed_sampler
 
 
-def sample_seed(stream: int, epoch: int, index: int, repeat: int = 0) -> int:
-    """A 63-bit seed for one sample, hashed from its loader's stream, the pass and its index (and
-    for a sample that a pass repeats, ``DistributedPadding``, the repetition)."""
-    values = (stream, epoch, index) + ((repeat,) if repeat else ())
-    key = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
+def sample_seed(stream: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample, hashed from its loader's stream, the pass and its index."""
+    key = b"".join(int(v).to_bytes(8, "little", signed=True) for v in (stream, epoch, index))
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
@@ -50,25 +47,6 @@ class EpochIndices(Sampler):
             yield epoch, index
 
 
-class DistributedPadding(Sampler):
-    """The ``(epoch, index)`` keys of ``EpochIndices`` each pass, padded by
-    ``pad_like_distributed_sampler``; a repeat's key carries its repetition, ``(epoch, index, 1)``,
-    so that it draws an augmentation of its own, as the official repeat is loaded afresh by
-    another process."""
-
-    def __init__(self, keys: EpochIndices, replicas: int):
-        self.keys = keys
-        self.replicas = replicas
-
-    def __len__(self) -> int:
-        return len(self.keys) + -len(self.keys) % self.replicas
-
-    def __iter__(self) -> Iterator[tuple[int, ...]]:
-        keys = list(self.keys)
-        repeats = pad_like_distributed_sampler(keys, self.replicas)[len(keys):]
-        return iter(keys + [(*key, 1 + i // len(keys)) for i, key in enumerate(repeats)])
-
-
 class SeededSamples(Dataset):
     """``dataset[index]`` for a key ``(epoch, index)``, drawn with torch's RNG seeded by
     ``sample_seed(stream, epoch, index)``; the loading process's own RNG is left as it was.
@@ -81,11 +59,11 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, ...]):
-        epoch, index, *repeat = key
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         rng = torch.default_generator  # what augmentations draw from; saved and restored around them
         state = rng.get_state()
-        rng.manual_seed(sample_seed(self.stream, epoch, index, *repeat))
+        rng.manual_seed(sample_seed(self.stream, epoch, index))
         try:
             return self.dataset[index]
         finally:
@@ -93,16 +71,13 @@ class SeededSamples(Dataset):
 
 
 def seeded_loader(dataset: Dataset, stream: int, batch_size: int, shuffle: bool, drop_last: bool,
-                  num_workers: int, pin_memory: bool = False, replicas: int = 1) -> DataLoader:
+                  num_workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over ``dataset`` whose batches are the same for any ``num_workers``: a
     shuffled (or sequential) order from its own generator seeded by ``stream``, every sample
-    drawn under its own seed (``SeededSamples``). ``replicas > 1`` pads each pass's order as a
-    ``DistributedSampler`` over that many processes does (``DistributedPadding``); a repeated
-    sample draws an augmentation of its own."""
+    drawn under its own seed (``SeededSamples``)."""
     order = RandomSampler(dataset, generator=torch.Generator().manual_seed(stream)) if shuffle \
         else SequentialSampler(dataset)
-    keys = EpochIndices(order) if replicas == 1 else DistributedPadding(EpochIndices(order), replicas)
-    return DataLoader(SeededSamples(dataset, stream), batch_size=batch_size, sampler=keys,
+    return DataLoader(SeededSamples(dataset, stream), batch_size=batch_size, sampler=EpochIndices(order),
                       drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(stream),  # the workers' base seed only
                       persistent_workers=num_workers > 0,  # no worker start-up at every epoch

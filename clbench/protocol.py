@@ -262,9 +262,7 @@ def optimization_step(method: CLMethod, x: torch.Tensor, y: torch.Tensor, task: 
     1 / groups, and one step follows: the gradient that DDP with one group per device computes
     (each device's mean loss, the gradients averaged), also for losses that are not a mean over
     samples (HiDe-Prompt's contrastive term). A short last batch is split as evenly as
-    ``torch.tensor_split`` does; a method that pads its epochs as the DistributedSampler does
-    (``CLMethod.sampler_replicas``: HiDe-Prompt) has one of equal shares, the sampler's repeats
-    in it."""
+    ``torch.tensor_split`` does, as a DistributedSampler shards it over the devices."""
     micro = task.train.micro_batch_size
     scaled = (lambda loss: loss) if scaler is None else scaler.scale
     if micro is None or len(x) <= micro:
@@ -468,14 +466,13 @@ class Run:
         self.inputs = Inputs(self.device, normalization(self.method.backbone) if cfg.backbone.normalize else None)
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-               seed: int | None, replicas: int = 1) -> DataLoader:
-        """A training loader (``seed``: its stream; ``replicas``: a DistributedSampler's padding,
-        ``CLMethod.sampler_replicas``) whose batches do not depend on the worker count
-        (``clbench.loading``), or, without a seed, an evaluation loader in order."""
+                seed: int | None) -> DataLoader:
+        """A training loader (``seed``: its stream) whose batches do not depend on the worker
+        count (``clbench.loading``), or, without a seed, an evaluation loader in order."""
         workers = self.config.train.num_workers
         pin = self.device.type == "cuda"
         if seed is not None:
-            return seeded_loader(dataset, seed, batch_size, shuffle, drop_last, workers, pin, replicas)
+            return seeded_loader(dataset, seed, batch_size, shuffle, drop_last, workers, pin)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last, num_workers=workers,
                           persistent_workers=False, pin_memory=pin, worker_init_fn=stopping.leave_to_the_main_process)
 
@@ -484,12 +481,12 @@ class Run:
         calls = [0]  # each loader made for this task gets its own, reproducible seed
 
         def make_loader(augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
-                        drop_last: bool | None = None, replicas: int = 1) -> DataLoader:
+                        drop_last: bool | None = None) -> DataLoader:
             calls[0] += 1
             scenario = self.scenario if augment else self.plain_scenario
             seed = (self.config.seed * 1_000_003 + t * 10_007 + calls[0]) % 2**63
             loader = self.loader(scenario.train_subset(t), batch_size or train_cfg.batch_size, shuffle,
-                                 train_cfg.drop_last if drop_last is None else drop_last, seed, replicas)
+                                  train_cfg.drop_last if drop_last is None else drop_last, seed)
             if self.device_augment is not None:
                 loader = DeviceBatches(loader, self.device_augment, self.device, train=augment, seed=seed)
             return loader
@@ -502,7 +499,7 @@ class Run:
         """Learn one task (``learn_task``), its stages trained for their epochs over the task's
         augmented, shuffled training data; returns the parameters its optimizers updated."""
         def train_stage(plan: StagePlan) -> None:
-            loader = task.loader(augment=True, shuffle=True, replicas=self.method.sampler_replicas(task))
+            loader = task.loader(augment=True, shuffle=True)
             bar = tqdm(total=plan.epochs * len(loader), disable=not self.progress, leave=False, dynamic_ncols=True,
                        desc=f"{self.config.method} task {task.index + 1}/{task.num_tasks} {plan.stage.name}")
             for epoch in range(plan.epochs):
@@ -581,7 +578,7 @@ class Run:
         bounds = np.cumsum(sizes[: t + 1])
         class_sorted = self.config.data.test_order == "class_sorted"
         test = ConcatDataset([self.scenario.test_subset(i, class_sorted) for i in range(t + 1)])
-        loader = self.loader(test, self.eval_batch_size(), False, False, None)
+        loader = self.loader(test, self.config.train.eval_batch_size, False, False, None)
         correct = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         total = torch.zeros(t + 1, dtype=torch.long, device=self.device)
         bounds_t = torch.as_tensor(bounds, device=self.device)
@@ -595,15 +592,6 @@ class Run:
             correct.index_add_(0, task_of, hit)
             total.index_add_(0, task_of, torch.ones_like(hit))
         return correct.tolist(), total.tolist()
-
-    def eval_batch_size(self) -> int:
-        """``train.eval_batch_size``, or for a method that decides over groups of test images
-        (``CLMethod.eval_group_size``: a prompt vote) the largest multiple of its group no
-        larger, and at least one group: each batch then holds whole groups, the same groups
-        at any evaluation batch size."""
-        size = self.config.train.eval_batch_size
-        group = self.method.eval_group_size()
-        return size if group is None else max(size // group, 1) * group
 
     def _flops_per_image(self) -> int:
         x, _ = self.scenario.test_subset(0)[0]

@@ -68,15 +68,10 @@ class Task:
         return len(self.classes)
 
     def loader(self, augment: bool = True, shuffle: bool = True, batch_size: int | None = None,
-               drop_last: bool | None = None, replicas: int = 1) -> DataLoader:
-        """A DataLoader over this task's training data (CPU tensors, harness labels).
-        ``replicas > 1`` pads every epoch's order as a DistributedSampler over that many
-        processes pads it (``CLMethod.sampler_replicas``; the protocol's training loop asks)."""
-        if replicas == 1:  # the loader factories that know no padding (tests') stay valid
-            return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
-                                    drop_last=drop_last)
+               drop_last: bool | None = None) -> DataLoader:
+        """A DataLoader over this task's training data (CPU tensors, harness labels)."""
         return self.make_loader(augment=augment, shuffle=shuffle, batch_size=batch_size,
-                                drop_last=drop_last, replicas=replicas)
+                                drop_last=drop_last)
 
     def batches(self, augment: bool = False, shuffle: bool = False,
                 batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,18 +81,6 @@ class Task:
                                 drop_last=False):
             stopping.check()  # a method's own pass is a training loop too: a safe point per batch
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def pad_like_distributed_sampler(order: list, replicas: int) -> list:
-    """``order`` extended as torch's ``DistributedSampler`` (``drop_last=False``) extends its
-    permutation over ``replicas`` processes: by the order's own first indices (cycling through it
-    again if it is shorter than the padding) up to the next multiple of ``replicas``. Process
-    ``r`` then reads every ``replicas``-th index from ``r``; a step of batches of ``b`` per process
-    covers ``replicas * b`` consecutive indices of this padded order, the last one the repeats."""
-    padding = -len(order) % replicas
-    if padding == 0 or not order:
-        return list(order)
-    return list(order) + [order[i % len(order)] for i in range(padding)]
 
 
 def task_classes(sizes: list[int], t: int) -> range:

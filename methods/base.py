@@ -125,28 +125,8 @@ class CLMethod(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the classes seen so far, ``[B, num_seen]``, in eval mode. One image's
-        prediction must not depend on the other images of the batch (the one exception:
-        ``eval_group_size``)."""
+        prediction must not depend on the other images of the batch."""
         raise NotImplementedError
-
-    def eval_group_size(self) -> int | None:
-        """``None`` (default): ``predict`` is per image. A method whose prediction of an image
-        depends on other test images (the ports' test-time prompt vote) returns ``g``: it
-        decides over consecutive groups of ``g`` images of the evaluation set, in the order the
-        protocol evaluates it (``data.test_order``), the last group shorter; the protocol then
-        cuts its evaluation batches at multiples of ``g`` (``train.eval_batch_size`` rounded down
-        to one, at least ``g``), so that every batch starts a group and holds whole groups, and
-        ``predict`` splits each batch into groups of ``g`` rows. The numbers then depend on ``g``,
-        a setting of the method, and not on the evaluation batch or the worker count."""
-        return None
-
-    def sampler_replicas(self, task: Task) -> int:
-        """1 (default), or the number of processes ``n`` of a torch ``DistributedSampler`` whose
-        padding the training epochs reproduce: the protocol extends every epoch's shuffled order
-        as that sampler does, with the order's own first ``(-len) % n`` indices, so that the
-        epoch divides into ``n`` equal shares (the last batch holds the repeats). Only a method
-        that follows an official multi-process run this closely asks for it (HiDe-Prompt)."""
-        return 1
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -31,13 +31,7 @@ recipe's default). Differences from the ports, on purpose:
   (``train_batchwise_selection``, backbone/prompt.py:300-317), pulling the selected key; no
   prompt is added. ``pool_size: null`` grows one prompt per task instead.
 * Test selection is per image by default; ``test_batchwise_selection: true`` restores PILOT's
-  batch majority vote (which leaks labels on class-sorted test data), over groups of
-  ``test_vote_batch`` consecutive test images, never the evaluation batch (as L2P's, see
-  methods/l2p.py): PILOT's DualPrompt tests with batches of its training batch, 24
-  (models/dualprompt.py:63), over its class-sorted test set (``data.test_order: class_sorted``).
-  A vote's ties are broken as the ports' ``torch.topk`` over their counts (padded to
-  ``pool_size`` slots) breaks them on the CPU (``methods.prompts.majority_vote``), in training
-  past the pool as at test.
+  batch majority vote (which leaks labels on class-sorted test data).
 """
 from __future__ import annotations
 
@@ -64,7 +58,6 @@ class DualPrompt(PromptMethod):
         pull_coefficient: float = 0.1  # PILOT 0.1; the official port 1.0
         copy_previous_prompt: bool = True  # task t's E-prompt starts from task t-1's
         test_batchwise_selection: bool = False  # PILOT's batch majority vote at test: leaks labels
-        test_vote_batch: int | None = 24  # the test vote's group of test images (PILOT: its test batch, 24)
         pool_size: int | None = 10  # E-prompts at most (the ports' size); None: one per task, always
         train_batchwise_selection: bool = True  # past the pool: the ports' batch vote in training
         head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
@@ -146,8 +139,7 @@ class DualPrompt(PromptMethod):
             e_prompt = self.e_prompts[task.index]
         else:  # past the pool: the selected prompt of each image, and its key pulled
             similarity = cosine_similarity(query, torch.stack(list(self.e_keys)))
-            chosen = select_prompts(similarity.detach(), 1, self.config.train_batchwise_selection,
-                                    slots=self.config.pool_size)  # [B, 1]
+            chosen = select_prompts(similarity.detach(), 1, self.config.train_batchwise_selection)  # [B, 1]
             pull = similarity.gather(1, chosen).sum() / x.shape[0]
             e_prompt = torch.stack(list(self.e_prompts))[chosen[:, 0]]
         out = prompted_forward(self.backbone, x, prefixes=self._prefixes(e_prompt))
@@ -158,8 +150,7 @@ class DualPrompt(PromptMethod):
     def selected_tasks(self, x: torch.Tensor) -> torch.Tensor:
         """The E-prompt each image gets at test, ``[B]`` (prompt t is task t's, for t < pool_size)."""
         similarity = cosine_similarity(self.query(x), torch.stack(list(self.e_keys)))
-        return select_prompts(similarity, 1, self.config.test_batchwise_selection, self.config.test_vote_batch,
-                              slots=self.config.pool_size)[:, 0]
+        return select_prompts(similarity, 1, self.config.test_batchwise_selection)[:, 0]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

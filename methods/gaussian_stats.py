@@ -12,23 +12,6 @@ HiDe-Prompt's ``ca_storage_efficient_method='multi-centroid'`` (thu-ml/HiDe-Prom
 
 The statistics are buffers, so they travel in ``state_dict``; ``grow`` adds empty rows for a
 task's classes (what a resumed run rebuilds before ``load_state_dict``).
-
-Two details follow the official code exactly, by default (``ClassGaussians.fit``):
-
-* **float32.** The official features are float32 and stay so (the ``.cpu().numpy()`` of
-  engines/hide_promtp_wtp_and_tap_engine.py:401 and hide_tii_engine.py:188): scikit-learn's
-  k-means keeps float32 data in float32, and ``np.mean``/``np.var`` (:409-410, :196-197)
-  reduce a float32 array in float32 (over the samples axis, one row after the other). A
-  cluster of identical features then gets a variance that is tiny but not zero wherever the
-  float32 running sum of the copies rounds (8 copies of a ViT feature: up to ~1e-12), so the
-  official ``if var.mean() == 0: continue`` (:465, :330) keeps it and TAP samples it; in
-  float64 the same cluster's variance is exactly 0 and it is skipped. ``dtype="float64"`` is
-  the exact computation, an option.
-* **The DistributedSampler's padding.** The official features of a class come from a loader
-  with a ``DistributedSampler`` over the processes (datasets.py:127-132; never ``set_epoch``-ed,
-  so its permutation is ``torch.randperm(n)`` under seed 0), gathered from all of them
-  (``dist.all_gather``): the class's samples and, where ``n`` does not divide by the process
-  count, repeats of the permutation's first samples. ``replicas`` reproduces that multiset.
 """
 from __future__ import annotations
 
@@ -42,9 +25,6 @@ from sklearn.cluster import KMeans
 
 from clbench.config import TrainConfig
 from clbench.methods.base import build_optimizer
-from clbench.task import pad_like_distributed_sampler
-
-STATS_DTYPES = ("float32", "float64")
 
 
 class ClassGaussians(nn.Module):
@@ -82,37 +62,27 @@ class ClassGaussians(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, labels: torch.Tensor, classes: range, seed: int,
-            n_init: int = 10, dtype: str = "float32", replicas: int = 1) -> None:
+            n_init: int = 10) -> None:
         """Cluster the features of each class in ``classes`` and store its clusters.
 
         ``features`` ``[N, D]`` and ``labels`` ``[N]`` hold (at least) every sample of those
-        classes, in the dataset's order. k-means (scikit-learn, on the CPU, seeded by ``seed`` +
-        class), the clusters' means and variances are computed in ``dtype``: ``float32`` as the
-        official code, ``float64`` exactly (see the module docstring). ``replicas > 1`` adds to
-        each class the repeats that a ``DistributedSampler`` over that many processes adds: the
-        samples at the first ``(-n) % replicas`` positions of ``torch.randperm(n)`` under seed 0.
+        classes. k-means runs in float64 on the CPU (scikit-learn), seeded by ``seed`` + class.
         """
         if classes.stop > self.num_classes:
             raise ValueError(f"statistics hold {self.num_classes} classes; grow() them before fitting "
                              f"classes up to {classes.stop - 1}")
-        if dtype not in STATS_DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(STATS_DTYPES)}, got '{dtype}'")
-        feats = features.detach().to(getattr(torch, dtype)).cpu().numpy()
+        feats = features.detach().double().cpu().numpy()
         labels = labels.detach().cpu().numpy()
         for c in classes:
             x = feats[labels == c]
             if len(x) == 0:
                 raise ValueError(f"no samples of class {c} to compute its statistics from")
-            if -len(x) % replicas:
-                permutation = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).tolist()
-                repeats = pad_like_distributed_sampler(permutation, replicas)[len(x):]
-                x = np.concatenate([x, x[repeats]])  # the class's samples, then the sampler's repeats
             # As official whenever a class has at least 2K samples; below that (where the official
             # KMeans fails or makes singletons, which sampling skips) clusters average two samples.
             k = min(self.num_centroids, max(1, len(x) // 2))
             assignment = KMeans(n_clusters=k, n_init=n_init, random_state=seed + c).fit(x).labels_
-            mean = np.zeros((self.num_centroids, self.dim), dtype=x.dtype)
-            var = np.zeros((self.num_centroids, self.dim), dtype=x.dtype)
+            mean = np.zeros((self.num_centroids, self.dim))
+            var = np.zeros((self.num_centroids, self.dim))
             count = np.zeros(self.num_centroids, dtype=np.int64)
             for j in range(k):
                 members = x[assignment == j]

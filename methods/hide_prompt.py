@@ -45,22 +45,6 @@ Choices (see also ``benchmarks/recipes/hide_prompt.yaml``):
   learn from sampled features, not from the task's image batches the protocol's stages iterate.
   Their learning rates are the official ones: the TII trainer scales ``ca_lr`` by batch/256,
   the prompt trainer does not (``trainers/hideprompt_trainer.py`` scales only ``lr``).
-* The class statistics are computed in float32, as the official numpy code computes them
-  (``stats_dtype``; methods/gaussian_stats.py): a cluster of identical features keeps a tiny,
-  non-zero float32 variance, and TAP samples it as the official code does; ``stats_dtype:
-  float64`` computes them exactly (such a cluster's variance is 0, and it is skipped).
-* ``sampler_padding`` (default on) reproduces the padding of the official DistributedSampler
-  (datasets.py:99, :131; drop_last False) over its ``train.batch_size / train.micro_batch_size``
-  processes (8 x 24 on ImageNet-R): every training epoch of both stages is extended by the
-  epoch permutation's first ``(-n) % 8`` images (what torch's ``DistributedSampler.__iter__``
-  appends to its permutation), so the last, short step holds 8 equal shares, the repeats in it
-  (``CLMethod.sampler_replicas``, ``clbench.loading.DistributedPadding``); and each class's
-  features for the statistics include the repeats the per-class loaders add (their sampler is
-  never ``set_epoch``-ed: the first positions of ``randperm(n)`` under seed 0). Without
-  ``micro_batch_size`` (one process, as on synth) nothing is padded. The repeats' share of the
-  last step is as official; which images share a process there follows the harness'
-  contiguous micro-batches, not the sampler's stride (the permutations are the harness' own
-  anyway).
 """
 from __future__ import annotations
 
@@ -74,7 +58,7 @@ import torch.nn.functional as F
 from clbench.config import TrainConfig, one_of
 from clbench.errors import ConfigError
 from clbench.methods.base import HEAD_INITS, ExpandingLinear, Stage, Task, masked_cross_entropy, register_method
-from clbench.methods.gaussian_stats import STATS_DTYPES, ClassGaussians, retrain_on_samples
+from clbench.methods.gaussian_stats import ClassGaussians, retrain_on_samples
 from clbench.methods.prompts import Prefix, PromptMethod, prompted_forward
 
 
@@ -124,9 +108,6 @@ class HiDePrompt(PromptMethod):
         num_centroids: int = 10  # k-means clusters per class (official n_centroids)
         variance_floor: float = 1e-4  # added to the diagonal variance when sampling
         kmeans_n_init: int = 10  # scikit-learn 1.0.2's default, the version HiDe pins
-        stats_dtype: str = one_of("float32", STATS_DTYPES)  # float32: the official numpy; float64: exact
-        # -- the official DistributedSampler over batch_size / micro_batch_size processes
-        sampler_padding: bool = True  # pad each epoch, and each class's statistics, as it pads them
         # -- within-task prediction (stage "prompt"; lr, epochs and schedule from train:)
         prompt_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
         prompt_length: int = 20  # key and value prefix tokens per layer (5 on CIFAR-100)
@@ -199,14 +180,6 @@ class HiDePrompt(PromptMethod):
     def stages(self, task: Task) -> list[Stage]:
         return [Stage("tii", epochs=self.config.tii_epochs), Stage("prompt")]
 
-    def sampler_replicas(self, task: Task) -> int:
-        """The official processes, ``train.batch_size / train.micro_batch_size`` (one without
-        micro-batches), when ``sampler_padding`` reproduces their sampler's padding; else 1."""
-        micro = task.train.micro_batch_size
-        if not self.config.sampler_padding or micro is None or micro >= task.train.batch_size:
-            return 1
-        return task.train.batch_size // micro
-
     def param_groups(self, task: Task, stage: Stage) -> list[dict[str, Any]]:
         if stage.name == "tii":
             return [{"params": [*self.tii_mlp.parameters(), *self.tii_head.parameters()]}]
@@ -236,9 +209,8 @@ class HiDePrompt(PromptMethod):
             self.prompts[task.index].copy_(self.training_prompt(task))
         frozen, instructed, labels = self._task_features(task)
         seed = int(torch.randint(0, 2**31 - 1 - self.num_classes, ()).item())  # from the run's RNG
-        replicas = self.sampler_replicas(task)
-        self.tii_stats.fit(frozen, labels, task.classes, seed, cfg.kmeans_n_init, cfg.stats_dtype, replicas)
-        self.prompt_stats.fit(instructed, labels, task.classes, seed, cfg.kmeans_n_init, cfg.stats_dtype, replicas)
+        self.tii_stats.fit(frozen, labels, task.classes, seed, cfg.kmeans_n_init)
+        self.prompt_stats.fit(instructed, labels, task.classes, seed, cfg.kmeans_n_init)
         self.align_losses = {}
         if task.index == 0:  # one task: nothing to re-balance yet (official: task_id > 0)
             return

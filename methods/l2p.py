@@ -14,23 +14,9 @@ prompts **batchwise** at test too (the majority vote of the batch serves every i
 an image's prediction depend on the rest of its batch and leaks labels on class-sorted test data.
 Here the test selection is per image by default; ``test_batchwise_selection: true`` restores the
 ports' behaviour (and is written into the result file), voting over groups of ``test_vote_batch``
-images. Training keeps the ports' batchwise vote (``train_batchwise_selection``).
-
-The test vote's groups are a setting of the method, never the evaluation batch: consecutive
-runs of ``test_vote_batch`` images of the evaluation set (every class seen so far), in the
-protocol's order, the last run shorter. PILOT's L2P evaluates with a DataLoader of its training
-batch size (32 on ImageNet-R, 16 on CIFAR-100; models/l2p.py:63, shuffle=False) over a test set
-that its data manager concatenates class by class (utils/data_manager.py:59-76), so its vote
-groups are the 32 (16) consecutive images of the class-sorted test set: PILOT's setting is
-``test_vote_batch: 32`` (the recipe's) with ``data.test_order: class_sorted``. The method says
-so through ``eval_group_size`` (methods/prompts.py), and the protocol cuts its evaluation
-batches at multiples of the group: ``train.eval_batch_size`` and ``train.num_workers`` stay
-execution settings that change no number (at an evaluation batch of 100 the groups would
-otherwise be cut at 100, 200, ...).
-
-A vote's ties are broken as the ports break them, by ``torch.topk`` over their layout of the
-counts, on the CPU (``methods.prompts.majority_vote``); this applies to the training vote
-(``train_batchwise_selection``, the ports' default, kept) as much as to the test vote.
+images (PILOT's test batch is 32, its test set class-sorted: ``data.test_order: class_sorted``; the
+protocol's evaluation batch of 256 is a multiple of 32, so the groups are the ports' batches).
+Training keeps the ports' batchwise vote (``train_batchwise_selection``).
 
 ``prompt_mode: prefix`` is CODA-Prompt's "L2P++" (docs/methods/l2p.md §L2P++ (prefix mode)): the
 chosen prompts become a prefix of block 0 instead of input tokens (each prompt's first half its key
@@ -70,7 +56,7 @@ class L2P(PromptMethod):
         pull_coefficient: float = 0.1  # weight of the query-key cosine in the loss
         train_batchwise_selection: bool = True  # the ports' batch majority vote while training
         test_batchwise_selection: bool = False  # the same at test: ports' default, leaks labels
-        test_vote_batch: int | None = 32  # the test vote's group of test images (PILOT: its test batch, 32)
+        test_vote_batch: int | None = None  # the test vote's group of images (PILOT: its test batch, 32)
         prompt_mode: str = one_of("input", PROMPT_MODES)  # input (L2P) | prefix (CODA's L2P++: block 0, half key, half value)
         head_init: str = one_of("trunc_normal", HEAD_INITS)  # the ports' timm ViT head; see init_head_rows
 

@@ -40,7 +40,7 @@ from clbench.errors import ConfigError
 from clbench.methods.base import CLMethod, ExpandingLinear, Task
 
 __all__ = ["Prefix", "PromptedTokens", "check_vit", "prefix_attention", "prompted_forward",
-           "frozen_query", "cosine_similarity", "select_prompts", "majority_vote", "PromptMethod"]
+           "frozen_query", "cosine_similarity", "select_prompts", "PromptMethod"]
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "proj", "num_heads", "head_dim")
@@ -237,16 +237,14 @@ def cosine_similarity(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool = False,
-                   vote_batch: int | None = None, slots: int | None = None) -> torch.Tensor:
+                   vote_batch: int | None = None) -> torch.Tensor:
     """Indices ``[B, top_k]`` of the prompts each sample uses.
 
     Per sample (default): its own ``top_k`` most similar keys. ``batchwise=True`` is the
-    L2P/DualPrompt ports' majority vote (:func:`majority_vote`): the ``top_k`` ids chosen most
-    often serve every sample of a vote group, so one image's prompt depends on the others. The
-    groups are consecutive runs of ``vote_batch`` rows (the last one shorter), or the whole batch
-    when ``vote_batch`` is None: the ports vote over each of their batches. At test the groups
-    are the method's, not the evaluation batch's (``CLMethod.eval_group_size``). ``slots`` is
-    the ports' pool size, the length of their vote's counts (default: the keys compared).
+    L2P/DualPrompt ports' majority vote: the ``top_k`` ids chosen most often over the batch
+    (ties to the lower id) serve every sample, so one image's prompt depends on the others.
+    ``vote_batch`` votes within consecutive groups of that many rows instead of the whole
+    batch: the ports' vote over their own (smaller) test batches.
     """
     pool = similarity.shape[1]
     if not 1 <= top_k <= pool:
@@ -254,35 +252,12 @@ def select_prompts(similarity: torch.Tensor, top_k: int, batchwise: bool = False
     idx = similarity.topk(top_k, dim=1).indices
     if not batchwise:
         return idx
-    votes = idx.cpu()  # one transfer for every group of the batch: the vote runs on the CPU
-    size = vote_batch or len(votes)
-    chosen = [majority_vote(group, max(slots or pool, pool)).expand(len(group), -1)
-              for group in votes.split(size)]
-    return torch.cat(chosen).to(idx.device)
-
-
-def majority_vote(idx: torch.Tensor, slots: int) -> torch.Tensor:
-    """The ports' batchwise vote over one group's choices ``idx`` ``[n, top_k]``: ``[top_k]`` ids.
-
-    Counted as the ports count (l2p-pytorch prompt.py:72-79, dualprompt-pytorch prompt.py:101-108,
-    PILOT backbone/prompt.py:304-311 and :449-456): the ids that were chosen, ascending, with
-    their counts, padded with zero counts up to the pool's ``slots``; the winners are
-    ``torch.topk`` of those counts. Ties are therefore broken as ``torch.topk`` breaks them,
-    which is not a fixed rule: on the CPU, for fewer than 64 x ``top_k`` counts, it is an
-    introselect (``std::nth_element``, then a sort of the first ``top_k``), so which of equal
-    counts wins depends on the whole vector (counts 5,5,5,5,3,3,3 of ids 0-6 elect 0-3 and 6 at
-    top-5; counts 6,5,4,3,2,2,2,1 elect 0-3 and 5). The vote is computed on the CPU,
-    deterministic and the same for a run on any device (the ports ran it on CUDA, whose topk
-    may order ties differently); the previous rule here (the lower id wins) agreed with the
-    ports only when there was no tie.
-    """
-    top_k = idx.shape[1]
-    ids, counts = torch.unique(idx.cpu(), sorted=True, return_counts=True)
-    missing = slots - len(ids)
-    if missing > 0:  # the ports' padding (as jnp.unique's fill): the smallest id, with no votes
-        ids = torch.cat([ids, ids[:1].expand(missing)])
-        counts = torch.cat([counts, counts.new_zeros(missing)])
-    return ids[torch.topk(counts, top_k).indices]
+    if vote_batch is not None and vote_batch < similarity.shape[0]:
+        return torch.cat([select_prompts(part, top_k, True) for part in similarity.split(vote_batch)])
+    votes = torch.bincount(idx.flatten(), minlength=pool)
+    # stable sort on -votes keeps the lower id first among equals
+    majority = torch.sort(-votes, stable=True).indices[:top_k]
+    return majority.unsqueeze(0).expand(similarity.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------ the shared base
@@ -300,11 +275,6 @@ class PromptMethod(CLMethod):
         check_vit(backbone)
         self.freeze_backbone()
         self.head = ExpandingLinear(self.feature_dim, init=config.head_init)  # each Config names its own
-        group = getattr(config, "test_vote_batch", None)
-        if getattr(config, "test_batchwise_selection", False) and (group is None or group < 1):
-            raise ConfigError(f"{self.name}: test_batchwise_selection votes over groups of test_vote_batch "
-                             f"test images; test_vote_batch={group} must be at least 1 (the ports': their "
-                             f"test batch, e.g. 32)")
 
     @property
     def embed_dim(self) -> int:
@@ -325,13 +295,6 @@ class PromptMethod(CLMethod):
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_query(self.backbone, x)
-
-    def eval_group_size(self) -> int | None:
-        """With the ports' test-time vote (``test_batchwise_selection``), its groups of
-        ``test_vote_batch`` test images (``CLMethod.eval_group_size``); else per image."""
-        if getattr(self.config, "test_batchwise_selection", False):
-            return self.config.test_vote_batch
-        return None
 
     def backbone_passes(self) -> int:
         return 2

@@ -93,49 +93,6 @@ def test_small_classes_get_fewer_clusters_and_singletons_are_not_sampled():
     assert ys.tolist() == [0] * 8  # class 1's only cluster has zero variance, as officially skipped
 
 
-def float32_variance(column: np.ndarray) -> np.float32:
-    """By hand, what numpy's float32 ``var`` of a column does: the mean as a running float32 sum
-    over the rows divided by n, then the squared deviations summed so and divided by n."""
-    n, total = np.float32(len(column)), np.float32(0)
-    for value in column:
-        total = np.float32(total + value)
-    mean, squares = np.float32(total / n), np.float32(0)
-    for value in column:
-        deviation = np.float32(value - mean)
-        squares = np.float32(squares + np.float32(deviation * deviation))
-    return np.float32(squares / n)
-
-
-def test_statistics_keep_the_official_float32_variance_of_identical_features():
-    """A cluster of 8 identical features: its float32 variance is what the official np.var
-    gives (tiny, not zero, where the running sum of the copies rounds), so the cluster is sampled;
-    computed exactly (stats_dtype float64) it is 0, and the cluster is skipped."""
-    d = 32
-    copy = torch.from_numpy((np.random.RandomState(0).randn(d) * 4).astype(np.float32))
-    spread = copy.flip(0) + 0.5 * torch.randn(8, d, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([copy.expand(8, d), spread])  # class 0: one cluster of copies, one spread out
-    labels = torch.zeros(16, dtype=torch.long)
-    by_hand = torch.tensor([float32_variance(column) for column in copy.expand(8, d).numpy().T])
-    assert 0 < by_hand.max() < 1e-11 and (by_hand == 0).any()
-    assert np.array_equal(by_hand.numpy(), copy.expand(8, d).numpy().var(0))  # numpy itself
-
-    official, exact = ClassGaussians(d, 2), ClassGaussians(d, 2)
-    for stats, dtype in ((official, "float32"), (exact, "float64")):
-        stats.grow(1)
-        stats.fit(x, labels, range(1), seed=0, n_init=1, dtype=dtype)
-        assert sorted(stats.count[0].tolist()) == [8, 8]
-    copies = int((official.mean[0] - copy).abs().sum(-1).argmin())  # its float32 mean is off by ulps
-    assert torch.equal(official.var[0, copies], by_hand)
-    assert (exact.var[0, int((exact.mean[0] == copy).all(-1).nonzero())] == 0).all()
-    torch.manual_seed(0)
-    _, sampled = official.sample(1, per_centroid=4, total=100)
-    assert len(sampled) == 8  # both clusters, 4 draws each, as the official var.mean() == 0 keeps both
-    _, sampled = exact.sample(1, per_centroid=4, total=100)
-    assert len(sampled) == 4  # the copies' cluster skipped
-    with pytest.raises(ValueError, match="dtype"):
-        official.fit(x, labels, range(1), seed=0, dtype="float16")
-
-
 def test_retraining_on_samples_separates_the_classes():
     torch.manual_seed(0)
     stats = ClassGaussians(dim=8, num_centroids=2)
@@ -302,30 +259,6 @@ def test_stages_run_in_order_on_current_data_and_statistics_have_the_declared_si
     assert cost["stored_features"] == 2 * TOY_CLASSES * k * (2 * d + 1)
     assert cost["trainable_params"] > 0 and cost["flops_per_image"] > 0
     assert 0 <= result.metrics["acc"] <= 100
-
-
-@pytest.mark.parametrize("padding", [True, False])
-def test_epochs_and_statistics_are_padded_as_the_official_distributed_sampler_pads_them(padding, tmp_path,
-                                                                                       monkeypatch):
-    """3 processes of 6 images (batch 18, micro-batches of 6): a task's 32 training images become
-    33 per epoch, the last step 15 in three equal shares of 5 as three processes hold them (not
-    5, 5, 4), and each class's 8 images 9 features for its statistics. Off: nothing repeated."""
-    shares: list[list[int]] = []
-    original_step = HiDePrompt.training_step
-
-    def training_step(self, x, y, task, stage):
-        shares.append(len(x))
-        return original_step(self, x, y, task, stage)
-
-    monkeypatch.setattr(HiDePrompt, "training_step", training_step)
-    overrides = {"train": {**FAST["train"], "batch_size": 18, "micro_batch_size": 6},
-                 "method": {**FAST["method"], "sampler_padding": padding}}
-    run = toy_run(tmp_path, overrides=overrides)
-    run.execute()
-    per_epoch = shares[:6]  # task 1, stage tii, epoch 1: steps of 18 images and the last one
-    assert per_epoch == ([6, 6, 6, 5, 5, 5] if padding else [6, 6, 6, 5, 5, 4])
-    for stats in (run.method.tii_stats, run.method.prompt_stats):
-        assert stats.count.sum(1).tolist() == [9 if padding else 8] * TOY_CLASSES
 
 
 def _swap_last_task_images(order: list[int], sizes: list[int]):

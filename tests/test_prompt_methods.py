@@ -197,7 +197,7 @@ def test_l2p_votes_over_its_test_vote_batch_as_the_ports_vote_over_their_test_ba
         return torch.where(from_first[:, None], first, second)
 
     method.query = query
-    with torch.no_grad():  # first half votes prompts 0-4, second half 5-9: over 16 a tie, which topk gives 5-9
+    with torch.no_grad():  # first half votes prompts 0-4, second half 5-9: over 16 a tie, won by 0-4
         method.keys.copy_(torch.cat([first.expand(5, -1), second.expand(5, -1)]) + 1e-3 * torch.randn(10, d))
     ports = copy.deepcopy(method)
     ports.config.test_vote_batch = None  # the ports: one vote per test batch

@@ -25,7 +25,6 @@ from clbench.jobs import claim_path, status_path, update_status
 from clbench.loading import seeded_loader
 from clbench.protocol import SOURCE_ROOT
 from clbench.recipes import resolve_config
-from clbench.task import pad_like_distributed_sampler
 
 CLASSES = 6
 RUN = ["--bench", "jpeg_tree", "--methods", "full_ft", "--seeds", "0", "--no-progress"]
@@ -102,35 +101,6 @@ def test_seeded_samples_draw_per_sample_not_per_process():
     state = torch.get_rng_state()
     list(seeded_loader(Noisy(), 5, 4, True, False, 0))
     assert torch.equal(torch.get_rng_state(), state)  # the loading process's RNG is untouched
-
-
-@pytest.mark.parametrize("n, replicas", [(10, 4), (10, 5), (3, 8), (1, 3), (17, 8)])
-def test_padding_is_torchs_distributed_sampler_padding(n, replicas):
-    """The padded order, read as the processes' shards interleaved (process r takes every
-    replicas-th index from r), is exactly what torch's DistributedSampler hands the processes for
-    the same permutation; a pass's repeats draw their own augmentation, at any worker count."""
-    from torch.utils.data import DistributedSampler
-
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
-    padded = pad_like_distributed_sampler(order, replicas)
-    shards = [[order[i] for i in DistributedSampler(range(n), replicas, r, shuffle=False)] for r in range(replicas)]
-    assert padded == [shard[step] for step in range(len(shards[0])) for shard in shards]
-    assert len(padded) % replicas == 0 and padded[:n] == order
-
-    def first_pass(workers: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loader = seeded_loader(Noisy(), stream=5, batch_size=batch_size, shuffle=True, drop_last=False,
-                               num_workers=workers, replicas=replicas)
-        x, i = zip(*loader)
-        return torch.cat(x), torch.cat(i)
-
-    a0, order0 = first_pass(0, 4)
-    b0, order1 = first_pass(2, 3)
-    assert torch.equal(a0, b0) and torch.equal(order0, order1)
-    assert len(order0) == len(a0) == 10 + -10 % replicas
-    plain = seeded_loader(Noisy(), stream=5, batch_size=4, shuffle=True, drop_last=False, num_workers=0)
-    assert torch.equal(order0[:10], torch.cat([i for _, i in plain]))  # the same permutation, then repeats
-    assert torch.equal(order0[10:], order0[:len(order0) - 10])
-    assert not torch.isin(a0[10:], a0[:10]).any()  # a repeat is a new draw of its sample
 
 
 def test_worker_count_is_an_execution_setting():
