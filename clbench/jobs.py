@@ -354,7 +354,8 @@ def _child(index: int, runs: list[PlannedRun], out_root: Path, device: str | Non
     except Exception as err:  # a bug outside any run
         crash = failure_text(err)
     finally:
-        reports.put((index, failures, user_error, signum, crash))
+        if os.getppid() == parent:  # else nobody reads it, and the queue would wait for a reader at exit
+            reports.put((index, failures, user_error, signum, crash))
         sys.stdout.close()
         sys.stderr.close()
 

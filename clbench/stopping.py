@@ -37,6 +37,9 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         super().__init__(signal.Signals(signum).name)
 
+    def __reduce__(self) -> tuple:  # pickled (a job's error, a process's report) as its signal
+        return type(self), (self.signum,)
+
 
 class SharedStop:
     """The stop state of the processes of one sweep, in shared memory (pass it to a child
