@@ -21,12 +21,14 @@ from PIL import Image
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from clbench import record
-from clbench.benchmarks.base import BENCHMARKS, Benchmark, register_benchmark
+from clbench import measure, record, speed
+from clbench.benchmarks.base import BENCHMARKS, Benchmark, get_benchmark, register_benchmark
 from clbench.config import RunConfig, TrainConfig
 from clbench.methods import METHODS, get_method
 from clbench.methods.base import Task
 from clbench.methods.lora import LoRAQKV, lora_layers
+from clbench.protocol import Run
+from clbench.recipes import resolve_config
 from clbench.record import RunResult, TaskRecord
 
 # ------------------------------------------------------------------------------ the toy benchmark
@@ -280,3 +282,38 @@ def write_run(root: Path, benchmark: str, method: str, seed: int, curve: list[fl
     path = record.result_path(root, key)
     record.write_result(path, result)
     return path
+
+
+# ----------------------------------------------------------------------------- speed and GPU-path tests
+
+SPEED_SYNTH = ["speed", "--bench", "synth", "--device", "cpu", "--set", "backbone.pretrained=false",
+               "--steps", "3", "--warmup", "1", "--images-per-class", "2", "--threads", "1"]
+
+
+def data_rows(out: str) -> list[list[str]]:
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def built_for_speed(method_name: str, device: str, tasks: int = 2):
+    """A method built, grown and begun on task 0 of the toy benchmark as `clbench speed` builds it,
+    and a batch for it."""
+    setting = speed.Setting(bench=get_benchmark("toy"), num_tasks=tasks, device=torch.device(device), overrides={},
+                            seed=0, timing=measure.Timing(torch.device(device), 0, 1), steps_between=1,
+                            images_per_class=2, batch_size=8, eval_batch_size=8)
+    method, cfg, sizes, inputs = speed.build_method(setting, method_name)
+    task = speed.synthetic_task(setting, cfg, sizes, 0, inputs)
+    method.grow(task)
+    method.to(device)
+    method.begin_task(task)
+    x, y = speed.random_batch(task, 8, speed.image_size(setting, cfg), inputs, 0)
+    return method, task, x, y
+
+
+def speed_bench(name: str):
+    return get_benchmark(name)
+
+
+def toy_run(root, method: str = "full_ft", seed: int = 0, **train):
+    cfg = resolve_config("toy", 2, method, seed, None, {"train": {"epochs": 1, **train}}, "cpu")
+    return Run(cfg, root, progress=False).execute()

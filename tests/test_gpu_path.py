@@ -10,6 +10,8 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import built_for_speed as built
+from helpers import toy_run
 
 from clbench import gpu_path
 from clbench.benchmarks.image_cache import DeviceAugment, SourceImage
@@ -18,15 +20,8 @@ from clbench.errors import ConfigError
 from clbench.methods import get_method
 from clbench.methods.base import Stage
 from clbench.methods.full_ft import FullFineTuning
-from clbench.protocol import Run, autocast_for, grad_scaler_for, optimization_step, resolve_precision
+from clbench.protocol import autocast_for, grad_scaler_for, optimization_step, resolve_precision
 from clbench.recipes import resolve_config
-from tests.test_speed import _built as built
-
-
-def toy_run(root, method: str = "full_ft", seed: int = 0, **train):
-    cfg = resolve_config("toy", 2, method, seed, None, {"train": {"epochs": 1, **train}}, "cpu")
-    return Run(cfg, root, progress=False).execute()
-
 
 # ------------------------------------------------------------------------------ precision
 
@@ -219,7 +214,8 @@ def test_a_compiled_sdlora_step_on_cpu_matches_eager():
 
 
 def test_speed_prints_the_official_branch_forms_flops_beside_ours(results_root, tmp_path, capsys):
-    from tests.test_speed import SYNTH, data_rows
+    from helpers import SPEED_SYNTH as SYNTH
+    from helpers import data_rows
 
     report = tmp_path / "speed.json"
     assert main(SYNTH + ["--methods", "sdlora", "--vs", "sdlora", "--tasks", "4", "--batch-size", "16",

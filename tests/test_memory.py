@@ -4,13 +4,13 @@ checked against tensors of known size allocated where it measures, and where it 
 from __future__ import annotations
 
 import torch
+from helpers import toy_run
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench.measure import LiveTensorBytes, SteadyStepPeak, storage_bytes
 from clbench.methods.full_ft import FullFineTuning
 from clbench.protocol import TaskMemory
 from clbench.task import Task
-from tests.test_gpu_path import toy_run
 
 FLOAT = 4  # bytes
 

@@ -11,21 +11,15 @@ import statistics
 
 import pytest
 import torch
+from helpers import SPEED_SYNTH as SYNTH
+from helpers import built_for_speed as _built
+from helpers import data_rows
 
 from clbench import gpu_path, measure, speed
-from clbench.benchmarks import get_benchmark
 from clbench.cli import main
 from clbench.methods import METHODS, ordered_methods
 from clbench.methods.full_ft import FullFineTuning
 from clbench.protocol import autocast_for, compile_blocks, optimization_step
-
-SYNTH = ["speed", "--bench", "synth", "--device", "cpu", "--set", "backbone.pretrained=false",
-         "--steps", "3", "--warmup", "1", "--images-per-class", "2", "--threads", "1"]
-
-
-def data_rows(out: str) -> list[list[str]]:
-    lines = [line for line in out.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
 def test_speed_command_prints_every_column_on_the_synth_backbone(results_root, tmp_path, capsys):
@@ -156,23 +150,6 @@ def test_bf16_autocast_is_used_only_on_cuda(results_root, monkeypatch):
     monkeypatch.setattr(FullFineTuning, "training_step", probe)
     assert main(["--bench", "toy", "--methods", "full_ft", "--seeds", "0", "--no-progress", "--device", "cpu"]) == 0
     assert seen and set(seen) == {(False, False, torch.float32)}  # a CPU run stays in fp32
-
-
-def _built(method_name: str, device: str, tasks: int = 2):
-    setting = speed.Setting(bench=speed_bench("toy"), num_tasks=tasks, device=torch.device(device), overrides={},
-                            seed=0, timing=measure.Timing(torch.device(device), 0, 1), steps_between=1,
-                            images_per_class=2, batch_size=8, eval_batch_size=8)
-    method, cfg, sizes, inputs = speed.build_method(setting, method_name)
-    task = speed.synthetic_task(setting, cfg, sizes, 0, inputs)
-    method.grow(task)
-    method.to(device)
-    method.begin_task(task)
-    x, y = speed.random_batch(task, 8, speed.image_size(setting, cfg), inputs, 0)
-    return method, task, x, y
-
-
-def speed_bench(name: str):
-    return get_benchmark(name)
 
 
 def test_optimization_step_leaves_the_loss_on_the_device_and_the_state_with_the_parameters():
