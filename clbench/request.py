@@ -58,10 +58,6 @@ def method_names() -> list[str]:
     return sorted({*builtin_method_names(), *(getattr(registry, "METHODS", None) or {})})
 
 
-def _benchmark(name: str) -> Benchmark:
-    return get_benchmark(name)  # ConfigError for an unknown name or a bad folder:PATH
-
-
 def _sections(method: str | None, bench: Benchmark, num_tasks: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A run's merged configuration layers (``catalog.merged_layers``); ``method=None``: the
     benchmark's defaults and the overrides alone."""
@@ -108,7 +104,7 @@ def check_request(benches: list[str], tasks: list[int] | None, methods: list[str
         problems.append(f"--tasks {n}: the number of tasks must be positive")
     for name in benches:
         try:
-            bench = _benchmark(name)
+            bench = get_benchmark(name)  # ConfigError: an unknown name, a bad folder:PATH
         except ConfigError as err:
             problems.append(str(err))
             continue
@@ -141,7 +137,7 @@ def check_files(benches: list[str], tasks: list[int] | None, methods: list[str] 
     data: dict[str, Benchmark] = {}
     for name in benches:
         try:
-            bench = _benchmark(name)
+            bench = get_benchmark(name)  # ConfigError: an unknown name, a bad folder:PATH
         except ConfigError:
             continue  # check_request says so
         data.setdefault(name, bench)
